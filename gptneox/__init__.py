@@ -1,0 +1,9 @@
+"""gptneox: GPT-NeoX (Pythia, Dolly v2) from scratch in PyTorch, numerically equal to Hugging Face's GPTNeoX."""
+
+from .checkpoint import CheckpointError
+from .config import PRESETS, Config
+from .model import GPTNeoX, KVCache, causal_lm_loss
+from .tokenizer import Tokenizer
+
+__all__ = ["Config", "PRESETS", "GPTNeoX", "KVCache", "causal_lm_loss", "Tokenizer", "CheckpointError"]
+__version__ = "0.1.0"

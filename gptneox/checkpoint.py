@@ -1,0 +1,199 @@
+"""Checkpoint I/O in the Hugging Face layout: config.json plus safetensors or pytorch_model.bin, single or sharded.
+
+Loading builds the model on the meta device and streams tensors in one at a time (mmap, then assign), so the
+weights are never held twice. Saving writes safetensors shards into a temporary directory and renames it into
+place, so a crash never leaves a half checkpoint that looks whole. Formats: ../shared/docs/neox-spec.md section 3.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Config
+
+# (index file, single file) pairs, most preferred first: safetensors over pickles (spec 3.3)
+LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+# buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq (spec 3.2)
+STALE_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
+CHECKPOINT_FILE = re.compile(r"(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?"
+                             r"\.(safetensors|bin)(\.index\.json)?)$")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is: the message names the file and the tensor or field."""
+
+
+# ------------------------------------------------------------------------------------------------------ reading
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, in load order, after checking that they all exist."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: checkpoint directory not found" if not path.exists()
+                                else f"{path}: expected a checkpoint directory, found a file")
+    for index_name, single_name in LAYOUTS:
+        index = path / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid shard index ({e!r})") from None
+            files = [path / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{index}: names shard(s) that do not exist: {', '.join(missing)}")
+            return files
+        if (path / single_name).exists():
+            return [path / single_name]
+    found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+    raise FileNotFoundError(f"{path}: no model.safetensors, pytorch_model.bin or shard index (found: {found})")
+
+
+def read_tensors(file: Path):
+    """Yield (name, tensor) from one weight file, lazily: safetensors by mmap, .bin by torch.load(mmap=True)."""
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+        return
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # zipfile, pickle and unpickler errors all mean the same thing here
+        raise CheckpointError(f"{file}: corrupt or truncated PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
+    yield from state.items()
+
+
+def checkpoint_name(name: str) -> str | None:
+    """Our parameter name for a checkpoint key, or None for a stale buffer to skip."""
+    if name.endswith(STALE_SUFFIXES):
+        return None
+    if name == "lm_head.weight":  # transformers 5.x name
+        return "embed_out.weight"
+    if name.startswith(("embed_in.", "layers.", "final_layer_norm.")):  # a bare GPTNeoXModel checkpoint
+        return "gpt_neox." + name
+    return name
+
+
+def load_pretrained(cls, path, *, device=None, dtype=None, backend=None, progress=False):
+    path = Path(path)
+    files = weight_files(path)
+    config = Config.from_hf_config(path)
+    with torch.device("meta"):
+        model = cls(config) if backend is None else cls(config, backend=backend)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("embed_out.weight")
+    state = {}
+    for file, name, tensor in _progress(_stream(files), len(expected), progress):
+        ours = checkpoint_name(name)
+        if ours is None or tensor.dtype in (torch.bool, torch.uint8):
+            continue
+        if ours not in expected:
+            raise CheckpointError(f"{file}: unexpected tensor {name!r}, not part of the model that {path}/config.json "
+                                  f"describes ({config.num_hidden_layers} layers, attention_bias="
+                                  f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings})")
+        if tensor.shape != expected[ours]:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, but config.json implies "
+                                  f"{list(expected[ours])}")
+        dtype = dtype or tensor.dtype  # default: keep the stored dtype (fp16 Pythia, bf16 Dolly)
+        state[ours] = tensor.to(device=device, dtype=dtype)
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
+                              f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+    if config.tie_word_embeddings:
+        state["embed_out.weight"] = state["gpt_neox.embed_in.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_word_embeddings:  # assign made two Parameters: share one again
+        model.embed_out.weight = model.gpt_neox.embed_in.weight
+    return model.eval()
+
+
+def _stream(files):
+    for file in files:
+        for name, tensor in read_tensors(file):
+            yield file, name, tensor
+
+
+def _progress(items, total, enabled):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc="loading", unit="tensor")
+
+
+# ------------------------------------------------------------------------------------------------------ writing
+def parse_size(size) -> int:
+    """Bytes in "5GB" (10^9, as HF), "500MiB" (2^20), or an int."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB' or '500MiB'")
+    unit = (m.group(2) or "B").upper()
+    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    return int(float(m.group(1)) * scale)
+
+
+def shard(state: dict, max_bytes: int) -> list[dict]:
+    """Split a state dict into consecutive shards of at most max_bytes (a larger tensor gets a shard of its own)."""
+    shards, size = [{}], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model, path, *, max_shard_size="5GB", progress=False) -> None:
+    path = Path(path)
+    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
+    shards = shard(state, parse_size(max_shard_size))
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        dtype = next(iter(state.values())).dtype
+        config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        names = ["model.safetensors"] if len(shards) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        for name, part in _progress(list(zip(names, shards)), len(shards), progress):
+            save_file(part, tmp / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                     "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Move tmp to path. An existing path's other files (tokenizer, notes) are kept; its old weights are not."""
+    if not path.exists():
+        tmp.rename(path)
+        return
+    for f in path.iterdir():
+        if not CHECKPOINT_FILE.fullmatch(f.name) and not (tmp / f.name).exists():
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old)

@@ -1,0 +1,210 @@
+"""GPT-NeoX in plain PyTorch: the architecture of Pythia and Dolly v2, numerically HF's GPTNeoXForCausalLM.
+
+Parameter names are the checkpoints' own (gpt_neox.layers.N.attention.query_key_value.weight, embed_out.weight),
+so a Pythia or Dolly file loads with no per-tensor transformation. Notation: B batch, T tokens, C hidden_size,
+nh heads, hs head size, rot rotary dims, S keys seen by attention. Facts: ../shared/docs/neox-spec.md section 4.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import Config
+from .ops import ACT2FN, BACKENDS, apply_rotary, attention, rotary_cos_sin
+
+
+class KVCache(nn.Module):
+    """A layer's static cache of keys (after rotary) and values, [B, nh, max_len, hs], written at input_pos."""
+
+    def __init__(self, B, nh, max_len, hs, dtype=None, device=None):
+        super().__init__()
+        self.register_buffer("k_cache", torch.zeros(B, nh, max_len, hs, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(B, nh, max_len, hs, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # input_pos [T]; k, v [B, nh, T, hs] -> the whole cache [B, nh, max_len, hs]
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
+        return self.k_cache, self.v_cache
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, rope, mask, backend, cache=None, input_pos=None, probs=None):
+        B, T, C = x.shape
+        nh, hs = self.config.num_attention_heads, self.config.head_size
+        qkv = self.query_key_value(x).view(B, T, nh, 3 * hs)  # per head [q | k | v], not [Q | K | V] (spec 4.2)
+        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # first rot dims rotated in fp32
+        if cache is not None:
+            k, v = cache.update(input_pos, k, v)  # [B, nh, S = max_len, hs]
+        p = self.config.attention_dropout if self.training else 0.0
+        y = attention(q, k, v, mask, backend=backend, dropout_p=p, return_probs=probs is not None)
+        if probs is not None:
+            y, attn_probs = y
+            probs.append(attn_probs)  # [B, nh, T, S]
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side: feature h * hs + i
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class Block(nn.Module):
+    """One layer. Parallel residual (every Pythia and Dolly model):
+
+        x ──┬── input_layernorm ── attention ──┐
+            ├── post_attention_layernorm ── mlp ──┤  out = (mlp + attn) + x, HF's order of summation
+            └──────────────────────────────────┘
+    Sequential (use_parallel_residual=False): a = x + attn(ln1(x)); out = mlp(ln2(a)) + a.
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.parallel = config.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, x, rope, mask, backend, cache=None, input_pos=None, probs=None):
+        a = self.dropout(self.attention(self.input_layernorm(x), rope, mask, backend, cache, input_pos, probs))
+        if self.parallel:
+            return self.dropout(self.mlp(self.post_attention_layernorm(x))) + a + x
+        a = a + x
+        return self.dropout(self.mlp(self.post_attention_layernorm(a))) + a
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, config: Config, backend: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.gpt_neox = nn.ModuleDict(dict(
+            embed_in=nn.Embedding(config.vocab_size, config.hidden_size),
+            emb_dropout=nn.Dropout(config.hidden_dropout),
+            layers=nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers)),
+            final_layer_norm=nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
+        ))
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)  # untied in Pythia / Dolly
+        if config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, name: str):
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+        self._backend = name
+
+    def forward(self, input_ids, *, position_ids=None, attention_mask=None, cache=None, input_pos=None,
+                return_attentions=False):
+        """Logits [B, T, vocab_size] for input_ids [B, T].
+
+        position_ids [B, T] or [T]: rotary positions (default: input_pos, else 0..T-1).
+        attention_mask [B, S]: 1 for real tokens, 0 for padding, over the keys attention sees (the T inputs, or the
+            cache's max_len slots when a cache is given).
+        cache, input_pos: a list of KVCache from new_cache() and the slots [T] that these tokens fill.
+        return_attentions: also return the fp32 attention probabilities of every layer (backend "eager").
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        if input_pos is None:
+            input_pos = torch.arange(T, device=device)
+        if position_ids is None:
+            position_ids = input_pos
+        rope = rotary_cos_sin(position_ids, self.config.rotary_ndims, self.config.rotary_emb_base)
+        mask = self._mask(input_pos, attention_mask, cache)
+        probs = [] if return_attentions else None
+        backend = "eager" if return_attentions else self.backend
+        x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(input_ids))  # [B, T, C]
+        for i, block in enumerate(self.gpt_neox.layers):
+            x = block(x, rope, mask, backend, cache[i] if cache else None, input_pos, probs)
+        logits = self.embed_out(self.gpt_neox.final_layer_norm(x))  # [B, T, vocab_size]
+        return (logits, probs) if return_attentions else logits
+
+    @staticmethod
+    def _mask(input_pos, attention_mask, cache):
+        """bool [B or 1, 1, T, S]: key j is visible to query i iff j <= input_pos[i] and key j is not padding.
+
+        A padding query would see no key at all (NaN in softmax), so every query also sees its own slot.
+        None (plain causal, the fast path) when there is neither a cache nor padding.
+        """
+        if cache is None and attention_mask is None:
+            return None
+        S = cache[0].k_cache.shape[2] if cache else input_pos.shape[0]
+        slots = torch.arange(S, device=input_pos.device)  # [S]
+        causal = slots[None, :] <= input_pos[:, None]  # [T, S]
+        if attention_mask is None:
+            return causal[None, None]  # [1, 1, T, S]
+        if attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, attention sees {S}")
+        own = slots[None, :] == input_pos[:, None]  # [T, S]
+        return (causal & attention_mask.bool()[:, None, None, :]) | own  # [B, 1, T, S]
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype=None, device=None) -> list[KVCache]:
+        """One empty KVCache per layer, [B, nh, max_len, hs], in the model's dtype and device by default."""
+        c, w = self.config, self.embed_out.weight
+        max_len = max_len or c.max_position_embeddings
+        return [KVCache(batch_size, c.num_attention_heads, max_len, c.head_size, dtype or w.dtype, device or w.device)
+                for _ in range(c.num_hidden_layers)]
+
+    @torch.no_grad()
+    def init_weights(self):
+        """gpt-neox's init for training from scratch (Pythia configs: init_method small_init, output wang_init).
+
+        small_init (Nguyen & Salazar 2019): N(0, sqrt(2 / (5 C))) for embeddings and input projections;
+        wang_init (Wang 2021, GPT-J): N(0, 2 / (L sqrt(C))) for the projections that feed the residual stream
+        (attention.dense, mlp.dense_4h_to_h); biases 0, LayerNorms 1 and 0 (gpt-neox megatron/model/init_functions.py).
+        """
+        C, L = self.config.hidden_size, self.config.num_hidden_layers
+        small, wang = math.sqrt(2 / (5 * C)), 2 / (L * math.sqrt(C))
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = wang if name.endswith(("attention.dense", "mlp.dense_4h_to_h")) else small
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device=None, dtype=None, backend=None, progress=False) -> "GPTNeoX":
+        """Load an HF-layout checkpoint directory (safetensors or .bin, single or sharded); see checkpoint.py."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(cls, path, device=device, dtype=dtype, backend=backend, progress=progress)
+
+    def generate(self, input_ids, **kwargs):
+        """Generated token ids for prompts input_ids; the options are gptneox.generate.generate's."""
+        from .generate import generate
+        return generate(self, input_ids, **kwargs)
+
+    def save_pretrained(self, path, *, max_shard_size="5GB", progress=False) -> None:
+        """Write config.json and safetensors (+ index when sharded) that transformers loads; atomic."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, max_shard_size=max_shard_size, progress=progress)
+
+
+def causal_lm_loss(logits, labels, ignore_index=-100):
+    """HF's causal LM loss: predict labels[:, t+1] from logits[:, t], fp32 cross-entropy, mean over kept tokens."""
+    logits = logits[:, :-1].float().flatten(0, 1)  # [B * (T-1), vocab]
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=ignore_index)

@@ -1,0 +1,28 @@
+"""gptneox: GPT-NeoX (Pythia, Dolly v2) from scratch in PyTorch. `pip install -e .[test]` for development."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="gptneox",
+    version="0.1.0",
+    description="GPT-NeoX (Pythia, Dolly v2) from scratch in PyTorch, exact against Hugging Face, with Triton kernels",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ is a top-level folder of the repo but installs as gptneox.kernels: never the PyPI `kernels` name
+    packages=["gptneox", "gptneox.kernels"],
+    package_dir={"gptneox": "gptneox", "gptneox.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.1",
+        "numpy",
+        "safetensors>=0.4",
+        "tokenizers>=0.15",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "psutil"],
+        "tools": ["tqdm", "matplotlib", "huggingface_hub"],
+    },
+)

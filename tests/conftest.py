@@ -1,0 +1,36 @@
+"""Test hygiene: Triton's interpreter on CPU, seeded RNG, default dtype restored, TF32 off, hypothesis profiles."""
+
+import os
+
+import pytest
+import torch
+
+# @triton.jit reads TRITON_INTERPRET when it decorates, so this must run before anything imports the kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("dev", max_examples=10, deadline=None)
+settings.register_profile("ci", max_examples=25, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture(autouse=True)
+def _hygiene():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data, beside the project root (real tokenizer files); skipped with a reason when absent."""
+    if not os.path.isdir(SHARED):
+        pytest.skip(f"shared test data not found at {os.path.abspath(SHARED)}")
+    return SHARED
