@@ -28,7 +28,7 @@ def _hygiene():
     torch.set_default_dtype(dtype)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data():
     """../shared/data, beside the project root (real tokenizer files); skipped with a reason when absent."""
     if not os.path.isdir(SHARED):
