@@ -59,8 +59,11 @@ def read_tensors(file: Path):
     if file.suffix == ".safetensors":
         try:
             with safe_open(file, framework="pt") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
+                names = list(f.keys())
+            for name in names:  # one mapping per tensor: a converted tensor's file pages are released at once
+                with safe_open(file, framework="pt") as f:
+                    tensor = f.get_tensor(name)
+                yield name, tensor
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
         return
