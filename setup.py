@@ -23,6 +23,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "psutil"],
-        "tools": ["tqdm", "matplotlib", "huggingface_hub"],
+        "tools": ["tqdm", "matplotlib", "huggingface_hub", "pyyaml"],
     },
 )

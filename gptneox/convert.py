@@ -1,0 +1,432 @@
+"""Streaming, atomic, verified conversions into the Hugging Face safetensors layout (and out to gpt-neox's).
+
+Every tensor is read from an mmap, cast if asked, and written into the current output shard, which is flushed as
+soon as it is full: host memory stays near one output shard. The output is built in a hidden temporary directory
+beside DST, config.json last, and renamed into place only when complete. Formats: ../shared/docs/neox-spec.md 3, 6.
+"""
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checkpoint import (LAYOUTS, CheckpointError, checkpoint_name, parse_size, read_tensors, weight_files)
+from .config import Config
+from .neox import expected_shapes, load_neox, neox_tensors, save_neox
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+SHARD_FILE = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
+# files besides the weights that a model directory needs: tokenizer, generation defaults, custom pipeline code (Dolly)
+COPIED_FILES = re.compile(r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|"
+                          r"vocab\.json|merges\.txt|generation_config\.json|[\w-]+\.py")
+ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings", "hidden_act", "rotary_pct", "rotary_emb_base", "layer_norm_eps",
+               "use_parallel_residual", "attention_bias", "tie_word_embeddings")
+LOGITS_MAX_PARAMS = 500_000_000  # --verify compares logits only below this size (it holds two models in RAM)
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def source_kind(path: Path) -> str:
+    """'neox' for a directory of DeepSpeed model-states files, 'hf' for one with a config.json."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such checkpoint directory")
+    names = [p.name for p in path.iterdir()]
+    if any(n.endswith("model_states.pt") for n in names):
+        return "neox"
+    if "config.json" in names:
+        return "hf"
+    raise CheckpointError(f"{path}: unknown layout: neither an HF checkpoint (config.json + weights) nor a gpt-neox "
+                          f"one (*model_states.pt); found: {', '.join(sorted(names)) or 'nothing'}")
+
+
+# ----------------------------------------------------------------------------------------------- reading HF dirs
+def hf_layout(path: Path) -> tuple[list[Path], dict | None, Path | None]:
+    """(weight files, index weight_map or None, index file) after refusing mixed or incomplete layouts."""
+    names = {p.name for p in path.iterdir() if p.is_file()} if path.is_dir() else set()
+    for index_name, single_name in LAYOUTS:
+        ext = Path(single_name).suffix
+        shards = {n for n in names if SHARD_FILE.fullmatch(n) and n.endswith(ext)}
+        if index_name in names and single_name in names:
+            raise CheckpointError(f"{path}: mixed layout: both {single_name} and {index_name}; remove the stale one")
+        if index_name in names:
+            files = weight_files(path)  # checks that every shard the index names exists
+            weight_map = json.loads((path / index_name).read_text())["weight_map"]
+            wrong = [f.name for f in files if f.suffix != ext]
+            stray = sorted(shards - {f.name for f in files})
+            if wrong or stray:
+                raise CheckpointError(f"{path}/{index_name}: mixed layout: " + (
+                    f"the index names non-{ext} file(s) {', '.join(wrong)}" if wrong else
+                    f"shard file(s) {', '.join(stray)} are not named in the index"))
+            return files, weight_map, path / index_name
+        if single_name in names:
+            if shards:
+                raise CheckpointError(f"{path}: mixed layout: {single_name} beside shard file(s) "
+                                      f"{', '.join(sorted(shards))}")
+            return [path / single_name], None, None
+        if shards:
+            raise CheckpointError(f"{path}: shard file(s) {', '.join(sorted(shards))} but no {index_name}")
+    return weight_files(path), None, None  # raises: nothing recognizable
+
+
+class _SafetensorsFile:
+    def __init__(self, file: Path):
+        try:
+            self.f = safe_open(file, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
+
+    def keys(self):
+        return list(self.f.keys())
+
+    def meta(self, key):  # (shape, is floating point)
+        s = self.f.get_slice(key)
+        return list(s.get_shape()), s.get_dtype() in ("F16", "BF16", "F32", "F64")
+
+    def get(self, key):
+        return self.f.get_tensor(key)
+
+
+class _PickleFile:
+    def __init__(self, file: Path):
+        self.state = dict(read_tensors(file))  # mmap'd: tensors are views of the file, not copies
+
+    def keys(self):
+        return list(self.state)
+
+    def meta(self, key):
+        t = self.state[key]
+        return list(t.shape), t.is_floating_point()
+
+    def get(self, key):
+        return self.state[key]
+
+
+def _open(file: Path):
+    return _SafetensorsFile(file) if file.suffix == ".safetensors" else _PickleFile(file)
+
+
+class HFCheckpoint:
+    """An HF-layout directory, checked against its config.json from metadata alone (no tensor data is read).
+
+    entries: our parameter name -> (file, key in the file), in file order; config: its Config.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.files, self.index, self.index_file = hf_layout(self.path)
+        self.config = Config.from_hf_config(self.path)
+        self.raw_config = json.loads((self.path / "config.json").read_text())
+        self.shapes = {k: list(v) for k, v in expected_shapes(self.config).items()}
+        self._handles = {}
+        self.entries = self._scan()
+
+    def _handle(self, file):
+        if file not in self._handles:
+            self._handles[file] = _open(file)
+        return self._handles[file]
+
+    def _scan(self) -> dict:
+        entries, keys_seen = {}, set()
+        for file in self.files:
+            handle = _open(file)
+            for key in handle.keys():
+                keys_seen.add(key)
+                if self.index is not None and self.index.get(key) != file.name:
+                    raise CheckpointError(f"{file}: holds {key!r}, but {self.index_file.name} maps it to "
+                                          f"{self.index.get(key)!r}")
+                ours = checkpoint_name(key)
+                if ours is None:
+                    continue
+                shape, is_float = handle.meta(key)
+                if ours not in self.shapes:
+                    raise CheckpointError(f"{file}: unexpected tensor {key!r}, not part of the model that "
+                                          f"{self.path}/config.json describes")
+                if ours in entries:
+                    raise CheckpointError(f"{file}: tensor {key!r} also appears in {entries[ours][0]}")
+                if shape != self.shapes[ours] or not is_float:
+                    kind = "" if is_float else " (not floating point)"
+                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}{kind}, but config.json implies "
+                                          f"{self.shapes[ours]}")
+                entries[ours] = (file, key)
+            del handle  # releases the file's mapping
+        if self.index is not None and set(self.index) - keys_seen:
+            lost = sorted(set(self.index) - keys_seen)
+            raise CheckpointError(f"{self.index_file}: names tensor(s) its shards do not hold: {', '.join(lost[:5])}")
+        missing = [k for k in self.shapes if k not in entries]
+        if missing:
+            raise CheckpointError(f"{self.path}: missing tensor(s) {', '.join(missing[:5])}"
+                                  f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+        return entries
+
+    def tensors(self):
+        """Yield (our name, tensor) file by file; a .bin file's mapping is released once it is done."""
+        wanted = {(file, key): ours for ours, (file, key) in self.entries.items()}
+        for file in self.files:
+            for key, tensor in read_tensors(file):
+                if (file, key) in wanted:
+                    yield wanted[file, key], tensor
+
+    def get(self, name: str) -> torch.Tensor:
+        file, key = self.entries[name]
+        return self._handle(file).get(key)
+
+    def close(self):
+        self._handles.clear()
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+@contextmanager
+def atomic_dir(dst: Path, force: bool = False):
+    """Yield an empty hidden directory beside dst; rename it to dst on success, delete it on any failure."""
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class ShardWriter:
+    """Collects tensors into safetensors shards of at most max_bytes (a bigger tensor gets a shard of its own)."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending, self.size, self.parts, self.total = {}, 0, [], 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        part = self.folder / f"part-{len(self.parts):05d}.tmp"
+        save_file(self.pending, part, metadata={"format": "pt"})
+        self.parts.append((part, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        """Name the shards as transformers does and write the index; returns the file names."""
+        if self.pending or not self.parts:
+            self.flush()
+        n = len(self.parts)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (part, _), name in zip(self.parts, names):
+            part.rename(self.folder / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: name for (_, keys), name in zip(self.parts, names) for k in keys}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
+
+
+def _progress(items, total, enabled, desc):
+    if not enabled:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, total=total, desc=desc, unit="tensor")
+
+
+def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_size="5GB", force=False,
+             raw_config=None, copy_files=None, progress=False, check=None) -> dict:
+    """Write (name, tensor) pairs as an HF safetensors checkpoint directory, atomically. Returns a summary.
+
+    copy_files: {name in dst: file to copy}.
+    check: called with the finished temporary directory before it is renamed to dst; returns more summary items.
+    """
+    dtype = parse_dtype(dtype)
+    with atomic_dir(Path(dst), force) as tmp:
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        stored = None
+        for name, tensor in _progress(tensors, total, progress, "converting"):
+            tensor = tensor.to(dtype) if dtype is not None else tensor
+            stored = stored or tensor.dtype
+            writer.add(name, tensor)
+        files = writer.close()
+        for name, file in (copy_files or {}).items():
+            shutil.copy2(file, tmp / name)
+        dtype_name = str(stored).removeprefix("torch.")
+        out = {**(raw_config or {}), **config.to_hf_config(), "torch_dtype": dtype_name}
+        if "dtype" in out:  # transformers 5 spelling
+            out["dtype"] = dtype_name
+        (tmp / "config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")  # last: marks completion
+        summary = {"tensors": sum(len(keys) for _, keys in writer.parts), "bytes": writer.total, "files": files,
+                   "dtype": dtype_name}
+        if check is not None:
+            summary.update(check(tmp))  # a failed check deletes tmp: nothing unverified is left behind
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- verifying
+def verify_tensors(expected, actual_get, dtype=None, count=None) -> int:
+    """Check every (name, tensor) of expected (cast to dtype) equals actual_get(name) bit for bit; returns the count."""
+    dtype, n = parse_dtype(dtype), 0
+    for name, ref in expected:
+        ref = ref.to(dtype) if dtype is not None else ref
+        got = actual_get(name)
+        if got.dtype != ref.dtype or got.shape != ref.shape or not torch.equal(got, ref):
+            diff = (got.double() - ref.double()).abs().max().item() if got.shape == ref.shape else float("nan")
+            raise CheckpointError(f"verify: tensor {name!r} differs: {got.dtype} {list(got.shape)} vs expected "
+                                  f"{ref.dtype} {list(ref.shape)}, max abs difference {diff:.3g}")
+        n += 1
+    if count is not None and n != count:
+        raise CheckpointError(f"verify: the output holds {count} tensors, the source {n}")
+    return n
+
+
+def model_from_tensors(config: Config, tensors, dtype=None):
+    from .model import GPTNeoX
+    dtype = parse_dtype(dtype)
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    state = {name: (t.to(dtype) if dtype is not None else t) for name, t in tensors}
+    if config.tie_word_embeddings:
+        state["embed_out.weight"] = state["gpt_neox.embed_in.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def verify_logits(ref_model, model, vocab_size: int) -> float:
+    """Logits of the two models on fixed random ids must be identical; returns the max abs difference (0.0)."""
+    ids = torch.randint(vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    a, b = ref_model(ids), model(ids)
+    diff = (a.double() - b.double()).abs().max().item()
+    if not torch.equal(a, b):
+        raise CheckpointError(f"verify: logits differ after conversion (max abs difference {diff:.3g})")
+    return diff
+
+
+# ------------------------------------------------------------------------------------------------- conversions
+def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verify=False, progress=False,
+               logits_max_params=LOGITS_MAX_PARAMS) -> dict:
+    """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files)."""
+    src, dst = Path(src), Path(dst)
+    _refuse_same(src, dst)
+    ckpt = HFCheckpoint(src)
+    copy = {p.name: p for p in sorted(src.iterdir()) if p.is_file() and COPIED_FILES.fullmatch(p.name)}
+    check = partial(_verify_hf_output, config=ckpt.config, source_tensors=ckpt.tensors, dtype=dtype,
+                    logits_max_params=logits_max_params) if verify else None
+    return write_hf(dst, ckpt.config, ckpt.tensors(), total=len(ckpt.entries), dtype=dtype,
+                    max_shard_size=max_shard_size, force=force, raw_config=ckpt.raw_config, copy_files=copy,
+                    progress=progress, check=check)
+
+
+def convert_neox(src, dst, *, config_files=None, tokenizer=None, trust_pickle=False, dtype=None,
+                 max_shard_size="5GB", force=False, verify=False, progress=False,
+                 logits_max_params=LOGITS_MAX_PARAMS) -> dict:
+    """A gpt-neox global_stepN directory (any TP degree, with or without pipeline files) -> HF safetensors."""
+    src, dst = Path(src), Path(dst)
+    _refuse_same(src, dst)
+    ckpt, config, source = load_neox(src, config_files, trust_pickle=trust_pickle)
+    total = len(expected_shapes(config))
+    if tokenizer and not Path(tokenizer).is_file():
+        raise FileNotFoundError(f"{tokenizer}: tokenizer file not found")
+    copy = {"tokenizer.json": Path(tokenizer)} if tokenizer else {}  # e.g. gpt-neox's 20B_tokenizer.json
+    again = partial(neox_tensors, ckpt, config, source)  # a second, independent read of the source
+    check = partial(_verify_hf_output, config=config, source_tensors=again, dtype=dtype,
+                    logits_max_params=logits_max_params) if verify else None
+    summary = write_hf(dst, config, neox_tensors(ckpt, config, source), total=total, dtype=dtype,
+                       max_shard_size=max_shard_size, force=force, copy_files=copy, progress=progress, check=check)
+    return {**summary, "tp": ckpt.tp}
+
+
+def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, force=False, verify=False,
+                progress=False, logits_max_params=LOGITS_MAX_PARAMS) -> dict:
+    """An HF-layout checkpoint -> gpt-neox model-states files at tensor-parallel degree tp (+ configs/model.yml)."""
+    src, dst = Path(src), Path(dst)
+    _refuse_same(src, dst)
+    ckpt = HFCheckpoint(src)
+    dtype = parse_dtype(dtype)
+    lazy = _LazyTensors(ckpt, dtype)
+    summary = {"tensors": len(ckpt.entries), "tp": tp, "layout": "layers" if pipe else "mp_rank"}
+    with atomic_dir(dst, force) as tmp:
+        save_neox(lazy, ckpt.config, tmp, tp=tp, pipe=pipe, legacy_names=legacy_names, progress=progress)
+        if verify:  # before the rename: a failure leaves nothing behind
+            summary.update(_verify_neox_output(tmp, ckpt, lazy, dtype, logits_max_params))
+    ckpt.close()
+    return summary
+
+
+class _LazyTensors(Mapping):
+    """name -> tensor, fetched from the checkpoint (and cast) only when asked for."""
+
+    def __init__(self, ckpt: HFCheckpoint, dtype):
+        self.ckpt, self.dtype = ckpt, dtype
+
+    def __getitem__(self, name):
+        t = self.ckpt.get(name)
+        return t.to(self.dtype) if self.dtype is not None else t
+
+    def __iter__(self):
+        return iter(self.ckpt.entries)
+
+    def __len__(self):
+        return len(self.ckpt.entries)
+
+
+def same_architecture(a: Config, b: Config) -> bool:
+    """Equal in every field that changes the math (token ids, init and dropout settings aside)."""
+    return all(getattr(a, f) == getattr(b, f) for f in ARCH_FIELDS)
+
+
+def _verify_neox_output(out, ckpt: HFCheckpoint, lazy, dtype, logits_max_params) -> dict:
+    back, config, source = load_neox(out)
+    if not same_architecture(config, ckpt.config):
+        raise CheckpointError(f"verify: {source} describes {config}, the source {ckpt.config}")
+    result = {"verified_tensors": verify_tensors(neox_tensors(back, config, source), lazy.__getitem__,
+                                                count=len(ckpt.entries))}
+    if config.num_parameters <= logits_max_params:
+        result["logits_max_abs_diff"] = verify_logits(model_from_tensors(config, ckpt.tensors(), dtype),
+                                                      model_from_tensors(config, neox_tensors(back, config)),
+                                                      config.vocab_size)
+    return result
+
+
+def _verify_hf_output(dst, config, source_tensors, dtype, logits_max_params) -> dict:
+    from .model import GPTNeoX
+    out = HFCheckpoint(dst)  # re-reads the layout, config.json and every shape
+    if not same_architecture(out.config, config):
+        raise CheckpointError(f"verify: {dst}/config.json describes {out.config}, the source {config}")
+    result = {"verified_tensors": verify_tensors(source_tensors(), out.get, dtype, count=len(out.entries))}
+    if config.num_parameters <= logits_max_params:
+        ref = model_from_tensors(config, source_tensors(), dtype)
+        result["logits_max_abs_diff"] = verify_logits(ref, GPTNeoX.from_pretrained(dst), config.vocab_size)
+    out.close()
+    return result
+
+
+def _refuse_same(src: Path, dst: Path):
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise ValueError(f"{dst}: the destination is the source; write the conversion somewhere else")

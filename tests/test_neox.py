@@ -1,0 +1,259 @@
+"""gpt-neox native checkpoints (gptneox/neox.py): reading DeepSpeed files at TP 1/2/4, merge rules, HF -> NeoX -> HF,
+and one clear error per kind of bad NeoX input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny import hf_model, hf_state_dict, save_checkpoint
+from transformers import GPTNeoXForCausalLM
+
+from gptneox import Tokenizer
+from gptneox.checkpoint import CheckpointError
+from gptneox.convert import HFCheckpoint, convert_neox, export_neox
+from gptneox.neox import config_from_neox, merge, read_neox_args, split
+
+IDS = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(2))
+SHAPE = dict(num_attention_heads=4, vocab_size=104)  # heads and vocab divisible by TP 4
+# a Pythia-style config (JSON-like YAML, dashed keys, comments), as EleutherAI/pythia models/*.yml
+PYTHIA_YML = """# tiny pythia
+{
+  "pipe-parallel-size": 1,
+  "model-parallel-size": %(tp)d,
+  "num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "seq-length": 128,
+  "max-position-embeddings": 128, "pos-emb": "rotary", "rotary-pct": 0.25, "no-weight-tying": true,
+  "gpt-j-residual": true, "output-layer-parallelism": "column", "norm": "layernorm",
+  "attention-config": [[["flash"], 2]], "layernorm-epsilon": 1.0e-5, "bias-gelu-fusion": true,
+  "fp16": {"enabled": true, "type": "bfloat16"}, "tokenizer-type": "HFTokenizer",
+}
+"""
+LEGACY_MLP = {"h_to_4h": "mlp.dense_h_to_4h", "4h_to_h": "mlp.dense_4h_to_h"}
+NEW_MLP = {"h_to_4h": "mlp.linear1", "4h_to_h": "mlp.linear2"}
+
+
+def synthesize_neox(state: dict, path: Path, tp: int, pipe=True, mlp=LEGACY_MLP, yml=PYTHIA_YML) -> Path:
+    """Write HF tensors as gpt-neox would hold them at TP degree tp, written out here independently of neox.py:
+    column-parallel rows and row-parallel columns split by rank, row-parallel biases split into tp addends b / tp,
+    LayerNorms replicated."""
+    path.mkdir(parents=True)
+    L = 2
+    rows = lambda t: list(t.chunk(tp, 0))  # noqa: E731
+    cols = lambda t: list(t.chunk(tp, 1))  # noqa: E731
+    same = lambda t: [t] * tp  # noqa: E731
+    layers = {0: {"word_embeddings.weight": rows(state["gpt_neox.embed_in.weight"])},
+              L + 3: {"norm.weight": same(state["gpt_neox.final_layer_norm.weight"]),
+                      "norm.bias": same(state["gpt_neox.final_layer_norm.bias"])},
+              L + 4: {"final_linear.weight": rows(state["embed_out.weight"])}}
+    for i in range(L):
+        p = f"gpt_neox.layers.{i}."
+        layers[i + 2] = {
+            "input_layernorm.weight": same(state[p + "input_layernorm.weight"]),
+            "input_layernorm.bias": same(state[p + "input_layernorm.bias"]),
+            "post_attention_layernorm.weight": same(state[p + "post_attention_layernorm.weight"]),
+            "post_attention_layernorm.bias": same(state[p + "post_attention_layernorm.bias"]),
+            "attention.query_key_value.weight": rows(state[p + "attention.query_key_value.weight"]),
+            "attention.query_key_value.bias": rows(state[p + "attention.query_key_value.bias"]),
+            "attention.dense.weight": cols(state[p + "attention.dense.weight"]),
+            "attention.dense.bias": [state[p + "attention.dense.bias"] / tp] * tp,
+            "attention.rotary_emb.inv_freq": same(1.0 / 10000 ** (torch.arange(0, 4, 2).float() / 4)),
+            mlp["h_to_4h"] + ".weight": rows(state[p + "mlp.dense_h_to_4h.weight"]),
+            mlp["h_to_4h"] + ".bias": rows(state[p + "mlp.dense_h_to_4h.bias"]),
+            mlp["4h_to_h"] + ".weight": cols(state[p + "mlp.dense_4h_to_h.weight"]),
+            mlp["4h_to_h"] + ".bias": [state[p + "mlp.dense_4h_to_h.bias"] / tp] * tp,
+        }
+    for r in range(tp):
+        ranks = {ll: {k: v[r].clone() for k, v in d.items()} for ll, d in layers.items()}
+        if pipe:
+            for ll, d in ranks.items():
+                torch.save(d, path / f"layer_{ll:02d}-model_{r:02d}-model_states.pt")
+        else:
+            module = {f"sequential.{ll}.{k}": v for ll, d in ranks.items() for k, v in d.items()}
+            torch.save({"module": module}, path / f"mp_rank_{r:02d}_model_states.pt")
+    (path / "configs").mkdir()
+    (path / "configs" / "pythia-tiny.yml").write_text(yml % {"tp": tp})
+    return path
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hf_model(3, **SHAPE)
+
+
+def logits(path) -> torch.Tensor:
+    with torch.no_grad():
+        hf = GPTNeoXForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+        return hf(IDS).logits
+
+
+def assert_same_tensors(path, state):
+    got = dict(HFCheckpoint(path).tensors())
+    assert got.keys() == state.keys()
+    for name, t in state.items():
+        assert torch.equal(got[name], t), name
+
+
+# --------------------------------------------------------------------------------------------- NeoX -> HF
+@pytest.mark.parametrize("tp, pipe, mlp", [(1, True, LEGACY_MLP), (2, True, LEGACY_MLP), (4, True, LEGACY_MLP),
+                                           (2, False, LEGACY_MLP), (1, False, LEGACY_MLP), (2, True, NEW_MLP)])
+def test_neox_synthesized_checkpoint_converts_to_the_same_tensors_and_logits(tp, pipe, mlp, model, tmp_path):
+    state = hf_state_dict(model)
+    src = synthesize_neox(state, tmp_path / "global_step0", tp, pipe, mlp)
+    summary = convert_neox(src, tmp_path / "hf", verify=True)
+    assert summary["tp"] == tp and summary["verified_tensors"] == 28 and summary["logits_max_abs_diff"] == 0.0
+    assert_same_tensors(tmp_path / "hf", state)
+    with torch.no_grad():
+        assert torch.equal(logits(tmp_path / "hf"), model(IDS).logits)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["eos_token_id"] == config["bos_token_id"] == 0 and config["rotary_pct"] == 0.25
+
+
+def test_neox_conversion_copies_the_tokenizer(model, shared_data, tmp_path):
+    src = synthesize_neox(hf_state_dict(model), tmp_path / "global_step0", tp=1)
+    shutil.copy(Path(shared_data) / "pythia-tokenizer.json", tmp_path / "20B_tokenizer.json")
+    convert_neox(src, tmp_path / "hf", tokenizer=tmp_path / "20B_tokenizer.json")
+    assert Tokenizer.from_pretrained(tmp_path / "hf").encode("My favorite food is") == [3220, 7583, 2739, 310]
+
+
+def test_neox_merge_follows_megatron_rules():
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    assert torch.equal(merge("column", [a, b], True), torch.cat([a, b], 0))
+    assert torch.equal(merge("row", [a, b], True), torch.cat([a, b], 1))
+    assert torch.equal(merge("row_bias", [a[0], b[0]], True), ((a[0].double() + b[0].double())).float())  # summed
+    assert torch.equal(merge("row_bias", [a[0], a[0]], False), a[0])  # sequential residual: added once
+    assert torch.allclose(merge("replicated", [a[0], b[0]], True), (a[0] + b[0]) / 2)  # LayerNorm drift averaged
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("kind", ["column", "row", "row_bias", "replicated"])
+def test_neox_split_then_merge_is_identity(kind, tp):
+    t = torch.randn(8, 8, dtype=torch.bfloat16) if kind != "row_bias" else torch.randn(8) * 1e-3
+    for parallel in (True, False):
+        parts = split(kind, t, tp, parallel)
+        assert len(parts) == tp and torch.equal(merge(kind, parts, parallel), t)
+    if kind == "column":
+        assert parts[0].shape == (8 // tp, 8)
+
+
+def test_neox_config_reads_pythia_yaml_and_defaults(tmp_path):
+    (tmp_path / "a.yml").write_text(PYTHIA_YML % {"tp": 2})
+    (tmp_path / "b.yml").write_text("{intermediate_size: 512, rotary_emb_base: 500}")  # underscores, later wins
+    args, source = read_neox_args([tmp_path / "a.yml", tmp_path / "b.yml"])
+    config = config_from_neox(args, 104, source)
+    assert (config.hidden_size, config.num_hidden_layers, config.intermediate_size) == (64, 2, 512)
+    assert config.rotary_pct == 0.25 and config.rotary_emb_base == 500.0 and config.max_position_embeddings == 128
+    assert config.use_parallel_residual and not config.tie_word_embeddings and config.eos_token_id == 0
+    bare = config_from_neox({"num-layers": 2, "hidden-size": 64, "num-attention-heads": 4, "pos-emb": "rotary"}, 104)
+    assert bare.rotary_pct == 1.0 and bare.intermediate_size == 256 and bare.tie_word_embeddings  # gpt-neox defaults
+    assert not bare.use_parallel_residual
+
+
+# --------------------------------------------------------------------------------------- HF -> NeoX -> HF
+@pytest.mark.parametrize("tp, pipe, parallel, tied", [(1, True, True, False), (2, True, True, False),
+                                                      (4, True, True, False), (4, False, True, False),
+                                                      (2, True, False, False), (2, True, True, True)])
+def test_neox_hf_to_neox_to_hf_is_identity(tp, pipe, parallel, tied, tmp_path):
+    model = hf_model(4, use_parallel_residual=parallel, tie_word_embeddings=tied, **SHAPE)
+    src = save_checkpoint(model, tmp_path / "src", "safetensors")
+    summary = export_neox(src, tmp_path / "neox", tp=tp, pipe=pipe, verify=True)
+    assert summary["verified_tensors"] == 28 - tied and summary["logits_max_abs_diff"] == 0.0
+    pattern = "layer_*-model_*-model_states.pt" if pipe else "mp_rank_*_model_states.pt"
+    files = tp * (5 - tied) if pipe else tp  # pipeline layers 0, 2, 3, 5 and, untied, the head at 6
+    assert len(list((tmp_path / "neox").glob(pattern))) == files
+    if pipe:  # Megatron per-rank shapes: qkv rows and dense columns split, dense bias full
+        layer = torch.load(tmp_path / "neox" / "layer_02-model_00-model_states.pt", weights_only=True)
+        assert layer["attention.query_key_value.weight"].shape == (3 * 64 // tp, 64)
+        assert layer["attention.dense.weight"].shape == (64, 64 // tp) and layer["attention.dense.bias"].shape == (64,)
+    convert_neox(tmp_path / "neox", tmp_path / "back", verify=True)
+    state = hf_state_dict(model)
+    if tied:
+        del state["embed_out.weight"]  # the head is embed_in itself
+    assert_same_tensors(tmp_path / "back", state)
+    with torch.no_grad():
+        assert torch.equal(logits(tmp_path / "back"), model(IDS).logits)
+
+
+def test_neox_export_casts_dtype_and_refuses_indivisible_tp(model, tmp_path):
+    src = save_checkpoint(model, tmp_path / "src", "bin")
+    export_neox(src, tmp_path / "neox", tp=2, dtype="bf16", verify=True)
+    convert_neox(tmp_path / "neox", tmp_path / "back")
+    for name, t in HFCheckpoint(tmp_path / "back").tensors():
+        assert t.dtype == torch.bfloat16 and torch.equal(t, hf_state_dict(model)[name].bfloat16()), name
+    with pytest.raises(ValueError, match="num_attention_heads = 4 is not divisible by the tensor-parallel degree 8"):
+        export_neox(src, tmp_path / "neox8", tp=8)
+    assert not (tmp_path / "neox8").exists()
+    with pytest.raises(FileExistsError, match="--force"):
+        export_neox(src, tmp_path / "neox", tp=2)
+
+
+# ---------------------------------------------------------------------------------------------- bad NeoX input
+@pytest.fixture
+def neox_src(model, tmp_path):
+    return synthesize_neox(hf_state_dict(model), tmp_path / "global_step0", tp=2)
+
+
+def _set_yml(src, text):
+    (src / "configs" / "pythia-tiny.yml").write_text(text)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('"hidden-size": 64', '"hidden-size": 32'), r"layer_00-model_00.*word_embeddings.weight has shape \[52, 64\], "
+                                                  r"but the NeoX config .* implies \[52, 32\].*check hidden-size"),
+    (('"hidden-size": 64,', '"hidden-size": 64, "intermediate-size": 128,'),
+     r"mlp.dense_h_to_4h.weight has shape \[128, 64\].*implies \[64, 64\].*check hidden-size, intermediate-size"),
+    (('"num-layers": 2', '"num-layers": 3'), r"do not fit the NeoX config's num-layers=3"),
+    (('"num-attention-heads": 4', '"num-attention-heads": 2'), r"inv_freq has 2 entries.*check num-attention-heads"),
+    (('"model-parallel-size": 2', '"model-parallel-size": 4'), r"model-parallel-size is 4, but .* holds 2"),
+    (('"gpt-j-residual": true', '"gpt-j-residual": true, "gpt-j-tied": true'), r"unsupported.*gpt-j-tied"),
+    (('"pos-emb": "rotary"', '"pos-emb": "alibi"'), r"unsupported gpt-neox variant: pos-emb 'alibi'"),
+    (('"num-layers": 2,', '"num-layers": 2'), r"pythia-tiny.yml: line 5 column \d+ not valid YAML"),
+])
+def test_neox_rejects_config_that_disagrees_with_tensors(edit, message, neox_src, tmp_path):
+    _set_yml(neox_src, (PYTHIA_YML % {"tp": 2}).replace(*edit))
+    with pytest.raises(CheckpointError, match=message):
+        convert_neox(neox_src, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and [p.name for p in tmp_path.iterdir()] == ["global_step0"]
+
+
+def test_neox_rejects_missing_rank_file(neox_src, tmp_path):
+    (neox_src / "layer_03-model_01-model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="layer_03-model_01-model_states.pt: missing"):
+        convert_neox(neox_src, tmp_path / "hf")
+
+
+def test_neox_rejects_truncated_file(neox_src, tmp_path):
+    file = neox_src / "layer_02-model_01-model_states.pt"
+    file.write_bytes(file.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="layer_02-model_01-model_states.pt: corrupt or truncated"):
+        convert_neox(neox_src, tmp_path / "hf")
+
+
+def test_neox_rejects_transformer_engine_layers(neox_src, tmp_path):
+    file = neox_src / "layer_02-model_00-model_states.pt"
+    state = torch.load(file, weights_only=True)
+    state["attention.qkv._extra_state"] = torch.zeros(1)
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match="unknown tensor 'attention.qkv._extra_state'.*Transformer Engine"):
+        convert_neox(neox_src, tmp_path / "hf")
+
+
+def test_neox_rejects_pickled_objects_unless_trusted(model, tmp_path):
+    src = synthesize_neox(hf_state_dict(model), tmp_path / "global_step0", tp=1, pipe=False)
+    file = src / "mp_rank_00_model_states.pt"
+    state = torch.load(file, weights_only=True)
+    state["args"] = Path("engine-state")  # DeepSpeed keeps Python objects next to the weights
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match="--trust-pickle"):
+        convert_neox(src, tmp_path / "hf")
+    convert_neox(src, tmp_path / "hf", trust_pickle=True, verify=True)
+
+
+def test_neox_rejects_directory_without_config_or_ranks(neox_src, tmp_path):
+    shutil.rmtree(neox_src / "configs")
+    with pytest.raises(CheckpointError, match="no gpt-neox YAML config.*--neox-config"):
+        convert_neox(neox_src, tmp_path / "hf")
+    for f in neox_src.glob("*model_01-model_states.pt"):
+        f.rename(f.with_name(f.name.replace("model_01", "model_02")))
+    with pytest.raises(CheckpointError, match=r"ranks \[0, 2\] are not 0..1"):
+        convert_neox(neox_src, tmp_path / "hf")
