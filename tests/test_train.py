@@ -1,0 +1,304 @@
+"""train.py: one step equals HF transformers' loss and gradients, the Dolly run end to end (export that HF loads,
+an overfit model answering through sample.py), kill-and-resume bit for bit, schedules, and every bad input."""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import hf_config, hf_model, hf_state_dict
+from tolerances import FP32_GRAD_REL, FP32_LOGITS_REL, FP32_LOSS_ABS, assert_rel_close
+
+from gptneox.config import Config
+from gptneox.data import IGNORE_INDEX, DataError, count_targets
+from gptneox.dolly import INTRO_BLURB
+from gptneox.model import GPTNeoX, causal_lm_loss
+from gptneox.schedule import lr_at
+from gptneox.tokenizer import Tokenizer
+from gptneox.train_state import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
+train = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train)
+
+TINY = dict(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=256)
+RECORDS = [dict(instruction="What color is the sky?", context="", response="The sky is blue."),
+           dict(instruction="Name a fruit.", context="", response="An apple is a fruit."),
+           dict(instruction="Where is Paris?", context="Paris is a city.", response="Paris is in France.")]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps({**r, "category": "open_qa"}) + "\n" for r in records))
+    return path
+
+
+def small_tokenizer(path):
+    """A ~380-entry byte-level BPE trained on the records (the 20B tokenizer's pipeline, a small vocabulary, so
+    that a tiny model trains in milliseconds); train.py adds Dolly's three tokens (appended after it)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.normalizer, tok.decoder = normalizers.NFC(), decoders.ByteLevel()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [INTRO_BLURB, "### Instruction:\n### Response:\nInput:\n### End"] + [" ".join(r.values()) for r in RECORDS]
+    tok.train_from_iterator(texts * 10, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|padding|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(path))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CPU is shared); subprocesses get OMP_NUM_THREADS=1 too."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A tiny random GPT-NeoX checkpoint (384 vocabulary rows) with a small tokenizer lacking the Dolly tokens."""
+    path = tmp_path_factory.mktemp("ckpt")
+    hf_model(0, **TINY).save_pretrained(path)
+    small_tokenizer(path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture
+def data(tmp_path):
+    return write_jsonl(tmp_path / "data.jsonl", RECORDS * 4)
+
+
+def run(ckpt, data, out, **kw):
+    args = dict(init=str(ckpt), data=str(data), out=str(out), max_steps=4, batch_size=4, micro_batch_size=2,
+                lr=1e-3, warmup_steps=0, val_size=2, save_every=2, eval_every=2, sample_every=0, progress=False)
+    train.main(**{**args, **kw})
+    return Path(out)
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def cli(*args, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args), "--no-progress"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+
+
+# --------------------------------------------------------------------------------------- parity with HF
+def test_train_step_matches_hf_loss_and_grads():
+    hf = hf_model(1)  # fp32, eager attention
+    ours = GPTNeoX(Config.from_hf_config(hf.config.to_dict()))
+    ours.load_state_dict(hf_state_dict(hf))
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for n in (13, 9, 16, 5):  # right-padded rows; the first tokens of each are a masked prompt
+        ids = torch.randint(2, 101, (n,), generator=g).tolist()
+        examples.append((ids, [IGNORE_INDEX] * 3 + ids[3:]))
+    input_ids, labels = train.collate(examples, pad_id=0)
+    hf_loss = hf(input_ids, labels=labels).loss
+    hf_loss.backward()
+    # ours: the same batch as two accumulated micro-batches, normalised by the global target count
+    local, positions, _ = train.train_step(ours, [examples[:2], examples[2:]], count_targets(examples), 1, 0,
+                                           torch.device("cpu"), nullcontext())
+    loss = torch.tensor(local / count_targets(examples))
+    with torch.no_grad():  # accumulation and normalisation add nothing to the model's own loss error ...
+        assert abs(loss - causal_lm_loss(ours(input_ids), labels)) <= FP32_LOSS_ABS
+    # ... which vs HF is a few fp32 ulps (~1e-6 at loss 4.8): the table's fp32 model-vs-HF row, relative
+    assert_rel_close(loss, hf_loss.detach(), FP32_LOGITS_REL, "loss")
+    hf_grads = {n.replace("lm_head.", "embed_out."): p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert_rel_close(p.grad, hf_grads[name], FP32_GRAD_REL, name)
+
+
+def test_grad_checkpointing_gives_identical_gradients():
+    models = [GPTNeoX(Config.from_hf_config(hf_config().to_dict())) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    train.enable_grad_checkpointing(models[1])
+    ids = torch.randint(0, 101, (2, 24))
+    for m in models:
+        train.loss_sum(m, ids, ids, nullcontext()).backward()
+    for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+
+
+def test_resize_vocab_cuts_pythia_rows_to_dolly_and_grows_with_mean():
+    model = GPTNeoX(Config.from_hf_config(hf_config(vocab_size=50304).to_dict()))
+    head = model.embed_out.weight.detach().clone()
+    train.resize_vocab(model, 50280)
+    assert model.config.vocab_size == 50280 and model(torch.tensor([[50279]])).shape == (1, 1, 50280)
+    assert torch.equal(model.embed_out.weight, head[:50280])
+    train.resize_vocab(model, 50282)
+    torch.testing.assert_close(model.gpt_neox.embed_in.weight[-1], model.gpt_neox.embed_in.weight[:50280].mean(0))
+
+
+# -------------------------------------------------------------------------------------------------- schedule
+def test_lr_schedule_constant_is_deepspeed_log_warmup():
+    lrs = [lr_at(s, lr=5e-6, warmup_steps=50, max_steps=1000) for s in (0, 1, 48, 49, 999)]
+    assert lrs[0] == 0.0 and lrs[3] == lrs[4] == 5e-6  # DeepSpeed WarmupLR: log(s + 1) / log(50), from 0
+    assert math.isclose(lrs[1], 5e-6 * math.log(2) / math.log(50)) and lrs[2] < 5e-6
+    assert lr_at(0, lr=1.0, warmup_steps=0, max_steps=10) == 1.0
+
+
+def test_lr_schedule_cosine_warms_up_linearly_then_decays_to_a_tenth():
+    lr = [lr_at(s, lr=1.0, warmup_steps=10, max_steps=111, schedule="cosine") for s in range(111)]
+    assert lr[0] == 0.1 and lr[9] == lr[10] == 1.0 and math.isclose(lr[110], 0.1) and math.isclose(lr[60], 0.55)
+    assert all(a >= b for a, b in zip(lr[9:], lr[10:]))
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lr_at(0, lr=1.0, warmup_steps=0, max_steps=1, schedule="linear")
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_train_dolly_run_writes_hf_checkpoint_that_transformers_loads(ckpt, data, tmp_path):
+    from transformers import GPTNeoXForCausalLM
+    out = run(ckpt, data, tmp_path / "out")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["loss"] < rows[0]["loss"]
+    assert all({"loss", "lr", "tokens_per_s"} <= r.keys() for r in rows) and "val_loss" in rows[1]
+    config = json.loads((out / "config.json").read_text())
+    n = len(Tokenizer.from_pretrained(ckpt))
+    assert config["vocab_size"] == n + 3  # resized to the tokenizer plus Dolly's 3 tokens (Pythia: 50280)
+    tok = Tokenizer.from_pretrained(out)
+    assert (tok.end_key_id, tok.instruction_key_id, tok.response_key_id) == (n, n + 1, n + 2)
+    assert (out / "loss.png").stat().st_size > 0 or importlib.util.find_spec("matplotlib") is None
+    ids = torch.tensor([[n + 1, 51, 300, n + 2, 77]])
+    ours = GPTNeoX.from_pretrained(out)(ids)
+    hf = GPTNeoXForCausalLM.from_pretrained(out).eval()(ids).logits
+    assert_rel_close(ours, hf, FP32_LOGITS_REL, "logits of the exported model")
+    final = load_state(out / "checkpoints" / "step-00000004.pt")["model"]
+    assert torch.equal(final["embed_out.weight"], load_file(out / "model.safetensors")["embed_out.weight"])
+
+
+@pytest.mark.skipif(not (ROOT / "sample.py").exists(), reason="sample.py not in this checkout")
+def test_train_overfits_records_then_answers_through_sample_py(ckpt, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    out = run(ckpt, data, tmp_path / "out", max_steps=60, batch_size=3, micro_batch_size=3, lr=1e-2,
+              val_size=0, save_every=60, eval_every=0)
+    assert metrics(out)[-1]["loss"] < 0.05
+    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(out), "--prompt",
+                        RECORDS[0]["instruction"], "--temperature", "0", "--max_new_tokens", "16"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert RECORDS[0]["response"] in r.stdout
+
+
+def test_train_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
+    args = dict(init=ckpt, data=data, max_steps=40, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=3,
+                val_size=2, save_every=4, eval_every=5, sample_every=0, seed=3)
+    argv = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    killed_out = tmp_path / "killed"
+    killed = cli(*argv, "--out", killed_out, start_new_session=True)
+    while not ((killed_out / "metrics.jsonl").exists() and len(metrics(killed_out)) >= 14):
+        assert killed.poll() is None, killed.communicate()
+        time.sleep(0.005)
+    os.killpg(killed.pid, signal.SIGKILL)  # at step 14 or a little later; the last state saved is step 12 (or 16)
+    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed_out / "model.safetensors").exists()
+    resumed = cli(*argv, "--out", killed_out, "--resume")
+    train.main(**{**args, "init": str(ckpt), "data": str(data)}, out=str(tmp_path / "whole"), progress=False)
+    stdout, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert "resumed from" in stdout
+    whole, again = metrics(tmp_path / "whole"), metrics(killed_out)
+    assert [r["step"] for r in again] == list(range(1, 41))
+    assert again == [{**r, "tokens_per_s": m["tokens_per_s"]} for r, m in zip(whole, again)]  # losses bit for bit
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed_out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = (load_state(p / "checkpoints" / "step-00000040.pt")["optimizer"]["state"]
+              for p in (tmp_path / "whole", killed_out))
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+
+def test_train_pretrains_on_packed_tokens_and_reduces_loss(tmp_path):
+    import numpy as np
+    (tmp_path / "config.json").write_text(json.dumps(Config(**{**TINY, "vocab_size": 64}).to_hf_config()))
+    (np.arange(4096) % 61).astype(np.uint16).tofile(tmp_path / "tokens.bin")  # a learnable periodic sequence
+    out = train.main(config=str(tmp_path / "config.json"), data=str(tmp_path / "tokens.bin"), out=str(tmp_path / "o"),
+                     max_steps=15, batch_size=8, micro_batch_size=4, lr=3e-3, warmup_steps=2, schedule="cosine",
+                     seq_len=32, save_every=100, eval_every=15, progress=False)
+    assert out is None
+    rows = metrics(tmp_path / "o")
+    assert rows[-1]["loss"] < 0.7 * rows[0]["loss"] and rows[-1]["val_loss"] < 0.7 * rows[0]["loss"]
+    assert rows[-1]["lr"] < rows[2]["lr"]  # cosine decay
+    assert GPTNeoX.from_pretrained(tmp_path / "o").config.vocab_size == 64  # no Dolly resize for pretraining
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_train_refuses_out_that_holds_a_different_run(ckpt, data, tmp_path):
+    out = run(ckpt, data, tmp_path / "out", max_steps=2)
+    with pytest.raises(train.RunError, match=r"holds a different run \(lr: 0.001 there, 0.002 now"):
+        run(ckpt, data, out, max_steps=2, lr=2e-3)
+    with pytest.raises(train.RunError, match="add --resume"):
+        run(ckpt, data, out, max_steps=2)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(train.RunError, match="not empty and holds no run.json"):
+        run(ckpt, data, tmp_path / "other")
+
+
+def test_train_stops_on_nan_loss_naming_the_step_and_keeps_last_checkpoint(ckpt, data, tmp_path):
+    with pytest.raises(train.RunError, match=r"step 2: loss nan .* not finite.*step-00000001.pt"):
+        run(ckpt, data, tmp_path / "out", lr=1e30, save_every=1, grad_clip=0)  # step 1's update overflows step 2
+    state = load_state(tmp_path / "out" / "checkpoints" / "step-00000001.pt")
+    assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert len(metrics(tmp_path / "out")) == 1
+
+
+def test_train_reports_data_with_nothing_left_after_filtering(ckpt, data, tmp_path):
+    with pytest.raises(DataError, match=r"no record left to train on after filtering \(0 bad lines, 12 over-long\)"):
+        run(ckpt, data, tmp_path / "out", seq_len=16)
+
+
+def test_train_names_file_and_line_of_a_bad_record_or_skips_it(ckpt, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS * 4)
+    data.write_text(data.read_text() + "{broken\n")
+    with pytest.raises(DataError, match=f"{data}:13: not a JSON object"):
+        run(ckpt, data, tmp_path / "a")
+    run(ckpt, data, tmp_path / "b", skip_bad_lines=True, max_steps=1)
+    assert len(metrics(tmp_path / "b")) == 1
+
+
+def test_train_cli_prints_clear_errors(ckpt, tmp_path, capsys):
+    assert train.cli(["--init", str(ckpt), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
+    assert "missing.jsonl" in capsys.readouterr().err
+    assert train.cli(["--init", str(ckpt), "--config", "pythia-14m", "--data", "x.jsonl", "--out", "o"]) == 1
+    assert "exactly one of --init" in capsys.readouterr().err
+    help_text = train.build_parser().format_help()
+    for flag in ("--init", "--config", "--data", "--out", "--epochs", "--max-steps", "--val-size", "--batch-size",
+                 "--micro-batch-size", "--lr", "--warmup-steps", "--schedule", "--weight-decay", "--seq-len",
+                 "--seed", "--save-every", "--eval-every", "--resume", "--device", "--dtype", "--compile",
+                 "--grad-checkpointing", "--skip-bad-lines"):
+        assert flag in help_text
+    args = train.build_parser().parse_args(["--init", "x", "--data", "dolly-15k", "--out", "o"])
+    assert (args.epochs, args.lr, args.warmup_steps, args.schedule, args.weight_decay) == (2, 5e-6, 50, "constant", 0)
+
+
+def test_train_failed_save_keeps_previous_checkpoint_and_resumes(ckpt, data, tmp_path, monkeypatch):
+    import errno
+    real_save, calls = torch.save, []
+
+    def fill_disk_on_second_save(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", fill_disk_on_second_save)
+    with pytest.raises(OSError, match="step 2 .* previous checkpoint is untouched"):
+        run(ckpt, data, tmp_path / "out", max_steps=3, save_every=1)
+    assert sorted(p.name for p in (tmp_path / "out" / "checkpoints").iterdir()) == ["step-00000001.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    run(ckpt, data, tmp_path / "out", max_steps=3, save_every=1, resume=True)
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3]
