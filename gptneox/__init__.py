@@ -2,8 +2,12 @@
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, Config
+from .dolly import extract_response, format_prompt
+from .generate import generate, stream
+from .hub import resolve_checkpoint
 from .model import GPTNeoX, KVCache, causal_lm_loss
 from .tokenizer import Tokenizer
 
-__all__ = ["Config", "PRESETS", "GPTNeoX", "KVCache", "causal_lm_loss", "Tokenizer", "CheckpointError"]
+__all__ = ["Config", "PRESETS", "GPTNeoX", "KVCache", "causal_lm_loss", "Tokenizer", "CheckpointError",
+           "generate", "stream", "format_prompt", "extract_response", "resolve_checkpoint"]
 __version__ = "0.1.0"

@@ -1,0 +1,116 @@
+"""gptneox.hub.resolve_checkpoint: paths, names, revisions, ./checkpoints, $GPTNEOX_HOME and a fake HF hub cache."""
+
+import pytest
+import torch
+from tiny import hf_model, save_checkpoint
+
+from gptneox import GPTNeoX
+from gptneox.hub import CheckpointNotFound, parse_name, resolve_checkpoint
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    """An empty working directory and an empty hub cache; no $GPTNEOX_HOME; downloads fail as if offline."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("GPTNEOX_HOME", raising=False)
+
+    def offline(repo_id, revision):
+        raise ConnectionError("no network in tests")
+    monkeypatch.setattr("gptneox.hub.download", offline)
+    return tmp_path
+
+
+def fake_checkpoint(path, weights="pytorch_model.bin"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text("{}")
+    (path / weights).write_bytes(b"weights")
+    return path
+
+
+def fake_hub_snapshot(cache, repo_id, revision="main", commit="a" * 40, weights="pytorch_model.bin"):
+    """The layout huggingface_hub writes: blobs, snapshots/COMMIT/* as symlinks to blobs, refs/REVISION."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name, data in (("config.json", b"{}"), (weights, b"weights")):
+        blob = repo / "blobs" / f"{commit[:8]}-{name}"
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(blob)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def test_parse_name_accepts_presets_hub_ids_and_revisions():
+    assert parse_name("dolly-v2-12b") == ("databricks/dolly-v2-12b", None)
+    assert parse_name("pythia-1.4b") == ("EleutherAI/pythia-1.4b", None)
+    assert parse_name("EleutherAI/pythia-1.4b-deduped@step3000") == ("EleutherAI/pythia-1.4b-deduped", "step3000")
+    assert parse_name("someone/my-neox-finetune") == ("someone/my-neox-finetune", None)
+    with pytest.raises(ValueError, match="known model name.*pythia-14m"):
+        parse_name("dolly-v3-99b")
+
+
+def test_resolve_checkpoint_returns_an_existing_directory(env):
+    ckpt = fake_checkpoint(env / "my-run")
+    assert resolve_checkpoint(str(ckpt)) == ckpt
+    with pytest.raises(ValueError, match="is a file"):
+        resolve_checkpoint(str(ckpt / "config.json"))
+
+
+def test_resolve_checkpoint_finds_the_hub_cache_snapshot(env):
+    snapshot = fake_hub_snapshot(env / "hf-cache", "databricks/dolly-v2-12b")
+    for name in ("dolly-v2-12b", "databricks/dolly-v2-12b"):
+        assert resolve_checkpoint(name) == snapshot
+
+
+def test_resolve_checkpoint_follows_revision_refs(env):
+    main = fake_hub_snapshot(env / "hf-cache", "EleutherAI/pythia-160m", "main", "b" * 40, "model.safetensors")
+    step = fake_hub_snapshot(env / "hf-cache", "EleutherAI/pythia-160m", "step3000", "c" * 40)
+    assert resolve_checkpoint("pythia-160m") == main
+    assert resolve_checkpoint("pythia-160m@step3000") == step
+    assert resolve_checkpoint("EleutherAI/pythia-160m@" + "c" * 40) == step
+    with pytest.raises(CheckpointNotFound, match="hf download EleutherAI/pythia-160m --revision step1000"):
+        resolve_checkpoint("pythia-160m@step1000", download_missing=False)
+
+
+def test_resolve_checkpoint_prefers_local_dirs_in_order(env, monkeypatch):
+    fake_hub_snapshot(env / "hf-cache", "EleutherAI/pythia-70m")
+    home = fake_checkpoint(env / "home" / "pythia-70m")
+    monkeypatch.setenv("GPTNEOX_HOME", str(env / "home"))
+    assert resolve_checkpoint("pythia-70m") == home
+    local = fake_checkpoint(env / "checkpoints" / "EleutherAI" / "pythia-70m", "model.safetensors")
+    assert resolve_checkpoint("EleutherAI/pythia-70m").resolve() == local.resolve()
+    revision = fake_checkpoint(env / "checkpoints" / "pythia-70m@step512")
+    assert resolve_checkpoint("pythia-70m@step512").resolve() == revision.resolve()
+
+
+def test_resolve_checkpoint_skips_incomplete_copies(env):
+    (env / "checkpoints" / "pythia-410m").mkdir(parents=True)  # an interrupted download: no weights
+    (env / "checkpoints" / "pythia-410m" / "config.json").write_text("{}")
+    with pytest.raises(CheckpointNotFound) as e:
+        resolve_checkpoint("pythia-410m")
+    message = str(e.value)
+    assert "no network in tests" in message, "the download failure is reported"
+    assert "checkpoints/EleutherAI/pythia-410m" in message and "models--EleutherAI--pythia-410m" in message
+    assert "pip install huggingface_hub && hf download EleutherAI/pythia-410m" in message
+
+
+def test_resolve_checkpoint_uses_the_download(env, monkeypatch):
+    fetched = fake_checkpoint(env / "downloaded")
+    monkeypatch.setattr("gptneox.hub.download", lambda repo_id, revision: fetched)
+    assert resolve_checkpoint("dolly-v2-3b") == fetched
+
+
+def test_checkpoint_in_fake_hub_cache_loads_through_symlinks(env):
+    """A real (tiny) .bin checkpoint laid out as huggingface_hub stores it loads with mmap through the symlinks."""
+    hf = hf_model(0)
+    src = save_checkpoint(hf, env / "src", "bin")
+    snapshot = fake_hub_snapshot(env / "hf-cache", "databricks/dolly-v2-3b")
+    for name in ("config.json", "pytorch_model.bin"):
+        blob = (snapshot / name).resolve()
+        blob.write_bytes((src / name).read_bytes())
+    model = GPTNeoX.from_pretrained(resolve_checkpoint("dolly-v2-3b"))
+    ids = torch.randint(0, 101, (1, 5))
+    torch.testing.assert_close(model(ids), hf(ids).logits)
