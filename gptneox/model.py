@@ -12,7 +12,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import Config
-from .ops import ACT2FN, BACKENDS, apply_rotary, attention, rotary_cos_sin
+from .ops import (ACT2FN, BACKENDS, apply_rotary, attention, causal_mask, default_backend, rotary_cos_sin,
+                  split_rotary, triton_available)
 
 
 class KVCache(nn.Module):
@@ -39,11 +40,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, rope, mask, backend, cache=None, input_pos=None, probs=None):
         B, T, C = x.shape
         nh, hs = self.config.num_attention_heads, self.config.head_size
-        qkv = self.query_key_value(x).view(B, T, nh, 3 * hs)  # per head [q | k | v], not [Q | K | V] (spec 4.2)
-        q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # first rot dims rotated in fp32
-        if cache is not None:
-            k, v = cache.update(input_pos, k, v)  # [B, nh, S = max_len, hs]
+        qkv = self.query_key_value(x)  # [B, T, nh * 3 * hs], per head [q | k | v], not [Q | K | V] (spec 4.2)
+        if backend == "triton":  # one kernel: split, rotate, and write k, v into the cache
+            q, k, v = split_rotary(qkv, nh, rope, cache, input_pos)  # q [B, nh, T, hs]; k, v [B, nh, S, hs]
+        else:
+            q, k, v = qkv.view(B, T, nh, 3 * hs).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # first rot dims rotated in fp32
+            if cache is not None:
+                k, v = cache.update(input_pos, k, v)  # [B, nh, S = max_len, hs]
         p = self.config.attention_dropout if self.training else 0.0
         y = attention(q, k, v, mask, backend=backend, dropout_p=p, return_probs=probs is not None)
         if probs is not None:
@@ -91,7 +95,7 @@ class Block(nn.Module):
 
 
 class GPTNeoX(nn.Module):
-    def __init__(self, config: Config, backend: str = "sdpa"):
+    def __init__(self, config: Config, backend: str | None = None):
         super().__init__()
         self.config = config
         self.backend = backend
@@ -107,22 +111,26 @@ class GPTNeoX(nn.Module):
 
     @property
     def backend(self) -> str:
-        return self._backend
+        """The attention backend; by default "triton" on CUDA when Triton is installed, else "sdpa"."""
+        return self._backend or default_backend(self.embed_out.weight.device)
 
     @backend.setter
-    def backend(self, name: str):
-        if name not in BACKENDS:
+    def backend(self, name: str | None):
+        if name is not None and name not in BACKENDS:
             raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+        if name == "triton" and not triton_available():
+            raise ValueError("backend='triton' needs the triton package (pip install triton, Linux)")
         self._backend = name
 
     def forward(self, input_ids, *, position_ids=None, attention_mask=None, cache=None, input_pos=None,
-                return_attentions=False):
+                logits_to_keep=0, return_attentions=False):
         """Logits [B, T, vocab_size] for input_ids [B, T].
 
         position_ids [B, T] or [T]: rotary positions (default: input_pos, else 0..T-1).
         attention_mask [B, S]: 1 for real tokens, 0 for padding, over the keys attention sees (the T inputs, or the
             cache's max_len slots when a cache is given).
         cache, input_pos: a list of KVCache from new_cache() and the slots [T] that these tokens fill.
+        logits_to_keep: if > 0, logits of the last that many positions only (a prefill needs just the last).
         return_attentions: also return the fp32 attention probabilities of every layer (backend "eager").
         """
         B, T = input_ids.shape
@@ -131,13 +139,21 @@ class GPTNeoX(nn.Module):
             input_pos = torch.arange(T, device=device)
         if position_ids is None:
             position_ids = input_pos
-        rope = rotary_cos_sin(position_ids, self.config.rotary_ndims, self.config.rotary_emb_base)
-        mask = self._mask(input_pos, attention_mask, cache)
         probs = [] if return_attentions else None
         backend = "eager" if return_attentions else self.backend
+        rot, base = self.config.rotary_ndims, self.config.rotary_emb_base
+        if backend == "triton":  # the kernels take integer positions and a per-row mask, not tables (ops.py)
+            rope = (position_ids, rot, base)
+            S = cache[0].k_cache.shape[2] if cache else T
+            mask = None if cache is None and attention_mask is None else causal_mask(input_pos, attention_mask, B, S)
+        else:
+            rope = rotary_cos_sin(position_ids, rot, base)
+            mask = self._mask(input_pos, attention_mask, cache)
         x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(input_ids))  # [B, T, C]
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, rope, mask, backend, cache[i] if cache else None, input_pos, probs)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]  # [B, logits_to_keep, C]
         logits = self.embed_out(self.gpt_neox.final_layer_norm(x))  # [B, T, vocab_size]
         return (logits, probs) if return_attentions else logits
 

@@ -2,8 +2,20 @@
 
 This folder is a top-level directory of the repository, but the wheel maps it to the package `gptneox.kernels`
 (setup.py `package_dir`), so an installed gptneox never shadows, and is never shadowed by, the unrelated PyPI
-distribution named `kernels`. Imports inside this package are relative for that reason.
+distribution named `kernels`. Imports inside this package are relative for that reason. From an uninstalled
+checkout, gptneox.ops loads this folder under the same name (ops.kernels()).
 
-The reference for every kernel is the torch path in gptneox/ops.py. The kernels themselves arrive with the
-Triton kernels issue; until then `gptneox.ops` uses the torch path only.
+The reference for every kernel is the torch path in gptneox/ops.py; gptneox.ops dispatches here for
+backend="triton". Public functions (each differentiable unless noted):
+    rotary(qkv, position_ids, num_heads, rotary_ndims, base, k_cache=, v_cache=, input_pos=) -> q, k, v
+    attention(q, k, v, causal=, q_offset=, k_start=, sm_scale=) -> o
+    decode_attention(q, k_cache, v_cache, q_offset, k_start, kv_len=, num_splits=) -> o   (inference only)
+The launchers (rotary_fwd / rotary_bwd, attention_fwd / attention_bwd) skip autograd, for tests and benchmarks.
 """
+
+from .attention import AttentionFunction, attention, attention_bwd, attention_fwd
+from .decode import decode_attention
+from .rotary import RotaryFunction, rotary, rotary_bwd, rotary_fwd
+
+__all__ = ["rotary", "attention", "decode_attention", "rotary_fwd", "rotary_bwd", "attention_fwd", "attention_bwd",
+           "RotaryFunction", "AttentionFunction"]

@@ -173,3 +173,10 @@ def test_model_trains_loss_decreases():
 
 def test_rel_err_is_relative_to_the_reference_max():
     assert rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0])) == 0.5
+
+
+def test_model_logits_to_keep_gives_the_last_positions():
+    model = ours_from(hf_model())
+    x = torch.randint(0, model.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, logits_to_keep=3), model(x)[:, -3:])

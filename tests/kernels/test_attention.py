@@ -1,0 +1,118 @@
+"""Flash attention (kernels/attention.py) against the torch path gptneox.ops.attention, forward and backward."""
+
+import math
+
+import pytest
+import torch
+from _cases import DEVICE, DTYPES, HEAD_DIMS, assert_matches, dense_mask
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from gptneox import ops
+from gptneox.ops import kernels
+
+
+def make_inputs(B, nh, T, S, hs):
+    return [torch.randn(B, nh, n, hs, device=DEVICE) for n in (T, S, S)]
+
+
+def check_attention(B, nh, T, S, hs, dtype, causal, q_offset, k_start):
+    """Kernel vs the fp32 eager reference and the torch SDPA path in dtype, outputs and the three gradients."""
+    q_offset = torch.as_tensor(q_offset, device=DEVICE).expand(B)
+    k_start = torch.as_tensor(k_start, device=DEVICE).expand(B)
+    mask = dense_mask(T, S, q_offset, k_start, causal)
+    x32 = make_inputs(B, nh, T, S, hs)
+    do = torch.randn(B, nh, T, hs, device=DEVICE)  # one upstream gradient for all three
+    runs = {
+        "ref": (torch.float32, lambda q, k, v: ops.attention(q, k, v, mask, backend="eager")),
+        "base": (dtype, lambda q, k, v: ops.attention(q, k, v, mask, backend="sdpa")),
+        "kernel": (dtype, lambda q, k, v: kernels().attention(q, k, v, causal=causal, q_offset=q_offset,
+                                                              k_start=k_start)),
+    }
+    results = {}
+    for name, (x_dtype, fn) in runs.items():
+        x = [t.to(x_dtype).detach().requires_grad_() for t in x32]
+        o = fn(*x)
+        o.backward(do.to(x_dtype))
+        results[name] = (o, *(t.grad for t in x))
+    for what, out, base, ref in zip(("o", "dq", "dk", "dv"), results["kernel"], results["base"], results["ref"]):
+        assert out.dtype == dtype and out.shape == ref.shape and not out.isnan().any()
+        assert_matches(out, base, ref, f"{what} B={B} nh={nh} T={T} S={S} hs={hs} causal={causal} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hs", HEAD_DIMS)
+def test_attention_matches_reference_every_head_dim(hs, dtype):
+    check_attention(2, 1, 13, 29, hs, dtype, causal=True, q_offset=16, k_start=[0, 20])  # padded row, S > T
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(B=st.integers(1, 2), nh=st.integers(1, 2), T=st.integers(1, 40), extra=st.integers(0, 24),
+       hs=st.sampled_from(HEAD_DIMS), causal=st.booleans(),
+       offset=st.lists(st.floats(0, 1), min_size=2, max_size=2),
+       start=st.lists(st.floats(0, 1), min_size=2, max_size=2))
+@example(B=1, nh=1, T=1, extra=0, hs=80, causal=True, offset=[0, 0], start=[0, 0])  # a single token
+@example(B=2, nh=1, T=17, extra=0, hs=96, causal=True, offset=[0, 0], start=[0, 1])  # a fully padded query block
+def test_attention_matches_reference_on_random_shapes(dtype, B, nh, T, extra, hs, causal, offset, start):
+    S = T + extra
+    q_offset = [round(f * extra) for f in offset[:B]]  # per-row cache lengths: keys past a row's last query unseen
+    k_start = [min(S - 1, int(f * S)) for f in start[:B]]  # left padding, at least one key left
+    check_attention(B, nh, T, S, hs, dtype, causal, q_offset, k_start)
+
+
+def test_attention_saves_logsumexp_in_log2_units():
+    q, k, v = make_inputs(2, 2, 9, 13, 64)
+    k_start = torch.tensor([0, 5], device=DEVICE)
+    o, lse = kernels().attention_fwd(q, k, v, causal=True, k_start=k_start)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(64)  # [B, nh, T, S]
+    mask = dense_mask(9, 13, torch.full((2,), 4, device=DEVICE), k_start)
+    expected = scores.masked_fill(~mask, float("-inf")).logsumexp(-1) / math.log(2)
+    torch.testing.assert_close(lse, expected)
+
+
+def test_attention_noncausal_row_with_no_visible_key_is_zero():
+    q, k, v = make_inputs(2, 1, 5, 7, 32)
+    o, lse = kernels().attention_fwd(q, k, v, causal=False, k_start=torch.tensor([0, 7], device=DEVICE))
+    assert (o[1] == 0).all() and (lse[1] == float("-inf")).all() and not o.isnan().any()
+    torch.testing.assert_close(o[0], ops.attention(q[:1], k[:1], v[:1], torch.ones(5, 7, dtype=torch.bool,
+                                                                                   device=DEVICE))[0])
+
+
+@pytest.mark.parametrize("num_splits", [2, 3, 100])
+def test_attention_split_over_keys_equals_one_pass(num_splits):
+    q, k, v = make_inputs(2, 2, 3, 70, 80)
+    kw = dict(causal=True, q_offset=torch.tensor([60, 40], device=DEVICE), k_start=torch.tensor([0, 9], device=DEVICE))
+    o1, lse1 = kernels().attention_fwd(q, k, v, **kw)
+    o2, lse2 = kernels().attention_fwd(q, k, v, num_splits=num_splits, block_n=16, **kw)
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(lse2, lse1)
+
+
+def test_attention_backward_is_deterministic():
+    q, k, v = (t.requires_grad_() for t in make_inputs(2, 2, 33, 33, 80))
+    do = torch.randn_like(q)
+    first = torch.autograd.grad(kernels().attention(q, k, v), (q, k, v), do)
+    second = torch.autograd.grad(kernels().attention(q, k, v), (q, k, v), do)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_attention_rejects_bad_input(monkeypatch):
+    q, k, v = make_inputs(1, 2, 4, 4, 32)
+    attention = kernels().attention
+    with pytest.raises(ValueError, match="head size 512 is above 256"):
+        attention(*make_inputs(1, 1, 4, 4, 512))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="k: expected shape"):
+        attention(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="head dim must be contiguous"):
+        attention(q.transpose(-1, -2), k, v)
+    with pytest.raises(ValueError, match="k_start: expected shape"):
+        attention(q, k, v, k_start=torch.zeros(3, dtype=torch.long, device=DEVICE))
+    with pytest.raises(ValueError, match="head size 8 is below 16"):
+        attention(*make_inputs(1, 1, 4, 4, 8))
+    if DEVICE == "cpu":  # without the interpreter, CPU tensors get a clear error, not a crash inside Triton
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="Triton kernels need CUDA tensors"):
+            attention(q, k, v)
