@@ -9,7 +9,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hypothesis import settings  # noqa: E402
+from hypothesis import register_random, settings  # noqa: E402
+
+
+class TorchRandom:
+    """torch's global RNG in the shape hypothesis manages: seeded per example, so a failure replays exactly."""
+
+    def seed(self, seed):
+        torch.manual_seed(seed)
+
+    def getstate(self):
+        return torch.get_rng_state()
+
+    def setstate(self, state):
+        torch.set_rng_state(state)
+
+
+TORCH_RANDOM = TorchRandom()  # hypothesis keeps a weak reference
+register_random(TORCH_RANDOM)
 
 settings.register_profile("dev", max_examples=10, deadline=None)
 settings.register_profile("ci", max_examples=25, deadline=None)

@@ -1,10 +1,14 @@
 """The one tolerance table of the project (docs/style.md 2.7). Every numeric comparison in tests goes through here.
 
 | comparison                          | fp32                                   | fp16 / bf16                                  |
-| kernel vs torch path, fwd and bwd   | assert_close defaults (1.3e-6, 1e-5)   | err(x, fp32 ref) <= 2 * err(torch path) + 1e-5 |
+| kernel vs torch path, fwd and bwd   | assert_close defaults (1.3e-6, 1e-5)   | err(x, fp32 ref) <= 2 * err(torch path) + r |
 | model vs HF GPTNeoX, logits         | max|ours - hf| / max|hf| <= 1e-5       | the same 2x rule, HF in fp32 as reference    |
 | loss / gradients vs HF (fp32)       | 1e-6 absolute on loss, 1e-4 relative   |                                              |
 | greedy generation vs HF             | identical token ids                    | identical ids for the first N tokens         |
+
+r = max(1e-5, the error of merely rounding the fp32 reference to the half dtype): no half-precision result can be
+closer than its own rounding, so a base path that happens to land on the rounded value does not make the rule
+unsatisfiable (FlashAttention-3's tests add the same rounding term to their 2x rule).
 """
 
 import torch
@@ -29,10 +33,12 @@ def assert_rel_close(x, ref, tol, what=""):
 
 
 def assert_within_2x(x, base, ref, what=""):
-    """Half precision rule: err(x, ref) <= 2 * err(base, ref) + slack, errors as max abs differences."""
+    """Half precision rule: err(x, ref) <= 2 * err(base, ref) + r, errors as max abs differences (r: see above)."""
     err = (x.float() - ref.float()).abs().max().item()
     base_err = (base.float() - ref.float()).abs().max().item()
+    rounding = (ref.to(x.dtype).float() - ref.float()).abs().max().item()
+    slack = max(HALF_SLACK, rounding)
     mean = (x.float() - ref.float()).abs().mean().item()
-    assert err <= HALF_FACTOR * base_err + HALF_SLACK, (
+    assert err <= HALF_FACTOR * base_err + slack, (
         f"{what}: max error {err:.3g} (mean {mean:.3g}) vs the fp32 reference exceeds "
-        f"{HALF_FACTOR} x the reference implementation's own {base_err:.3g}")
+        f"{HALF_FACTOR} x the reference implementation's own {base_err:.3g} + rounding {slack:.3g}")
