@@ -53,9 +53,11 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        return resource.getpagesize() * __import__("os").sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
+    try:  # MemAvailable counts reclaimable page cache (a checkpoint just downloaded), unlike MemFree
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
         return None
 
 
@@ -110,14 +112,14 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     if prompt is None:
         if sys.stdin.isatty():
             raise UsageError("no prompt: give --prompt, --prompt_file, pipe text on stdin, or use --interactive")
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.read().rstrip("\n")  # the newline that echo and editors end a file with
     if not prompt.strip():
         raise UsageError("the prompt is empty")
     return [prompt]
 
 
 def encode(tokenizer, text: str, context: str | None, template: str, window: int, index: int) -> list[int]:
-    text = format_prompt(text, context) if template == "dolly" else text
+    text = format_prompt(text.strip(), context) if template == "dolly" else text
     ids = tokenizer.encode(text)
     if len(ids) >= window:
         how = " with the Dolly template" if template == "dolly" else ""

@@ -248,8 +248,8 @@ def export(model_state, config, tok, out: Path, dtype) -> None:
     for old in out.glob("model*.safetensors*"):  # a previous export's shards may be named otherwise
         if not (tmp / old.name).exists():
             old.unlink()
-    for f in tmp.iterdir():
-        f.replace(out / f.name)
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == "config.json"):  # config.json last: until it lands,
+        f.replace(out / f.name)  # a crash leaves a config that contradicts the new weights, which loading names
     tmp.rmdir()
 
 
@@ -369,8 +369,9 @@ def main(*, init=None, config=None, tokenizer=None, data, out, epochs=2, max_ste
         f"{world} process(es) on {device}, {dtype}")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps({k: v for k, v in {**run, "init": init, "config": config,
-                                                  "dtype": dtype}.items() if k in RUN_KEYS}, indent=2) + "\n")
+        settings = {k: v for k, v in {**run, "init": init, "config": config, "dtype": dtype}.items() if k in RUN_KEYS}
+        (out / "run.json.tmp").write_text(json.dumps(settings, indent=2) + "\n")
+        (out / "run.json.tmp").replace(out / "run.json")
     state = load_state(resume_file) if resume_file else None  # mmap: processes share the pages
     step = state["step"] if state else 0
     model.to(device)

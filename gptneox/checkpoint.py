@@ -101,6 +101,8 @@ def load_pretrained(cls, path, *, device=None, dtype=None, backend=None, progres
         ours = checkpoint_name(name)
         if ours is None or tensor.dtype in (torch.bool, torch.uint8):
             continue
+        if ours == "embed_out.weight" and config.tie_word_embeddings:
+            continue  # a tied head saved anyway (older .bin files): embed_in is the one that counts, as in HF
         if ours not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {name!r}, not part of the model that {path}/config.json "
                                   f"describes ({config.num_hidden_layers} layers, attention_bias="
@@ -108,7 +110,8 @@ def load_pretrained(cls, path, *, device=None, dtype=None, backend=None, progres
         if tensor.shape != expected[ours]:
             raise CheckpointError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, but config.json implies "
                                   f"{list(expected[ours])}")
-        dtype = dtype or tensor.dtype  # default: keep the stored dtype (fp16 Pythia, bf16 Dolly)
+        # one dtype for the whole model: the caller's, else the checkpoint's (its first tensor's: fp16 Pythia, bf16 Dolly)
+        dtype = dtype or tensor.dtype
         state[ours] = tensor.to(device=device, dtype=dtype)
     missing = [name for name in expected if name not in state]
     if missing:

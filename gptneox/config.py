@@ -36,6 +36,10 @@ class Config:
     name: str | None = None  # the preset this config came from, if any
 
     def __post_init__(self):
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
+                raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
@@ -49,10 +53,6 @@ class Config:
             )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
-        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "max_position_embeddings"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
-                raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
 
     @property
     def head_size(self) -> int:  # hs
@@ -97,6 +97,8 @@ class Config:
                 raise FileNotFoundError(f"{path}: no such config file") from None
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ValueError(f"{path}: not a valid JSON config ({e})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{source}: expected a JSON object of config fields, found {type(config).__name__}")
         if config.get("model_type", "gpt_neox") != "gpt_neox":
             raise ValueError(f"{source}: model_type is {config['model_type']!r}, expected 'gpt_neox'")
         rope = config.get("rope_parameters") or {}
@@ -145,6 +147,9 @@ def _first(*values):
 
 def _refuse_rope_scaling(rope: dict, rope_scaling, source: str) -> None:
     """A RoPE variant we do not implement changes the math: refuse it rather than approximate."""
+    for field, value in (("rope_parameters", rope), ("rope_scaling", rope_scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}: {field} must be an object or null, got {value!r}")
     kinds = [rope.get("rope_type", rope.get("type"))]
     if rope_scaling:
         kinds.append(rope_scaling.get("rope_type", rope_scaling.get("type")))

@@ -338,9 +338,12 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verif
     copy = {p.name: p for p in sorted(src.iterdir()) if p.is_file() and COPIED_FILES.fullmatch(p.name)}
     check = partial(_verify_hf_output, config=ckpt.config, source_tensors=ckpt.tensors, dtype=dtype,
                     logits_max_params=logits_max_params) if verify else None
-    return write_hf(dst, ckpt.config, ckpt.tensors(), total=len(ckpt.entries), dtype=dtype,
-                    max_shard_size=max_shard_size, force=force, raw_config=ckpt.raw_config, copy_files=copy,
-                    progress=progress, check=check)
+    try:
+        return write_hf(dst, ckpt.config, ckpt.tensors(), total=len(ckpt.entries), dtype=dtype,
+                        max_shard_size=max_shard_size, force=force, raw_config=ckpt.raw_config, copy_files=copy,
+                        progress=progress, check=check)
+    finally:
+        ckpt.close()
 
 
 def convert_neox(src, dst, *, config_files=None, tokenizer=None, trust_pickle=False, dtype=None,
@@ -371,11 +374,13 @@ def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, for
     dtype = parse_dtype(dtype)
     lazy = _LazyTensors(ckpt, dtype)
     summary = {"tensors": len(ckpt.entries), "tp": tp, "layout": "layers" if pipe else "mp_rank"}
-    with atomic_dir(dst, force) as tmp:
-        save_neox(lazy, ckpt.config, tmp, tp=tp, pipe=pipe, legacy_names=legacy_names, progress=progress)
-        if verify:  # before the rename: a failure leaves nothing behind
-            summary.update(_verify_neox_output(tmp, ckpt, lazy, dtype, logits_max_params))
-    ckpt.close()
+    try:
+        with atomic_dir(dst, force) as tmp:
+            save_neox(lazy, ckpt.config, tmp, tp=tp, pipe=pipe, legacy_names=legacy_names, progress=progress)
+            if verify:  # before the rename: a failure leaves nothing behind
+                summary.update(_verify_neox_output(tmp, ckpt, lazy, dtype, logits_max_params))
+    finally:
+        ckpt.close()
     return summary
 
 
@@ -417,13 +422,15 @@ def _verify_neox_output(out, ckpt: HFCheckpoint, lazy, dtype, logits_max_params)
 def _verify_hf_output(dst, config, source_tensors, dtype, logits_max_params) -> dict:
     from .model import GPTNeoX
     out = HFCheckpoint(dst)  # re-reads the layout, config.json and every shape
-    if not same_architecture(out.config, config):
-        raise CheckpointError(f"verify: {dst}/config.json describes {out.config}, the source {config}")
-    result = {"verified_tensors": verify_tensors(source_tensors(), out.get, dtype, count=len(out.entries))}
-    if config.num_parameters <= logits_max_params:
-        ref = model_from_tensors(config, source_tensors(), dtype)
-        result["logits_max_abs_diff"] = verify_logits(ref, GPTNeoX.from_pretrained(dst), config.vocab_size)
-    out.close()
+    try:
+        if not same_architecture(out.config, config):
+            raise CheckpointError(f"verify: {dst}/config.json describes {out.config}, the source {config}")
+        result = {"verified_tensors": verify_tensors(source_tensors(), out.get, dtype, count=len(out.entries))}
+        if config.num_parameters <= logits_max_params:
+            ref = model_from_tensors(config, source_tensors(), dtype)
+            result["logits_max_abs_diff"] = verify_logits(ref, GPTNeoX.from_pretrained(dst), config.vocab_size)
+    finally:
+        out.close()
     return result
 
 

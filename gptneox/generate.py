@@ -209,6 +209,8 @@ def generate_steps(model, input_ids, *, max_new_tokens: int, temperature: float 
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer to decode the generated text")
     device, dtype = model.embed_out.weight.device, model.embed_out.weight.dtype
+    if torch.is_autocast_enabled(device.type):  # under autocast k and v come out in its dtype: cache them so
+        dtype = torch.get_autocast_dtype(device.type)
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
     ends = torch.tensor(stop_ids(model, eos_token_id, tokenizer), dtype=torch.long, device=device)

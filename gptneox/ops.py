@@ -112,7 +112,8 @@ def causal_mask(input_pos: torch.Tensor, attention_mask: torch.Tensor | None, B:
     """CausalMask for queries at consecutive slots input_pos [T] over S keys with attention_mask [B, S] or None.
 
     The kernels describe padding by a start per row, so attention_mask must be left padding (0...0 1...1) over
-    the keys the queries can reach, and input_pos consecutive; checking that costs one device sync.
+    the keys the queries can reach, and input_pos consecutive. Checking that costs one device sync, so a decode
+    step (T = 1) is not checked again: it extends a prefill that was.
     """
     T = input_pos.shape[0]
     q_offset = input_pos[:1].expand(B)  # [B]
@@ -125,6 +126,8 @@ def causal_mask(input_pos: torch.Tensor, attention_mask: torch.Tensor | None, B:
         slots = torch.arange(S, device=input_pos.device)
         reach = slots <= input_pos.max()  # [S] keys some query can see
         bad = ((attention_mask.bool() != (slots >= k_start[:, None])) & reach).any()
+    if T == 1:
+        return CausalMask(q_offset, k_start)
     bad |= (input_pos != input_pos[0] + torch.arange(T, device=input_pos.device)).any()
     if not compiling() and bad.item():
         raise ValueError("backend='triton' takes left padding only (attention_mask rows 0...0 1...1 over the keys "

@@ -28,6 +28,18 @@ class Tokenizer:
         # the response key is "### Response:\n" in Dolly v2's files, "### Response:" in some others: match the prefix
         self.response_key_id = next((i for s, i in added.items() if s.startswith(RESPONSE_KEY)), None)
 
+    @property
+    def eos_token_id(self) -> int:  # transformers' name
+        return self.eos_id
+
+    @property
+    def pad_token_id(self) -> int:  # transformers' name
+        return self.pad_id
+
+    @property
+    def bos_token_id(self) -> int:  # transformers' name
+        return self.bos_id
+
     @classmethod
     def from_pretrained(cls, path) -> "Tokenizer":
         """From a tokenizer.json file or a checkpoint directory holding one."""

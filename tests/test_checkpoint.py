@@ -206,3 +206,23 @@ def test_checkpoint_peak_memory_1gb(form):
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_load_memory.py"), "--size-gb", "1.2",
                           "--form", form], check=True, capture_output=True, text=True).stdout
     assert float(out.split("= ")[-1].split("x")[0]) <= 1.3, out
+
+
+def test_checkpoint_mixed_dtypes_load_as_one_dtype(hf, x, tmp_path):
+    """A file with fp32 LayerNorms beside fp16 matrices loads as one model dtype (the first tensor's)."""
+    from safetensors.torch import save_file
+    path = save_checkpoint(hf, tmp_path / "c", "safetensors")
+    state = {k: (v if "norm" in k else v.half()) for k, v in hf.state_dict().items()}
+    state = {("embed_out.weight" if k == "lm_head.weight" else k): v.contiguous() for k, v in state.items()}
+    save_file(dict(sorted(state.items(), key=lambda kv: "norm" in kv[0])), path / "model.safetensors")
+    model = GPTNeoX.from_pretrained(path)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert model(x).dtype == torch.float16
+
+
+def test_checkpoint_tied_config_ignores_a_saved_head(x, tmp_path):
+    hf = hf_model(tie_word_embeddings=True)
+    path = save_checkpoint(hf, tmp_path / "c", "bin")  # torch.save of the full state dict: embed_out.weight too
+    assert "embed_out.weight" in torch.load(path / "pytorch_model.bin", weights_only=True)
+    with torch.no_grad():
+        assert_rel_close(GPTNeoX.from_pretrained(path)(x), hf(x).logits, FP32_LOGITS_REL, "tied, head saved")

@@ -110,6 +110,9 @@ def test_config_refuses_rope_scaling(change):
     ({"hidden_act": "mish"}, "hidden_act 'mish' is not supported"),
     ({"model_type": "llama"}, "model_type is 'llama'"),
     ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
+    ({"hidden_size": "512"}, "hidden_size must be a positive integer"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be an object or null"),
 ])
 def test_config_rejects_bad_fields(change, message):
     with pytest.raises(ValueError, match=message):
@@ -121,6 +124,9 @@ def test_config_bad_files_name_the_file(tmp_path):
         Config.from_hf_config(tmp_path / "nowhere" / "config.json")
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=f"{tmp_path}/config.json: not a valid JSON"):
+        Config.from_hf_config(tmp_path)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=f"{tmp_path}/config.json: expected a JSON object"):
         Config.from_hf_config(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**OLD, "hidden_act": "mish"}))
     with pytest.raises(ValueError, match=f"{tmp_path}/config.json: hidden_act"):

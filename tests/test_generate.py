@@ -255,3 +255,18 @@ def test_generate_compile_matches_eager():
     prompts = [torch.randint(1, 101, (n,)).tolist() for n in (4, 9)]
     eager = generate(ours, prompts, max_new_tokens=10, temperature=0, eos_token_id=[])
     assert torch.equal(generate(ours, prompts, max_new_tokens=10, temperature=0, eos_token_id=[], compile=True), eager)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_generate_under_autocast_caches_in_the_autocast_dtype(backend):
+    """fp32 master weights under fp16 autocast (train.py's in-training sample): k, v and the cache agree in dtype."""
+    hf, ours = pair(num_hidden_layers=2)
+    ours.backend = backend
+    prompts = [[5, 6, 7, 8, 9], [3, 4]]
+    with torch.autocast("cpu", dtype=torch.float16):
+        tokens = generate(ours, prompts, max_new_tokens=6, temperature=0)
+    ours.backend = "sdpa"
+    with torch.autocast("cpu", dtype=torch.float16):
+        reference = generate(ours, prompts, max_new_tokens=6, temperature=0)
+    assert tokens.shape == (2, 6)
+    assert torch.equal(tokens, reference)

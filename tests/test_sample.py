@@ -71,6 +71,20 @@ def test_sample_reads_stdin_with_the_plain_template(ckpts, capsys, monkeypatch):
     assert capsys.readouterr().out == expected(pythia, ["Hello, I am"], 10, dolly=False)[0] + "\n"
 
 
+def test_sample_stdin_trailing_newline_keeps_dolly_template_exact(ckpts, capsys, monkeypatch):
+    dolly, _ = ckpts
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is the capital of France?\n"))  # as `echo ... |` sends it
+    assert sample.main(ckpt=str(dolly), temperature=0, max_new_tokens=8) == 0
+    assert capsys.readouterr().out == expected(dolly, ["What is the capital of France?"], 8)[0].strip() + "\n"
+
+
+def test_sample_free_memory_counts_reclaimable_page_cache():
+    free = sample.free_bytes(torch.device("cpu"))
+    meminfo = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+    available = int(meminfo["MemAvailable"].split()[0]) * 1024
+    assert abs(free - available) < 0.02 * available  # MemAvailable (moments apart), not the smaller MemFree
+
+
 def test_sample_prompt_file_runs_as_one_batch(ckpts, tmp_path, capsys):
     dolly, _ = ckpts
     prompts = ["Name a primary color.", "Write a haiku about the sea, with a long title first.", "Why?"]

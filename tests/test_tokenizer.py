@@ -77,3 +77,8 @@ def test_tokenizer_from_directory_and_bad_files(shared_data, tmp_path):
     (tmp_path / "bad.json").write_text('{"version": "1.0", "model": 3}')
     with pytest.raises(ValueError, match="bad.json: not a valid tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path / "bad.json")
+
+
+def test_tokenizer_has_transformers_id_names(shared_data):
+    tok = Tokenizer.from_pretrained(os.path.join(shared_data, "pythia-tokenizer.json"))
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (tok.eos_id, tok.bos_id, tok.pad_id) == (0, 0, 1)
