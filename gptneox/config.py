@@ -103,6 +103,10 @@ class Config:
             raise ValueError(f"{source}: model_type is {config['model_type']!r}, expected 'gpt_neox'")
         rope = config.get("rope_parameters") or {}
         _refuse_rope_scaling(rope, config.get("rope_scaling"), source)
+        heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+        if config.get("head_dim") is not None and heads and hidden and config["head_dim"] != hidden // heads:
+            raise ValueError(f"{source}: head_dim {config['head_dim']} differs from hidden_size / num_attention_heads "
+                             f"({hidden} / {heads}); GPT-NeoX's attention has no separate head size")
         kwargs = {f.name: config[f.name] for f in fields(cls) if f.name in config and f.name != "name"}
         kwargs["rotary_pct"] = _first(rope.get("partial_rotary_factor"), config.get("partial_rotary_factor"),
                                       config.get("rotary_pct"), 0.25)

@@ -113,6 +113,7 @@ def test_config_refuses_rope_scaling(change):
     ({"num_attention_heads": 0}, "num_attention_heads must be a positive integer"),
     ({"hidden_size": "512"}, "hidden_size must be a positive integer"),
     ({"rope_scaling": "linear"}, "rope_scaling must be an object or null"),
+    ({"head_dim": 128}, "head_dim 128 differs from hidden_size / num_attention_heads"),
 ])
 def test_config_rejects_bad_fields(change, message):
     with pytest.raises(ValueError, match=message):
