@@ -44,8 +44,12 @@ def one_process(args, **kw):
         torch.set_num_threads(threads)
 
 
-def finish(p):
+def finish(p, again=None):
+    """The launch's stdout once it succeeded. A launch killed by a signal (seen once in five runs on a machine at
+    load 9: SIGABRT inside the launcher, before any training step) is started afresh once by `again`."""
     stdout, stderr = p.communicate(timeout=300)
+    if p.returncode < 0 and again is not None:
+        return finish(again())
     assert p.returncode == 0, stderr[-3000:]
     return stdout
 
@@ -72,7 +76,11 @@ def runs(tmp_path_factory):
     argv = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     fsdp = torchrun(argv, tmp / "fsdp")
     one_process(args, micro_batch_size=2, out=str(tmp / "one"))  # meanwhile
-    return tmp, args, argv, finish(fsdp)
+
+    def again():
+        shutil.rmtree(tmp / "fsdp", ignore_errors=True)
+        return torchrun(argv, tmp / "fsdp")
+    return tmp, args, argv, finish(fsdp, again)
 
 
 def assert_same_run(one, two):
@@ -110,10 +118,14 @@ def test_fsdp_resumes_a_one_process_state_and_the_reverse(runs):
     # a one-process state, resumed by 2 FSDP processes (process 0 reads it and broadcasts the shards) ...
     sharded = cut_back(tmp / "one", tmp / "one-then-fsdp", 3)
     p = torchrun([*argv, "--resume"], sharded)
+
+    def again():
+        shutil.rmtree(sharded)
+        return torchrun([*argv, "--resume"], cut_back(tmp / "one", sharded, 3))
     # ... and an FSDP state (gathered whole when saved), resumed by one process
     single = cut_back(tmp / "fsdp", tmp / "fsdp-then-one", 3)
     one_process(args, micro_batch_size=2, out=str(single), resume=True)
-    assert "resumed from" in finish(p)
+    assert "resumed from" in finish(p, again)
     for out in (sharded, single):
         assert_same_run(metrics(tmp / "one"), metrics(out))
         assert (out / "model.safetensors").exists()
