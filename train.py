@@ -68,20 +68,29 @@ def check_out(out: Path, run: dict, resume: bool) -> Path | None:
 
 
 # --------------------------------------------------------------------------------------------- model, tokenizer
-def load_model(init, config, tokenizer, seed) -> tuple[GPTNeoX, Tokenizer | None]:
-    """An fp32 model (the master weights) on the CPU and its tokenizer (None if there is none)."""
+def load_model(init, config, tokenizer, seed, meta=False) -> tuple[GPTNeoX, Tokenizer | None]:
+    """An fp32 model (the master weights) on the CPU and its tokenizer (None if there is none).
+
+    meta: only the model's shapes, on the meta device (FSDP processes other than 0, which receive their shards
+    from process 0 instead of each holding the whole model)."""
     if init:
         path = Path(init)
         if not path.is_dir():
             from gptneox.hub import resolve_checkpoint  # a hub name or a file: resolved like sample.py --ckpt
             path = Path(resolve_checkpoint(init))
-        model = GPTNeoX.from_pretrained(path, dtype=torch.float32)
+        if meta:
+            with torch.device("meta"):
+                model = GPTNeoX(Config.from_hf_config(path))
+        else:
+            model = GPTNeoX.from_pretrained(path, dtype=torch.float32)
         tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.json"
     else:
         cfg = Config.from_hf_config(config) if config.endswith(".json") else Config.from_name(config)
         torch.manual_seed(seed)
-        model = GPTNeoX(cfg)
-        model.init_weights()
+        with torch.device("meta" if meta else "cpu"):
+            model = GPTNeoX(cfg)
+        if not meta:
+            model.init_weights()
         tok_file = Path(tokenizer) if tokenizer else None
     tok = Tokenizer.from_pretrained(tok_file) if tok_file and tok_file.exists() else None
     if tokenizer and tok is None:
@@ -355,7 +364,7 @@ def main(*, init=None, config=None, tokenizer=None, data, out, epochs=2, max_ste
     if batch_size % (micro_batch_size * world):
         raise RunError(f"--batch-size {batch_size} must be a multiple of --micro-batch-size {micro_batch_size} x "
                        f"{world} processes")
-    model, tok = load_model(init, config, tokenizer, seed)
+    model, tok = load_model(init, config, tokenizer, seed, meta=world > 1 and rank > 0)
     seq_len = seq_len or model.config.max_position_embeddings
     instruction = data == DOLLY_15K or Path(data).suffix in (".jsonl", ".json")
     if instruction and tok is not None:
@@ -374,11 +383,12 @@ def main(*, init=None, config=None, tokenizer=None, data, out, epochs=2, max_ste
         (out / "run.json.tmp").replace(out / "run.json")
     state = load_state(resume_file) if resume_file else None  # mmap: processes share the pages
     step = state["step"] if state else 0
-    model.to(device)
     if grad_checkpointing:
         enable_grad_checkpointing(model)
     if world > 1:
-        dist.shard(model)
+        dist.shard(model, device)  # process 0's weights, scattered: no process holds the whole model on device
+    else:
+        model.to(device)
     if compile:
         for block in model.gpt_neox.layers:
             block.compile()

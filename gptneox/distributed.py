@@ -35,12 +35,21 @@ def local_device(name: str | None) -> torch.device:
     return device
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """Fully shard model across the group (parameters, gradients and optimizer state: ZeRO-3)."""
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Fully shard model across the group (parameters, gradients and optimizer state: ZeRO-3), in place.
+
+    Process 0 holds the weights (the others a meta-device model of the same shapes): every process shards the
+    empty model, then process 0 broadcasts each whole tensor and every process keeps its own shard of it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import fully_shard
+    full = model.state_dict() if dist.get_rank() == 0 else {}  # references: process 0's weights stay alive here
+    model.to("meta")
     for block in model.gpt_neox.layers:
         fully_shard(block)
     fully_shard(model)
+    model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
