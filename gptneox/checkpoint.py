@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -97,7 +98,7 @@ def load_pretrained(cls, path, *, device=None, dtype=None, backend=None, progres
     if config.tie_word_embeddings:
         expected.pop("embed_out.weight")
     state = {}
-    for file, name, tensor in _progress(_stream(files), len(expected), progress):
+    for file, name, tensor in progress_bar(_stream(files), len(expected), progress):
         ours = checkpoint_name(name)
         if ours is None or tensor.dtype in (torch.bool, torch.uint8):
             continue
@@ -131,11 +132,11 @@ def _stream(files):
             yield file, name, tensor
 
 
-def _progress(items, total, enabled):
+def progress_bar(items, total, enabled, desc="loading"):
     if not enabled:
         return items
     from tqdm import tqdm
-    return tqdm(items, total=total, desc="loading", unit="tensor")
+    return tqdm(items, total=total, desc=desc, unit="tensor")
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -151,55 +152,84 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def shard(state: dict, max_bytes: int) -> list[dict]:
-    """Split a state dict into consecutive shards of at most max_bytes (a larger tensor gets a shard of its own)."""
-    shards, size = [{}], 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards
+class ShardWriter:
+    """Collects tensors into safetensors shards of at most max_bytes (a bigger tensor gets a shard of its own).
+
+    Each shard is written as soon as it is full, so only one shard is ever held; close() names the shards as
+    transformers does and writes the index.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending, self.size, self.parts, self.total = {}, 0, [], 0
+
+    def add(self, name: str, tensor: torch.Tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self):
+        part = self.folder / f"part-{len(self.parts):05d}.tmp"
+        save_file(self.pending, part, metadata={"format": "pt"})
+        self.parts.append((part, list(self.pending)))
+        self.pending, self.size = {}, 0
+
+    def close(self) -> list[str]:
+        """Rename the shards model.safetensors or model-0000i-of-0000n.safetensors; returns the file names."""
+        if self.pending or not self.parts:
+            self.flush()
+        n = len(self.parts)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for (part, _), name in zip(self.parts, names):
+            part.rename(self.folder / name)
+        if n > 1:
+            index = {"metadata": {"total_size": self.total},
+                     "weight_map": {k: name for (_, keys), name in zip(self.parts, names) for k in keys}}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return names
 
 
-def save_pretrained(model, path, *, max_shard_size="5GB", progress=False) -> None:
-    path = Path(path)
-    state = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
-    shards = shard(state, parse_size(max_shard_size))
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+@contextmanager
+def atomic_dir(dst: Path, *, keep_user_files: bool = False):
+    """Yield an empty hidden directory beside dst; on success it replaces dst, on any failure it is deleted.
+
+    keep_user_files: carry over the files of an existing dst that are not checkpoint files (tokenizer, notes).
+    """
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
-        dtype = next(iter(state.values())).dtype
-        config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        names = ["model.safetensors"] if len(shards) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-        for name, part in _progress(list(zip(names, shards)), len(shards), progress):
-            save_file(part, tmp / name, metadata={"format": "pt"})
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-                     "weight_map": {k: name for name, part in zip(names, shards) for k in part}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _replace_dir(tmp, path)
+        yield tmp
+        if not dst.exists():
+            tmp.rename(dst)
+            return
+        if keep_user_files:
+            for f in dst.iterdir():
+                if not CHECKPOINT_FILE.fullmatch(f.name) and not (tmp / f.name).exists():
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        tmp.rename(dst)
+        shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move tmp to path. An existing path's other files (tokenizer, notes) are kept; its old weights are not."""
-    if not path.exists():
-        tmp.rename(path)
-        return
-    for f in path.iterdir():
-        if not CHECKPOINT_FILE.fullmatch(f.name) and not (tmp / f.name).exists():
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-    old = path.parent / f".{path.name}.old-{os.getpid()}"
-    path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old)
+def save_pretrained(model, path, *, max_shard_size="5GB", progress=False) -> None:
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
+    dtype = next(iter(state.values())).dtype
+    with atomic_dir(path, keep_user_files=True) as tmp:
+        config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        for name, t in progress_bar(state.items(), len(state), progress, "saving"):
+            writer.add(name, t.detach().cpu())
+        writer.close()

@@ -6,19 +6,18 @@ beside DST, config.json last, and renamed into place only when complete. Formats
 """
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Mapping
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from .checkpoint import (LAYOUTS, CheckpointError, checkpoint_name, parse_size, read_tensors, weight_files)
+from . import checkpoint
+from .checkpoint import (LAYOUTS, CheckpointError, ShardWriter, progress_bar, checkpoint_name, parse_size, read_tensors,
+                         weight_files)
 from .config import Config
 from .neox import expected_shapes, load_neox, neox_tensors, save_neox
 
@@ -191,71 +190,11 @@ class HFCheckpoint:
 
 
 # ----------------------------------------------------------------------------------------------------- writing
-@contextmanager
 def atomic_dir(dst: Path, force: bool = False):
-    """Yield an empty hidden directory beside dst; rename it to dst on success, delete it on any failure."""
-    dst = Path(dst)
-    if dst.exists() and not force:
+    """checkpoint.atomic_dir, refusing to replace an existing dst unless force."""
+    if Path(dst).exists() and not force:
         raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-            dst.rename(old)
-            tmp.rename(dst)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-class ShardWriter:
-    """Collects tensors into safetensors shards of at most max_bytes (a bigger tensor gets a shard of its own)."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending, self.size, self.parts, self.total = {}, 0, [], 0
-
-    def add(self, name: str, tensor: torch.Tensor):
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.pending and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self):
-        part = self.folder / f"part-{len(self.parts):05d}.tmp"
-        save_file(self.pending, part, metadata={"format": "pt"})
-        self.parts.append((part, list(self.pending)))
-        self.pending, self.size = {}, 0
-
-    def close(self) -> list[str]:
-        """Name the shards as transformers does and write the index; returns the file names."""
-        if self.pending or not self.parts:
-            self.flush()
-        n = len(self.parts)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for (part, _), name in zip(self.parts, names):
-            part.rename(self.folder / name)
-        if n > 1:
-            index = {"metadata": {"total_size": self.total},
-                     "weight_map": {k: name for (_, keys), name in zip(self.parts, names) for k in keys}}
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
-def _progress(items, total, enabled, desc):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, total=total, desc=desc, unit="tensor")
+    return checkpoint.atomic_dir(dst)
 
 
 def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_size="5GB", force=False,
@@ -269,7 +208,7 @@ def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_
     with atomic_dir(Path(dst), force) as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         stored = None
-        for name, tensor in _progress(tensors, total, progress, "converting"):
+        for name, tensor in progress_bar(tensors, total, progress, "converting"):
             tensor = tensor.to(dtype) if dtype is not None else tensor
             stored = stored or tensor.dtype
             writer.add(name, tensor)

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from tiny import FORMS, hf_model, save_checkpoint
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox import CheckpointError, GPTNeoX
-from gptneox.checkpoint import parse_size, shard
+from gptneox.checkpoint import ShardWriter, parse_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,14 +116,24 @@ def test_checkpoint_save_is_atomic(hf, tmp_path, monkeypatch):
     assert "tokenizer.json" in names and "model.safetensors" not in names
 
 
-def test_checkpoint_parse_size_and_shard():
+def test_checkpoint_parse_size_and_shard(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
     assert parse_size("1.5kb") == 1500
     with pytest.raises(ValueError, match="not a size"):
         parse_size("five gigs")
     state = {"a": torch.zeros(10), "b": torch.zeros(30), "c": torch.zeros(5)}  # 40, 120, 20 bytes
-    assert [list(s) for s in shard(state, 100)] == [["a"], ["b"], ["c"]]
-    assert [list(s) for s in shard(state, 1000)] == [["a", "b", "c"]]
+
+    def shard(max_bytes):
+        folder = tmp_path / str(max_bytes)
+        folder.mkdir()
+        writer = ShardWriter(folder, max_bytes)
+        for name, t in state.items():
+            writer.add(name, t)
+        names = writer.close()
+        return [list(safe_open(folder / name, "pt").keys()) for name in names], names
+
+    assert shard(100) == ([["a"], ["b"], ["c"]], [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)])
+    assert shard(1000) == ([["a", "b", "c"]], ["model.safetensors"])
 
 
 # ----------------------------------------------------------------------------------------------------- bad input

@@ -14,6 +14,7 @@ from tiny import FORMS, hf_model, hf_state_dict, save_checkpoint
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 from transformers import GPTNeoXForCausalLM
 
+import gptneox.checkpoint as checkpoint
 import gptneox.convert as convert
 from gptneox import GPTNeoX, Tokenizer
 from gptneox.checkpoint import CheckpointError
@@ -127,8 +128,8 @@ def test_convert_hf_failure_leaves_no_checkpoint(sources, tmp_path, monkeypatch)
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    real_save = convert.save_file
-    monkeypatch.setattr(convert, "save_file", failing_save)
+    real_save = checkpoint.save_file  # where the shard writer looks it up
+    monkeypatch.setattr(checkpoint, "save_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         convert_hf(sources["safetensors"], tmp_path / "out", max_shard_size="40KB")
     assert list(tmp_path.iterdir()) == []  # neither dst nor the hidden temporary directory
