@@ -7,7 +7,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from tiny import hf_model, hf_state_dict
-from tolerances import (FP32_GRAD_REL, FP32_LOGITS_REL, FP32_LOSS_ABS, assert_rel_close, assert_within_2x,
+from tolerances import (FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, assert_rel_close, assert_within_2x,
                         rel_err)
 
 from gptneox import Config, GPTNeoX, causal_lm_loss
@@ -91,9 +91,7 @@ def test_model_loss_and_gradients_match_hf():
     assert abs(loss.item() - hf_loss.item()) <= FP32_LOSS_ABS, (loss.item(), hf_loss.item())
     hf_loss.backward()
     loss.backward()
-    hf_grads = {("embed_out.weight" if k == "lm_head.weight" else k): p.grad for k, p in hf.named_parameters()}
-    for name, p in ours.named_parameters():
-        assert_rel_close(p.grad, hf_grads[name], FP32_GRAD_REL, f"grad {name}")
+    assert_grads_match_hf(ours, hf)
 
 
 def test_model_kv_cache_steps_equal_full_forward():

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from tiny import hf_config, hf_model, hf_state_dict
-from tolerances import FP32_GRAD_REL, FP32_LOGITS_REL, FP32_LOSS_ABS, assert_rel_close
+from tolerances import FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, assert_rel_close
 
 from gptneox.config import Config
 from gptneox.data import IGNORE_INDEX, DataError, count_targets
@@ -118,9 +118,7 @@ def test_train_step_matches_hf_loss_and_grads():
         assert abs(loss - causal_lm_loss(ours(input_ids), labels)) <= FP32_LOSS_ABS
     # ... which vs HF is a few fp32 ulps (~1e-6 at loss 4.8): the table's fp32 model-vs-HF row, relative
     assert_rel_close(loss, hf_loss.detach(), FP32_LOGITS_REL, "loss")
-    hf_grads = {n.replace("lm_head.", "embed_out."): p.grad for n, p in hf.named_parameters()}
-    for name, p in ours.named_parameters():
-        assert_rel_close(p.grad, hf_grads[name], FP32_GRAD_REL, name)
+    assert_grads_match_hf(ours, hf)
 
 
 def test_grad_checkpointing_gives_identical_gradients():

@@ -42,3 +42,10 @@ def assert_within_2x(x, base, ref, what=""):
     assert err <= HALF_FACTOR * base_err + slack, (
         f"{what}: max error {err:.3g} (mean {mean:.3g}) vs the fp32 reference exceeds "
         f"{HALF_FACTOR} x the reference implementation's own {base_err:.3g} + rounding {slack:.3g}")
+
+
+def assert_grads_match_hf(ours, hf):
+    """Every parameter's gradient within FP32_GRAD_REL of HF's (HF's lm_head is our embed_out)."""
+    hf_grads = {n.replace("lm_head.", "embed_out."): p.grad for n, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert_rel_close(p.grad, hf_grads[name], FP32_GRAD_REL, f"grad {name}")
