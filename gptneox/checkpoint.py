@@ -6,16 +6,15 @@ place, so a crash never leaves a half checkpoint that looks whole. Formats: ../s
 """
 
 import json
-import os
 import re
-import shutil
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from . import progress as progress_bars
+from .atomic import atomic_dir
 from .config import Config
 
 # (index file, single file) pairs, most preferred first: safetensors over pickles (spec 3.3)
@@ -24,7 +23,12 @@ LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_mode
 STALE_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
 CHECKPOINT_FILE = re.compile(r"(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?"
                              r"\.(safetensors|bin)(\.index\.json)?)$")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def is_user_file(name: str) -> bool:
+    """Whether an entry of a checkpoint directory is not the checkpoint itself (a tokenizer, notes, run files):
+    replacing the checkpoint keeps it."""
+    return not CHECKPOINT_FILE.fullmatch(name)
 
 
 class CheckpointError(ValueError):
@@ -98,7 +102,8 @@ def load_pretrained(cls, path, *, device=None, dtype=None, backend=None, progres
     if config.tie_word_embeddings:
         expected.pop("embed_out.weight")
     state = {}
-    for file, name, tensor in progress_bar(_stream(files), len(expected), progress):
+    for file, name, tensor in progress_bars.bar(_stream(files), total=len(expected), desc="loading", unit="tensor",
+                                                enabled=progress):
         ours = checkpoint_name(name)
         if ours is None or tensor.dtype in (torch.bool, torch.uint8):
             continue
@@ -130,13 +135,6 @@ def _stream(files):
     for file in files:
         for name, tensor in read_tensors(file):
             yield file, name, tensor
-
-
-def progress_bar(items, total, enabled, desc="loading"):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-    return tqdm(items, total=total, desc=desc, unit="tensor")
 
 
 # ------------------------------------------------------------------------------------------------------ writing
@@ -192,44 +190,18 @@ class ShardWriter:
         return names
 
 
-@contextmanager
-def atomic_dir(dst: Path, *, keep_user_files: bool = False):
-    """Yield an empty hidden directory beside dst; on success it replaces dst, on any failure it is deleted.
-
-    keep_user_files: carry over the files of an existing dst that are not checkpoint files (tokenizer, notes).
-    """
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if not dst.exists():
-            tmp.rename(dst)
-            return
-        if keep_user_files:
-            for f in dst.iterdir():
-                if not CHECKPOINT_FILE.fullmatch(f.name) and not (tmp / f.name).exists():
-                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-        tmp.rename(dst)
-        shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def save_pretrained(model, path, *, max_shard_size="5GB", progress=False) -> None:
+def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progress=False) -> None:
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
     dtype = next(iter(state.values())).dtype
-    with atomic_dir(path, keep_user_files=True) as tmp:
+    with atomic_dir(path, keep=is_user_file) as tmp:
         config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         writer = ShardWriter(tmp, parse_size(max_shard_size))
-        for name, t in progress_bar(state.items(), len(state), progress, "saving"):
+        for name, t in progress_bars.bar(state.items(), total=len(state), desc="saving", unit="tensor",
+                                         enabled=progress):
             writer.add(name, t.detach().cpu())
         writer.close()
+        if tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")

@@ -2,10 +2,13 @@
 
 Every tensor is read from an mmap, cast if asked, and written into the current output shard, which is flushed as
 soon as it is full: host memory stays near one output shard. The output is built in a hidden temporary directory
-beside DST, config.json last, and renamed into place only when complete. Formats: ../shared/docs/neox-spec.md 3, 6.
+beside DST, config.json last, and renamed into place only when complete (atomic.atomic_dir). A destination
+that overlaps the source is refused, and --force replaces only an earlier conversion's output (check_destination).
+Formats: docs/architecture.md, sections "Checkpoint files" and "gpt-neox checkpoints and tensor-parallel merging".
 """
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -15,14 +18,12 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from . import checkpoint
-from .checkpoint import (LAYOUTS, CheckpointError, ShardWriter, progress_bar, checkpoint_name, parse_size, read_tensors,
-                         weight_files)
+from . import atomic, cli
+from . import progress as progress_bars
+from .checkpoint import LAYOUTS, CheckpointError, ShardWriter, checkpoint_name, parse_size, read_tensors, weight_files
 from .config import Config
-from .neox import expected_shapes, load_neox, neox_tensors, save_neox
+from .neox import LAYER_FILE, MP_RANK_FILE, expected_shapes, load_neox, neox_tensors, save_neox
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
 SHARD_FILE = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
 # files besides the weights that a model directory needs: tokenizer, generation defaults, custom pipeline code (Dolly)
 COPIED_FILES = re.compile(r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|"
@@ -31,14 +32,14 @@ ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "max_position_embeddings", "hidden_act", "rotary_pct", "rotary_emb_base", "layer_norm_eps",
                "use_parallel_residual", "attention_bias", "tie_word_embeddings")
 LOGITS_MAX_PARAMS = 500_000_000  # --verify compares logits only below this size (it holds two models in RAM)
+# what write_hf puts in DST besides COPIED_FILES, and what save_neox puts there besides configs/model.yml
+HF_OUTPUT = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+NEOX_OUTPUT = (LAYER_FILE, MP_RANK_FILE)
 
 
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+def _dtype(dtype) -> torch.dtype | None:
+    """cli.parse_dtype's spellings (bf16, float16, ...) or a torch.dtype; None keeps the stored dtype."""
+    return None if dtype is None else cli.parse_dtype(dtype)
 
 
 def source_kind(path: Path) -> str:
@@ -189,14 +190,68 @@ class HFCheckpoint:
         self._handles.clear()
 
 
+# ------------------------------------------------------------------------------------------------ destinations
+def _refuse_overlap(src: Path, dst: Path):
+    """A dst that is, contains or lies inside src would delete or change the source it is converted from."""
+    src, dst = src.resolve(), dst.resolve()  # symlinks and relative parts, as the filesystem will see them
+    if dst == src:
+        raise ValueError(f"the destination {dst} is the source {src}; write the conversion somewhere else")
+    if dst in src.parents:
+        raise ValueError(f"the destination {dst} contains the source {src} (replacing it would delete the source); "
+                         "write the conversion somewhere else")
+    if src in dst.parents:
+        raise ValueError(f"the destination {dst} lies inside the source {src}; write the conversion somewhere else")
+
+
+def _foreign_entries(dst: Path, to: str) -> list[str]:
+    """The entries of dst that a conversion to `to` ("hf" or "neox") does not write, e.g. ["notes.txt", "runs/"]."""
+    foreign = []
+    for entry in sorted(dst.iterdir()):
+        if to == "neox" and entry.name == "configs" and entry.is_dir() and not entry.is_symlink():
+            inside = sorted(entry.iterdir())
+            foreign += [f"configs/{p.name}" for p in inside if not (p.name == "model.yml" and p.is_file())]
+            continue
+        names = NEOX_OUTPUT if to == "neox" else (HF_OUTPUT, COPIED_FILES)
+        if not (entry.is_file() and any(n.fullmatch(entry.name) for n in names)):
+            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def check_destination(dst, *, src=None, force=False, to="hf") -> Path:
+    """The destination rules, checked before anything is written; returns dst with symlinks resolved.
+
+    - a dst that is the source, contains it or lies inside it is refused, with or without force;
+    - an existing dst is refused without force, and with force unless all it holds is what a conversion to `to`
+      writes (an earlier conversion's output): never a user's other files.
+    What a killed conversion left beside dst is recovered first (atomic.recover_interrupted).
+    """
+    dst = Path(dst)
+    if src is not None:
+        _refuse_overlap(Path(src), dst)
+    dst = dst.resolve()
+    atomic.recover_interrupted(dst)
+    if not os.path.lexists(dst):
+        return dst
+    if not force:
+        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace an earlier conversion's "
+                              "output there")
+    if not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a directory; --force replaces only an earlier conversion's "
+                              "output")
+    foreign = _foreign_entries(dst, to)
+    if foreign:
+        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
+        raise FileExistsError(f"{dst} holds entries a conversion to {to} does not write ({shown}); --force replaces "
+                              "only an earlier conversion's output: move them away or choose another destination")
+    return dst
+
+
+def conversion_output(dst, *, force=False, to="hf"):
+    """atomic.atomic_dir(dst) after check_destination: yields the hidden directory to write the output into."""
+    return atomic.atomic_dir(check_destination(dst, force=force, to=to))
+
+
 # ----------------------------------------------------------------------------------------------------- writing
-def atomic_dir(dst: Path, force: bool = False):
-    """checkpoint.atomic_dir, refusing to replace an existing dst unless force."""
-    if Path(dst).exists() and not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
-    return checkpoint.atomic_dir(dst)
-
-
 def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_size="5GB", force=False,
              raw_config=None, copy_files=None, progress=False, check=None) -> dict:
     """Write (name, tensor) pairs as an HF safetensors checkpoint directory, atomically. Returns a summary.
@@ -204,11 +259,11 @@ def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_
     copy_files: {name in dst: file to copy}.
     check: called with the finished temporary directory before it is renamed to dst; returns more summary items.
     """
-    dtype = parse_dtype(dtype)
-    with atomic_dir(Path(dst), force) as tmp:
+    dtype = _dtype(dtype)
+    with conversion_output(dst, force=force, to="hf") as tmp:
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         stored = None
-        for name, tensor in progress_bar(tensors, total, progress, "converting"):
+        for name, tensor in progress_bars.bar(tensors, total=total, desc="converting", unit="tensor", enabled=progress):
             tensor = tensor.to(dtype) if dtype is not None else tensor
             stored = stored or tensor.dtype
             writer.add(name, tensor)
@@ -230,7 +285,7 @@ def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_
 # --------------------------------------------------------------------------------------------------- verifying
 def verify_tensors(expected, actual_get, dtype=None, count=None) -> int:
     """Check every (name, tensor) of expected (cast to dtype) equals actual_get(name) bit for bit; returns the count."""
-    dtype, n = parse_dtype(dtype), 0
+    dtype, n = _dtype(dtype), 0
     for name, ref in expected:
         ref = ref.to(dtype) if dtype is not None else ref
         got = actual_get(name)
@@ -246,7 +301,7 @@ def verify_tensors(expected, actual_get, dtype=None, count=None) -> int:
 
 def model_from_tensors(config: Config, tensors, dtype=None):
     from .model import GPTNeoX
-    dtype = parse_dtype(dtype)
+    dtype = _dtype(dtype)
     with torch.device("meta"):
         model = GPTNeoX(config)
     state = {name: (t.to(dtype) if dtype is not None else t) for name, t in tensors}
@@ -271,8 +326,7 @@ def verify_logits(ref_model, model, vocab_size: int) -> float:
 def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verify=False, progress=False,
                logits_max_params=LOGITS_MAX_PARAMS) -> dict:
     """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files)."""
-    src, dst = Path(src), Path(dst)
-    _refuse_same(src, dst)
+    src, dst = Path(src), check_destination(dst, src=src, force=force, to="hf")
     ckpt = HFCheckpoint(src)
     copy = {p.name: p for p in sorted(src.iterdir()) if p.is_file() and COPIED_FILES.fullmatch(p.name)}
     check = partial(_verify_hf_output, config=ckpt.config, source_tensors=ckpt.tensors, dtype=dtype,
@@ -289,8 +343,7 @@ def convert_neox(src, dst, *, config_files=None, tokenizer=None, trust_pickle=Fa
                  max_shard_size="5GB", force=False, verify=False, progress=False,
                  logits_max_params=LOGITS_MAX_PARAMS) -> dict:
     """A gpt-neox global_stepN directory (any TP degree, with or without pipeline files) -> HF safetensors."""
-    src, dst = Path(src), Path(dst)
-    _refuse_same(src, dst)
+    src, dst = Path(src), check_destination(dst, src=src, force=force, to="hf")
     ckpt, config, source = load_neox(src, config_files, trust_pickle=trust_pickle)
     total = len(expected_shapes(config))
     if tokenizer and not Path(tokenizer).is_file():
@@ -307,14 +360,13 @@ def convert_neox(src, dst, *, config_files=None, tokenizer=None, trust_pickle=Fa
 def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, force=False, verify=False,
                 progress=False, logits_max_params=LOGITS_MAX_PARAMS) -> dict:
     """An HF-layout checkpoint -> gpt-neox model-states files at tensor-parallel degree tp (+ configs/model.yml)."""
-    src, dst = Path(src), Path(dst)
-    _refuse_same(src, dst)
+    src, dst = Path(src), check_destination(dst, src=src, force=force, to="neox")
     ckpt = HFCheckpoint(src)
-    dtype = parse_dtype(dtype)
+    dtype = _dtype(dtype)
     lazy = _LazyTensors(ckpt, dtype)
     summary = {"tensors": len(ckpt.entries), "tp": tp, "layout": "layers" if pipe else "mp_rank"}
     try:
-        with atomic_dir(dst, force) as tmp:
+        with conversion_output(dst, force=force, to="neox") as tmp:
             save_neox(lazy, ckpt.config, tmp, tp=tp, pipe=pipe, legacy_names=legacy_names, progress=progress)
             if verify:  # before the rename: a failure leaves nothing behind
                 summary.update(_verify_neox_output(tmp, ckpt, lazy, dtype, logits_max_params))
@@ -371,8 +423,3 @@ def _verify_hf_output(dst, config, source_tensors, dtype, logits_max_params) -> 
     finally:
         out.close()
     return result
-
-
-def _refuse_same(src: Path, dst: Path):
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise ValueError(f"{dst}: the destination is the source; write the conversion somewhere else")

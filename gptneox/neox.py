@@ -1,11 +1,11 @@
 """GPT-NeoX native (DeepSpeed) checkpoints: read a global_stepN directory, merge its tensor-parallel ranks into HF
 tensors, and the reverse (split HF tensors into ranks and write them as gpt-neox does).
 
-Layouts (../shared/docs/neox-spec.md section 6.1):
+Layouts (docs/architecture.md, gpt-neox checkpoints and tensor-parallel merging):
     layer_{LL}-model_{RR}-model_states.pt   one plain state dict per pipeline layer LL per TP rank RR
     mp_rank_{RR}_model_states.pt            pipe-parallel-size 0: {"module": {"sequential.{LL}.{param}": tensor}}
 Pipeline layer LL: 0 embedding, 2 .. L+1 transformer layers, L+3 final norm, L+4 output head (untied only).
-Merge rules (section 6.2): column-parallel tensors concatenate on dim 0, row-parallel weights on dim 1, row-parallel
+Merge rules (same section): column-parallel tensors concatenate on dim 0, row-parallel weights on dim 1, row-parallel
 biases sum (parallel residual; each rank adds its full bias before one all-reduce), replicated LayerNorms average.
 Sums and means are taken in float64 and rounded once.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from . import progress as progress_bars
 from .checkpoint import CheckpointError
 from .config import Config
 
@@ -53,9 +54,17 @@ ACTIVATIONS = {"gelu": "gelu", "relu": "relu", "silu": "silu"}  # gpt-neox `acti
 
 
 # ------------------------------------------------------------------------------------------------- NeoX config
+def _yaml():
+    try:
+        import yaml  # optional dependency: only NeoX conversions need it
+    except ImportError:
+        raise RuntimeError("gpt-neox conversions read and write YAML configs: pip install pyyaml") from None
+    return yaml
+
+
 def read_neox_args(paths) -> tuple[dict, str]:
     """Merge gpt-neox YAML config files (later files win) into one dict with dashed keys, and a source label."""
-    import yaml  # optional dependency: only NeoX conversions need it
+    yaml = _yaml()
 
     args = {}
     for path in map(Path, paths):
@@ -153,7 +162,8 @@ def neox_args_from_config(config: Config, tp: int, pipe: bool, dtype: torch.dtyp
 
 # ---------------------------------------------------------------------------------------------- merge / split
 def merge(kind: str, parts: list[torch.Tensor], parallel_residual: bool) -> torch.Tensor:
-    """One HF tensor from its per-rank pieces (spec 6.2)."""
+    """One HF tensor from its per-rank pieces, by the rules of docs/architecture.md, "gpt-neox checkpoints and
+    tensor-parallel merging"."""
     if kind == "column":
         return torch.cat(parts, dim=0)
     if kind == "row":
@@ -363,7 +373,7 @@ def save_neox(tensors, config: Config, dst: Path, *, tp: int, pipe: bool = True,
     pipe: layer_XX-model_YY files (as every Pythia but 14m / 31m); else mp_rank_XX files with a "module" dict.
     Writes only model weights (no optimizer or DeepSpeed engine state) plus configs/model.yml.
     """
-    import yaml
+    yaml = _yaml()
 
     for what, n in (("num_attention_heads", config.num_attention_heads), ("intermediate_size",
                     config.intermediate_size), ("vocab_size", config.vocab_size)):
@@ -380,10 +390,8 @@ def save_neox(tensors, config: Config, dst: Path, *, tp: int, pipe: bool = True,
     rot = config.rotary_ndims
     modules = [{} for _ in range(tp)]
     dtype = tensors["gpt_neox.embed_in.weight"].dtype
-    if progress:
-        from tqdm import tqdm
-        plan = tqdm(plan, desc="writing", unit="layer")
-    for layer, keymap, prefix in plan:
+    for layer, keymap, prefix in progress_bars.bar(plan, total=len(plan), desc="writing", unit="layer",
+                                                   enabled=progress):
         ranks = [{} for _ in range(tp)]
         for key, entry in keymap.items():
             if entry is None:

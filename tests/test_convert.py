@@ -2,9 +2,14 @@
 one clear error per kind of bad input."""
 
 import json
+import os
+import re
 import runpy
 import shutil
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +21,7 @@ from transformers import GPTNeoXForCausalLM
 
 import gptneox.checkpoint as checkpoint
 import gptneox.convert as convert
-from gptneox import GPTNeoX, Tokenizer
+from gptneox import GPTNeoX, Tokenizer, cli
 from gptneox.checkpoint import CheckpointError
 from gptneox.convert import HFCheckpoint, convert_hf, source_kind
 
@@ -26,6 +31,11 @@ IDS = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(1))
 
 def output_tensors(path) -> dict:
     return dict(HFCheckpoint(path).tensors())
+
+
+def contents(folder: Path) -> dict:
+    """relative path -> bytes of every file under folder, and None for every directory."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +117,30 @@ def test_convert_hf_copies_tokenizer_files(sources, shared_data, tmp_path):
     assert Tokenizer.from_pretrained(tmp_path / "out").encode("Hello, I am") == [12092, 13, 309, 717]
 
 
-# ------------------------------------------------------------------------------------------------ atomic output
+# ------------------------------------------------------------------------------------- destinations, atomic output
 def test_convert_hf_never_overwrites_without_force(sources, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
-    (dst / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="already exists; pass --force"):
         convert_hf(sources["safetensors"], dst)
-    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
-    convert_hf(sources["safetensors"], dst, force=True)
-    assert (dst / "model.safetensors").exists() and not (dst / "keep.txt").exists()
+    assert list(dst.iterdir()) == []
+
+
+def test_convert_hf_force_replaces_only_an_earlier_conversion(sources, shared_data, tmp_path):
+    src = shutil.copytree(sources["safetensors"], tmp_path / "src")
+    shutil.copy(Path(shared_data) / "pythia-tokenizer.json", src / "tokenizer.json")
+    dst = tmp_path / "out"
+    convert_hf(src, dst, max_shard_size="40KB")  # config.json, shards + index, generation_config, tokenizer.json
+    convert_hf(src, dst, dtype="bf16", force=True)  # an earlier conversion's output: replaced
+    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
+                                                     "tokenizer.json"]  # the shards and index are gone
+    assert all(t.dtype == torch.bfloat16 for t in output_tensors(dst).values())
+    (dst / "notes.txt").write_text("mine")
+    (dst / "runs").mkdir()
+    before = contents(dst)
+    with pytest.raises(FileExistsError, match=r"holds entries a conversion to hf does not write \(notes.txt, runs/\)"):
+        convert_hf(src, dst, force=True)
+    assert contents(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
 def test_convert_hf_failure_leaves_no_checkpoint(sources, tmp_path, monkeypatch):
@@ -135,10 +159,48 @@ def test_convert_hf_failure_leaves_no_checkpoint(sources, tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []  # neither dst nor the hidden temporary directory
 
 
-def test_convert_hf_refuses_to_write_onto_its_source(sources, tmp_path):
-    src = shutil.copytree(sources["safetensors"], tmp_path / "src")
-    with pytest.raises(ValueError, match="destination is the source"):
-        convert_hf(src, src, force=True)
+OVERLAPS = {  # case -> (dst given relative to tmp_path, or a function of the source; the message)
+    "is the source": (lambda src: src, "is the source"),
+    "is the source, by a symlink": (lambda src: src.parent.parent / "link", "is the source"),
+    "contains the source": (lambda src: src.parent, "contains the source"),  # parent/src -> parent --force
+    "contains the source, relative": (lambda src: Path(".."), "contains the source"),  # run from inside src
+    "lies inside the source": (lambda src: src / "out", "lies inside the source"),
+}
+
+
+@pytest.mark.parametrize("case", OVERLAPS)
+def test_convert_hf_refuses_a_destination_overlapping_its_source(case, sources, tmp_path, monkeypatch, capsys):
+    src = Path(shutil.copytree(sources["safetensors"], tmp_path / "parent" / "src"))
+    (tmp_path / "parent" / "notes.txt").write_text("beside the source")
+    (tmp_path / "link").symlink_to(src)
+    monkeypatch.chdir(src)
+    dst, message = OVERLAPS[case]
+    before = contents(tmp_path)
+    with pytest.raises(ValueError, match=f"the destination {dst(src).resolve()} {message} {src}"):
+        convert_hf(src, dst(src), force=True)
+    assert _cli(monkeypatch, src, dst(src), "--force") == 1  # the command line: exit 1, nothing written
+    assert f"{message} {src}" in capsys.readouterr().err
+    assert contents(tmp_path) == before
+
+
+def test_convert_weights_killed_mid_write_leaves_the_old_output_and_the_next_run_cleans_up(sources, tmp_path,
+                                                                                            monkeypatch):
+    src, dst = sources["safetensors"], tmp_path / "out"
+    convert_hf(src, dst)
+    before = contents(dst)
+    killed = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, src, dst, "--force", "--max-shard-size", "40KB"],
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = tmp_path / f".out.tmp-{killed.pid}"
+    deadline = time.monotonic() + 60
+    while not (tmp / "part-00000.tmp").exists():  # the first shard is written: kill it mid-conversion
+        assert killed.poll() is None and time.monotonic() < deadline, "the slowed conversion never started writing"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert tmp.is_dir() and contents(dst) == before  # the stale temporary; the old output intact
+    assert _cli(monkeypatch, src, dst, "--force", "--dtype", "bf16") == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no hidden temporary left
+    assert all(t.dtype == torch.bfloat16 for t in output_tensors(dst).values())
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -229,6 +291,22 @@ def test_convert_hf_rejects_missing_tensor(sources, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
+# convert_weights.py with every shard write slowed down, so a test can kill it mid-conversion
+SLOW_WRITER = """
+import runpy, sys, time
+import gptneox.checkpoint
+save_file = gptneox.checkpoint.save_file
+def slow_save_file(*args, **kwargs):
+    save_file(*args, **kwargs)
+    time.sleep(60)
+gptneox.checkpoint.save_file = slow_save_file
+sys.argv[0] = "convert_weights.py"
+runpy.run_path("convert_weights.py", run_name="__main__")
+"""
+FLAGS = ("--to", "--dtype", "--max-shard-size", "--verify", "--force", "--tp", "--no-pipe", "--neox-config",
+         "--tokenizer", "--trust-pickle", "--logits-max-params", "--no-progress", "--quiet")
+
+
 def _cli(monkeypatch, *args):
     """Run convert_weights.py as a script, in this process (no second torch import); returns its exit code."""
     monkeypatch.setattr(sys, "argv", ["convert_weights.py", *map(str, args)])
@@ -239,13 +317,85 @@ def _cli(monkeypatch, *args):
     return 0
 
 
+def _script(*args):
+    """Run convert_weights.py as a user does: a new process, default environment."""
+    env = {k: v for k, v in os.environ.items() if k != "GPTNEOX_TRACEBACK"}
+    return subprocess.run([sys.executable, "convert_weights.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_convert_weights_default_flags_draw_a_bar_and_give_identical_logits(model, sources, tmp_path):
+    run = _script(sources["bin-sharded"], tmp_path / "out")
+    assert run.returncode == 0, run.stderr
+    assert "converting" in run.stderr and "28/28" in run.stderr  # tqdm's bar, on by default
+    assert "tensors 28" in run.stdout and "peak host memory" in run.stdout
+    with torch.no_grad():
+        expected = model(IDS).logits
+        hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32, attn_implementation="eager")
+        assert torch.equal(hf.eval()(IDS).logits, expected)
+        ours = GPTNeoX.from_pretrained(tmp_path / "out")(IDS)
+        assert torch.equal(ours, GPTNeoX.from_pretrained(sources["bin-sharded"])(IDS))
+    assert_rel_close(ours, expected, FP32_LOGITS_REL, "gptneox logits of the converted checkpoint")
+
+
+def test_convert_weights_exit_codes_usage_2_runtime_1_without_traceback(tmp_path):
+    usage = _script(tmp_path / "src", tmp_path / "out", "--tp", "2")
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: convert_weights.py")
+    assert usage.stderr.splitlines()[-1] == "convert_weights.py: error: --tp: only with --to neox"
+    runtime = _script(tmp_path / "missing", tmp_path / "out")
+    assert runtime.returncode == 1 and "Traceback" not in runtime.stderr
+    assert runtime.stderr == f"convert_weights.py: error: {tmp_path / 'missing'}: no such checkpoint directory\n"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--no-pipe",), "--no-pipe: only with --to neox"),
+    (("--to", "neox", "--max-shard-size", "1GB"), "--max-shard-size: not with --to neox"),
+    (("--logits-max-params", "10"), "--logits-max-params: only with --verify"),
+    (("--neox-config", "x.yml"), "--neox-config: only for a gpt-neox source, but .* is a Hugging Face checkpoint"),
+    (("--dtype", "int8"), "argument --dtype: invalid dtype 'int8'"),
+    (("--max-shard-size", "five gigs"), "argument --max-shard-size: .*not a size"),
+])
+def test_convert_weights_contradicting_flags_are_usage_errors(args, message, sources, tmp_path, monkeypatch, capsys):
+    assert _cli(monkeypatch, sources["bin"], tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: convert_weights.py") and re.search(f"convert_weights.py: error: {message}", err)
+    assert not (tmp_path / "out").exists()
+
+
 def test_convert_weights_cli_converts_verifies_and_reports_errors(sources, tmp_path, monkeypatch, capsys):
-    assert _cli(monkeypatch, sources["bin-sharded"], tmp_path / "out", "--dtype", "bf16", "--verify", "--quiet") == 0
-    out = capsys.readouterr().out
-    assert "verified_tensors 28" in out and "logits_max_abs_diff 0.0" in out and "peak host memory" in out
+    assert _cli(monkeypatch, sources["bin-sharded"], tmp_path / "out", "--dtype", "bfloat16", "--verify",
+                "--quiet") == 0
+    captured = capsys.readouterr()
+    assert "verified_tensors 28" in captured.out and "logits_max_abs_diff 0.0" in captured.out
+    assert "converting" not in captured.err  # --quiet: no bar
     assert all(t.dtype == torch.bfloat16 for t in output_tensors(tmp_path / "out").values())
-    code = _cli(monkeypatch, sources["bin"], tmp_path / "out", "--quiet")
-    assert isinstance(code, str) and code.startswith("error:") and "already exists; pass --force" in code
+    assert _cli(monkeypatch, sources["bin"], tmp_path / "out", "--no-progress") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("convert_weights.py: error: ") and "already exists; pass --force" in err
+    assert len(err.splitlines()) == 1
+
+
+def test_convert_weights_accepts_underscore_spellings(sources, tmp_path, monkeypatch, capsys):
+    assert _cli(monkeypatch, sources["safetensors"], tmp_path / "out", "--max_shard_size", "40KB", "--no_progress",
+                "--logits_max_params=0", "--verify", "--dtype", "fp16") == 0
+    out = capsys.readouterr().out
+    assert "verified_tensors 28" in out and "logits_max_abs_diff" not in out  # 0 params: tensors only
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+    assert all(t.dtype == torch.float16 for t in output_tensors(tmp_path / "out").values())
+
+
+def test_convert_weights_help_explains_every_flag(monkeypatch, capsys):
+    parsers = []
+    monkeypatch.setattr(cli, "run", lambda main, parser, argv=None: parsers.append(parser) or 0)
+    assert _cli(monkeypatch) == 0
+    actions = [a for a in parsers[0]._actions if a.dest != "help"]
+    assert all(a.help for a in actions), [a.dest for a in actions if not a.help]
+    assert {s for a in actions for s in a.option_strings} == set(FLAGS)  # dash spellings; underscores by alias
+    monkeypatch.undo()
+    assert _cli(monkeypatch, "--help") == 0
+    text = capsys.readouterr().out
+    assert all(flag in text for flag in FLAGS) and "an earlier conversion's output" in text
 
 
 def test_convert_hf_verify_catches_a_changed_tensor_and_leaves_no_output(sources, tmp_path, monkeypatch):

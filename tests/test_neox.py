@@ -2,7 +2,9 @@
 and one clear error per kind of bad NeoX input."""
 
 import json
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from transformers import GPTNeoXForCausalLM
 
 from gptneox import Tokenizer
 from gptneox.checkpoint import CheckpointError
-from gptneox.convert import HFCheckpoint, convert_neox, export_neox
+from gptneox.convert import HFCheckpoint, convert_hf, convert_neox, export_neox
 from gptneox.neox import config_from_neox, merge, read_neox_args, split
 
 IDS = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -185,6 +187,67 @@ def test_neox_export_casts_dtype_and_refuses_indivisible_tp(model, tmp_path):
     assert not (tmp_path / "neox8").exists()
     with pytest.raises(FileExistsError, match="--force"):
         export_neox(src, tmp_path / "neox", tp=2)
+
+
+# ------------------------------------------------------------------------------------------------ destinations
+def contents(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("direction", ["neox -> hf", "hf -> neox"])
+@pytest.mark.parametrize("where, message", [("parent", "contains the source"), ("inside", "lies inside the source"),
+                                            ("same", "is the source")])
+def test_neox_conversions_refuse_a_destination_overlapping_the_source(direction, where, message, model, tmp_path):
+    parent = tmp_path / "parent"
+    if direction == "neox -> hf":
+        src, convert = synthesize_neox(hf_state_dict(model), parent / "global_step0", tp=2), convert_neox
+    else:
+        src, convert = save_checkpoint(model, parent / "hf", "safetensors"), export_neox
+    (parent / "notes.txt").write_text("beside the source")
+    before = contents(tmp_path)
+    dst = {"parent": parent, "inside": src / "out", "same": src}[where]
+    with pytest.raises(ValueError, match=f"the destination {dst} {message} {src}"):
+        convert(src, dst, force=True)
+    assert contents(tmp_path) == before
+
+
+def test_neox_export_force_replaces_only_an_earlier_export(model, tmp_path):
+    src = save_checkpoint(model, tmp_path / "src", "safetensors")
+    dst = tmp_path / "neox"
+    export_neox(src, dst, tp=2)
+    export_neox(src, dst, tp=1, pipe=False, force=True)  # an earlier export: replaced
+    assert sorted(p.name for p in dst.iterdir()) == ["configs", "mp_rank_00_model_states.pt"]
+    (dst / "configs" / "mine.yml").write_text("{}")
+    (dst / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"training state")
+    before = contents(dst)
+    with pytest.raises(FileExistsError, match=r"does not write \(configs/mine.yml, zero_pp_rank_0_mp_rank_00_optim"):
+        export_neox(src, dst, tp=2, force=True)
+    assert contents(dst) == before
+    export_neox(src, tmp_path / "neox2", tp=1)
+    with pytest.raises(FileExistsError, match=r"conversion to hf does not write \(configs/, layer_00-model_00"):
+        convert_hf(src, tmp_path / "neox2", force=True)  # and an HF conversion never replaces gpt-neox files
+
+
+def _cli(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["convert_weights.py", *map(str, args)])
+    try:
+        runpy.run_path(str(Path(__file__).resolve().parents[1] / "convert_weights.py"), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def test_neox_command_line_round_trip_with_underscore_spellings(model, tmp_path, monkeypatch, capsys):
+    src = save_checkpoint(model, tmp_path / "src", "safetensors")
+    assert _cli(monkeypatch, src, tmp_path / "neox", "--to", "neox", "--tp", "2", "--no_pipe", "--verify") == 0
+    assert "writing: 100%" in capsys.readouterr().err  # the bar, on by default
+    (tmp_path / "neox" / "configs" / "model.yml").rename(tmp_path / "model.yml")
+    assert _cli(monkeypatch, tmp_path / "neox", tmp_path / "back", "--neox_config", tmp_path / "model.yml",
+                "--trust_pickle", "--quiet") == 0
+    assert_same_tensors(tmp_path / "back", hf_state_dict(model))
+    assert _cli(monkeypatch, tmp_path / "neox", tmp_path / "again", "--to", "neox") == 2  # a usage error
+    err = capsys.readouterr().err
+    assert err.startswith("usage:") and "--to neox needs a Hugging Face source" in err.splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------- bad NeoX input
