@@ -2,49 +2,55 @@
 
     python sample.py --ckpt dolly-v2-12b --prompt "Explain the difference between fission and fusion."
     python sample.py --ckpt pythia-1.4b --prompt "The capital of France is" --temperature 0
-    python sample.py --ckpt checkpoints/my-run --prompt_file prompts.txt     # one prompt per line, one batch
+    python sample.py --ckpt checkpoints/my-run --prompt-file prompts.txt     # one prompt per line, one batch
     python sample.py --ckpt dolly-v2-3b --interactive
 
 The generated text streams to stdout; load time, tokens/s, bandwidth and peak memory go to stderr. With a Dolly
 tokenizer (or --template dolly) each prompt is an instruction wrapped in Dolly's generation prompt, and the answer is
-what the model writes before "### End". Guide: docs/sampling.md.
+what the model writes before "### End". Exit status: 0 done, 2 a usage error, 1 a runtime error (a missing or corrupt
+checkpoint, no memory), 130 Ctrl-C. Guide: docs/sampling.md.
 """
 
-import argparse
 import resource
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
-from gptneox import Config, GPTNeoX, Tokenizer
+from gptneox import cli
+from gptneox.checkpoint import weight_files
+from gptneox.config import Config
 from gptneox.dolly import format_prompt
-from gptneox.generate import TextStream, check_sampling, completion_text, generate, generate_steps, stop_ids
+from gptneox.generation import GenerationConfig, Generator, stop_ids
 from gptneox.hub import resolve_checkpoint
+from gptneox.model import GPTNeoX
+from gptneox.streaming import completion_text
+from gptneox.tokenizer import Tokenizer
 
-# Dolly's InstructionTextGenerationPipeline defaults (databrickslabs/dolly training/generate.py, spec 7.3)
+# Dolly's InstructionTextGenerationPipeline defaults (docs/architecture.md, "Dolly v2")
 DOLLY_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=0.92, max_new_tokens=256)
 PLAIN_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, max_new_tokens=200)  # gpt-fast's / nanoGPT's
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit status 2."""
+UsageError = cli.UsageError
 
 
 # ------------------------------------------------------------------------------------------------------ setup
 def pick_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
-    return torch.device(device)
+    return dev
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """auto: bf16 on GPUs that have it (Dolly's own choice), else fp16 on GPU; fp32 on CPU (fast and exact there)."""
     if dtype != "auto":
-        return DTYPES[dtype]
+        return cli.parse_dtype(dtype)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
@@ -63,55 +69,51 @@ def free_bytes(device: torch.device) -> int | None:
 
 def check_fits(config: Config, dtype: torch.dtype, device: torch.device, batch: int, max_len: int, name: str):
     """Refuse, with the numbers, a model whose weights and KV cache exceed the device's free memory."""
-    size = torch.empty(0, dtype=dtype).element_size()
+    size = dtype.itemsize
     weights = config.num_parameters * size
     cache = 2 * config.num_hidden_layers * batch * max_len * config.hidden_size * size
     free = free_bytes(device)
     if free is not None and weights + cache > free:
         raise UsageError(f"{name} needs {weights / 1e9:.1f} GB for its weights in {str(dtype)[6:]} plus "
-                         f"{cache / 1e9:.2f} GB of KV cache, but {device} has {free / 1e9:.1f} GB free; try a smaller "
-                         "--dtype, fewer prompts or --max_new_tokens, or another --device")
+                         f"{cache / 1e9:.2f} GB of KV cache, but {device} has {free / 1e9:.1f} GB free; try a "
+                         "smaller --dtype, fewer prompts or --max-new-tokens, or another --device")
 
 
 def locate(ckpt: str, tokenizer_path: str | None):
-    """The checkpoint directory, its Config and the tokenizer, before any weight is read."""
+    """The checkpoint directory, its Config, weight files and tokenizer, before any weight is read."""
     try:
         path = resolve_checkpoint(ckpt)
-        config = Config.from_hf_config(path)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # --ckpt names nothing usable
         raise UsageError(str(e)) from None
-    tokenizer_file = tokenizer_path or path / "tokenizer.json"
-    try:
-        tokenizer = Tokenizer.from_pretrained(tokenizer_file)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"{e}; put tokenizer.json in the checkpoint directory or pass --tokenizer") from None
-    return path, config, tokenizer
+    config, files = Config.from_hf_config(path), weight_files(path)  # a broken checkpoint: one line, exit 1
+    tokenizer = Tokenizer.from_pretrained(tokenizer_path or path / "tokenizer.json")
+    return path, config, files, tokenizer
 
 
-def load_model(path, config: Config, name: str, device: torch.device, dtype: torch.dtype) -> GPTNeoX:
+def load_model(path, config: Config, device: torch.device, dtype: torch.dtype, progress: bool) -> GPTNeoX:
     try:
-        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=sys.stderr.isatty())
+        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=progress)
     except torch.OutOfMemoryError:
-        raise UsageError(f"{name} does not fit on {device} in {str(dtype)[6:]} "
-                         f"({config.num_parameters * dtype.itemsize / 1e9:.1f} GB of weights)") from None
+        raise MemoryError(f"{path} does not fit on {device} in {str(dtype)[6:]} "
+                          f"({config.num_parameters * dtype.itemsize / 1e9:.1f} GB of weights)") from None
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     if prompt is not None and prompt_file is not None:
-        raise UsageError("give --prompt or --prompt_file, not both")
+        raise UsageError("give --prompt or --prompt-file, not both")
     if prompt_file is not None:
         try:
             with open(prompt_file, encoding="utf-8") as f:
                 prompts = [line.rstrip("\n") for line in f if line.strip()]
         except OSError as e:
-            raise UsageError(f"--prompt_file {prompt_file}: {e.strerror}") from None
+            raise UsageError(f"--prompt-file {prompt_file}: {e.strerror}") from None
         if not prompts:
-            raise UsageError(f"--prompt_file {prompt_file}: no prompts (one per line, blank lines skipped)")
+            raise UsageError(f"--prompt-file {prompt_file}: no prompts (one per line, blank lines skipped)")
         return prompts
     if prompt is None:
         if sys.stdin.isatty():
-            raise UsageError("no prompt: give --prompt, --prompt_file, pipe text on stdin, or use --interactive")
+            raise UsageError("no prompt: give --prompt, --prompt-file, pipe text on stdin, or use --interactive")
         prompt = sys.stdin.read().rstrip("\n")  # the newline that echo and editors end a file with
     if not prompt.strip():
         raise UsageError("the prompt is empty")
@@ -128,61 +130,56 @@ def encode(tokenizer, text: str, context: str | None, template: str, window: int
     return ids
 
 
-def settings(args: dict, template: str, longest: int, window: int) -> dict:
-    """Sampling settings: the flags given, else Dolly's pipeline defaults (Dolly template) or PLAIN_DEFAULTS."""
+def generation_config(flags: dict, template: str, longest: int, window: int) -> GenerationConfig:
+    """The flags given, else Dolly's pipeline defaults (Dolly template) or PLAIN_DEFAULTS; validated."""
     defaults = DOLLY_DEFAULTS if template == "dolly" else PLAIN_DEFAULTS
-    s = {k: args[k] if args[k] is not None else v for k, v in defaults.items()}
-    s["repetition_penalty"] = args["repetition_penalty"]
+    chosen = {k: flags[k] if flags[k] is not None else v for k, v in defaults.items()}
     try:
-        check_sampling(**s)
+        config = GenerationConfig(**chosen, repetition_penalty=flags["repetition_penalty"], seed=flags["seed"],
+                                  stop_strings=flags["stop"])
     except ValueError as e:
-        raise UsageError(str(e).replace("max_new_tokens", "--max_new_tokens", 1)) from None
-    if longest + s["max_new_tokens"] > window:
+        raise UsageError(str(e)) from None
+    if longest + config.max_new_tokens > window:
         clipped = window - longest
-        print(f"note: --max_new_tokens {s['max_new_tokens']} clipped to {clipped}: the longest prompt is {longest} "
+        print(f"note: --max-new-tokens {config.max_new_tokens} clipped to {clipped}: the longest prompt is {longest} "
               f"tokens and the context window {window}", file=sys.stderr)
-        s["max_new_tokens"] = clipped
-    return s
+        config = replace(config, max_new_tokens=clipped)
+    return config
 
 
 # ------------------------------------------------------------------------------------------------------ running
-def run_one(model, tokenizer, ids, gen: dict, strip: bool) -> int:
-    """Stream one completion to stdout; returns the number of tokens generated. strip: drop leading and trailing
-    whitespace as Dolly's pipeline does (trailing whitespace is held back until more text follows it)."""
-    text = TextStream(tokenizer, stop_ids(model, gen.get("eos_token_id"), tokenizer), gen.get("stop_strings", ()))
-    started, pending, state = not strip, "", None
-
-    def emit(piece):
-        nonlocal started, pending
+def dolly_strip(pieces):
+    """Streamed pieces without the answer's leading and trailing whitespace (Dolly's pipeline strips its response);
+    trailing whitespace is held back until more text follows it."""
+    started, pending = False, ""
+    for piece in pieces:
         if not started:
             piece = piece.lstrip()
             started = bool(piece)
-        if strip:
-            piece = pending + piece
-            pending = piece[len(piece.rstrip()):]
-            piece = piece[:len(piece) - len(pending)]
+        piece = pending + piece
+        pending = piece[len(piece.rstrip()):]
+        if piece[:len(piece) - len(pending)]:
+            yield piece[:len(piece) - len(pending)]
+
+
+def run_one(gen: Generator, tokenizer, ids, config: GenerationConfig, strip: bool) -> None:
+    """Stream one completion to stdout; strip: the Dolly template's answer, stripped as Dolly's pipeline does."""
+    pieces = gen.stream(tokenizer, ids, config)
+    for piece in dolly_strip(pieces) if strip else pieces:
         print(piece, end="", flush=True)
-
-    for state in generate_steps(model, [ids], tokenizer=tokenizer, **gen):
-        emit(text.update(state.tokens[0, :state.n].tolist(), final=bool(state.done[0])))
-    emit(text.update(state.tokens[0, :state.n].tolist(), final=True))
     print(flush=True)
-    return state.n
 
 
-def run_batch(model, tokenizer, prompts: list[list[int]], gen: dict, strip: bool) -> int:
-    """Generate all prompts as one left-padded batch, then print each completion; returns the tokens generated."""
-    tokens = generate(model, prompts, tokenizer=tokenizer, **gen)
-    ends = stop_ids(model, gen.get("eos_token_id"), tokenizer)
-    count = 0
+def run_batch(gen: Generator, tokenizer, prompts: list[list[int]], config: GenerationConfig, strip: bool) -> None:
+    """Generate all prompts as one left-padded batch, then print each completion."""
+    tokens = gen.generate(prompts, config, tokenizer=tokenizer)
+    ends = stop_ids(gen.model, config.eos_token_id, tokenizer)
     for i, row in enumerate(tokens.tolist()):
-        text = completion_text(tokenizer, row, ends, gen.get("stop_strings", ()))
+        text = completion_text(tokenizer, row, ends, config.stop_strings)
         print(f"--- sample {i + 1} of {len(prompts)} ---\n{text.strip() if strip else text}", flush=True)
-        count += next((j + 1 for j, t in enumerate(row) if t in ends), len(row))
-    return count
 
 
-def interact(model, tokenizer, template, context, gen, window) -> None:
+def interact(gen: Generator, tokenizer, template, context, config: GenerationConfig, window) -> None:
     """A read-answer loop on stdin; each turn is independent (Dolly is an instruction model, not a chat model)."""
     print("Type an instruction and press Enter; Ctrl-D or Ctrl-C to quit.", file=sys.stderr)
     while True:
@@ -198,11 +195,11 @@ def interact(model, tokenizer, template, context, gen, window) -> None:
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr)
             continue
-        run_one(model, tokenizer, ids, {**gen, "max_new_tokens": min(gen["max_new_tokens"], window - len(ids))},
-                strip=template == "dolly")
+        turn = replace(config, max_new_tokens=min(config.max_new_tokens, window - len(ids)))
+        run_one(gen, tokenizer, ids, turn, strip=template == "dolly")
 
 
-def report(model, device, load_s, gen_s, new_tokens, batch):
+def report(model, files, device, load_s, gen_s, new_tokens, batch):
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_in" not in n)
     steps = new_tokens / max(batch, 1)
     rate = new_tokens / gen_s if gen_s > 0 else float("nan")
@@ -210,78 +207,79 @@ def report(model, device, load_s, gen_s, new_tokens, batch):
         peak = f"{torch.cuda.max_memory_allocated(device) / 1e9:.2f} GB on {device}"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
-    print(f"load {load_s:.1f} s | {new_tokens} tokens in {gen_s:.2f} s: {rate:.1f} tokens/s, "
+    source = files[0].name if len(files) == 1 else f"{len(files)} shards of {files[0].suffix}"
+    print(f"load {load_s:.1f} s ({source}) | {new_tokens} tokens in {gen_s:.2f} s: {rate:.1f} tokens/s, "
           f"{weights * steps / gen_s / 1e9 if gen_s > 0 else 0:.1f} GB/s of weights | peak memory {peak}",
           file=sys.stderr)
 
 
 def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=None, temperature=None, top_k=None,
          top_p=None, repetition_penalty=None, seed=None, num_samples=1, device="auto", dtype="auto",
-         template="auto", stop=None, tokenizer=None, compile=False, interactive=False) -> int:
-    args = dict(locals())
+         template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True) -> int:
+    flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
     # setup
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if num_samples < 1:
-        raise UsageError(f"--num_samples must be at least 1, got {num_samples}")
-    path, config, tok = locate(ckpt, tokenizer)
+        raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    path, config, files, tok = locate(ckpt, tokenizer)
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
     if context is not None and template != "dolly":
         raise UsageError("--context is Dolly's Input: block; it needs --template dolly (or a Dolly checkpoint)")
-    gen = dict(seed=seed, compile=compile, stop_strings=list(stop or []))
     if template == "dolly" and tok.end_key_id is None:  # Dolly's format on a tokenizer without its special tokens
-        gen["stop_strings"].append("### End")
+        flags["stop"].append("### End")
     # data
     prompts = [] if interactive else read_prompts(prompt, prompt_file)
     ids = [encode(tok, p, context, template, window, i) for i, p in enumerate(prompts) for _ in range(num_samples)]
-    gen.update(settings(args, template, max(map(len, ids), default=1), window))
+    gen_config = generation_config(flags, template, max(map(len, ids), default=1), window)
     # model
-    max_len = window if compile or interactive else max(map(len, ids)) + gen["max_new_tokens"]
+    max_len = window if compile or interactive else max(map(len, ids)) + gen_config.max_new_tokens
     check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt)
     t0 = time.perf_counter()
-    model = load_model(path, config, ckpt, dev, torch_dtype)
-    load_s = time.perf_counter() - t0
+    model = load_model(path, config, dev, torch_dtype, progress)
+    load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile)
     if interactive:
         try:
-            interact(model, tok, template, context, gen, window)
+            interact(gen, tok, template, context, gen_config, window)
         except KeyboardInterrupt:
             print(file=sys.stderr)
         return 0
     # generate
     t0 = time.perf_counter()
-    if len(ids) == 1:
-        n = run_one(model, tok, ids[0], gen, strip=template == "dolly")
-    else:
-        n = run_batch(model, tok, ids, gen, strip=template == "dolly")
+    (run_one if len(ids) == 1 else run_batch)(gen, tok, ids[0] if len(ids) == 1 else ids, gen_config,
+                                              strip=template == "dolly")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    report(model, dev, load_s, time.perf_counter() - t0, n, len(ids))
+    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids))
     return 0
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(__doc__, prog="sample.py")
     p.add_argument("--ckpt", required=True, help="checkpoint directory, or a model name: dolly-v2-12b, "
                    "databricks/dolly-v2-3b, pythia-1.4b, EleutherAI/pythia-160m-deduped, pythia-410m@step3000 "
                    "(looked up in ./checkpoints, $GPTNEOX_HOME and the Hugging Face cache, else downloaded)")
     p.add_argument("--prompt", help="the prompt (with the Dolly template: the instruction); default: read stdin")
-    p.add_argument("--prompt_file", "--prompt-file", help="a file of prompts, one per line, generated as one batch")
+    p.add_argument("--prompt-file", help="a file of prompts, one per line, generated as one batch")
     p.add_argument("--context", help="text for Dolly's 'Input:' block (the material the instruction refers to)")
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, help="tokens to generate at most "
+    p.add_argument("--max-new-tokens", type=cli.positive_int, help="tokens to generate at most "
                    "(default: 256 with the Dolly template, else 200); clipped to the context window")
     p.add_argument("--temperature", type=float, help="softmax temperature; 0 = greedy (default: 1.0 Dolly, else 0.8)")
-    p.add_argument("--top_k", "--top-k", type=int, help="sample among the k most likely tokens; 0 = off "
+    p.add_argument("--top-k", type=cli.non_negative_int, help="sample among the k most likely tokens; 0 = off "
                    "(default: 0 Dolly, else 200)")
-    p.add_argument("--top_p", "--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off "
-                   "(default: 0.92 Dolly, else off)")
-    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float,
+    p.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1]; 1 = off (default: 0.92 Dolly, "
+                   "else off)")
+    p.add_argument("--repetition-penalty", type=float,
                    help="divide the logits of tokens already present by this (> 1 discourages repeats; default off)")
     p.add_argument("--seed", type=int, help="random seed for sampling, for reproducible output")
-    p.add_argument("--num_samples", "--num-samples", type=int, default=1, help="completions per prompt (default 1)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights and activations dtype (default: bfloat16 on GPUs that have it, float32 on CPU)")
+    p.add_argument("--num-samples", type=cli.positive_int, default=1, help="completions per prompt (default 1)")
+    p.add_argument("--device", type=cli.device_arg, default="auto",
+                   help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",)), default="auto",
+                   help="weights and activations: bf16, fp16, fp32 (or bfloat16, float16, float32); auto (default): "
+                   "bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU")
     p.add_argument("--template", default="auto", choices=["auto", "dolly", "none"],
                    help="dolly: wrap each prompt in Dolly's instruction prompt and print the response; none: raw "
                    "text continuation; auto (default): dolly when the tokenizer has Dolly's special tokens")
@@ -290,16 +288,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on GPU); compiles once, on the first token")
     p.add_argument("--interactive", action="store_true", help="a read-answer loop: type a prompt, get the answer")
-    return p.parse_args(argv)
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar while the checkpoint loads")
+    return p
 
 
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        sys.exit(main(**vars(args)))
-    except UsageError as e:
-        print(f"sample.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(130)
+    sys.exit(cli.run(main, build_parser()))

@@ -73,6 +73,12 @@ class Config:
         block = attn + 2 * C * I + I + C + 4 * C  # + two LayerNorms
         return V * C * (1 if self.tie_word_embeddings else 2) + L * block + 2 * C
 
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs (forward + backward) per token at sequence length seq_len: 6 N + 6 L C T, where N excludes
+        the input embedding, a lookup (PaLM appendix B; nanoGPT's estimate_mfu; docs/performance.md)."""
+        n = self.num_parameters - self.vocab_size * self.hidden_size
+        return 6 * n + 6 * self.num_hidden_layers * self.hidden_size * seq_len
+
     # ----------------------------------------------------------------------------------------------- presets
     @classmethod
     def from_name(cls, name: str, **overrides) -> "Config":

@@ -2,7 +2,8 @@
 
 Parameter names are the checkpoints' own (gpt_neox.layers.N.attention.query_key_value.weight, embed_out.weight),
 so a Pythia or Dolly file loads with no per-tensor transformation. Notation: B batch, T tokens, C hidden_size,
-nh heads, hs head size, rot rotary dims, S keys seen by attention. Facts: ../shared/docs/neox-spec.md section 4.
+nh heads, hs head size, S keys seen by attention. How each backend computes rotary and attention is ops.py's
+business. Facts: docs/architecture.md, "Forward pass".
 """
 
 import math
@@ -10,10 +11,10 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
+from . import ops
 from .config import Config
-from .ops import (ACT2FN, BACKENDS, apply_rotary, attention, causal_mask, default_backend, rotary_cos_sin,
-                  split_rotary, triton_available)
 
 
 class KVCache(nn.Module):
@@ -23,6 +24,10 @@ class KVCache(nn.Module):
         super().__init__()
         self.register_buffer("k_cache", torch.zeros(B, nh, max_len, hs, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(B, nh, max_len, hs, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.k_cache.shape[2]
 
     def update(self, input_pos, k, v):  # input_pos [T]; k, v [B, nh, T, hs] -> the whole cache [B, nh, max_len, hs]
         self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
@@ -37,21 +42,15 @@ class CausalSelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, rope, mask, backend, cache=None, input_pos=None, probs=None):
+    def forward(self, x, rope, mask, cache=None, input_pos=None, probs=None):
         B, T, C = x.shape
-        nh, hs = self.config.num_attention_heads, self.config.head_size
-        qkv = self.query_key_value(x)  # [B, T, nh * 3 * hs], per head [q | k | v], not [Q | K | V] (spec 4.2)
-        if backend == "triton":  # one kernel: split, rotate, and write k, v into the cache
-            q, k, v = split_rotary(qkv, nh, rope, cache, input_pos)  # q [B, nh, T, hs]; k, v [B, nh, S, hs]
-        else:
-            q, k, v = qkv.view(B, T, nh, 3 * hs).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # first rot dims rotated in fp32
-            if cache is not None:
-                k, v = cache.update(input_pos, k, v)  # [B, nh, S = max_len, hs]
+        qkv = self.query_key_value(x)  # [B, T, nh * 3 * hs], per head [q | k | v]
+        q, k, v = ops.qkv_rotary(qkv, self.config.num_attention_heads, rope, cache, input_pos)  # k, v [B, nh, S, hs]
         p = self.config.attention_dropout if self.training else 0.0
-        y = attention(q, k, v, mask, backend=backend, dropout_p=p, return_probs=probs is not None)
-        if probs is not None:
-            y, attn_probs = y
+        if probs is None:
+            y = ops.attention(q, k, v, mask, dropout_p=p)  # [B, nh, T, hs]
+        else:
+            y, attn_probs = ops.attention(q, k, v, mask, dropout_p=p, return_probs=True)
             probs.append(attn_probs)  # [B, nh, T, S]
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side: feature h * hs + i
         return self.dense(y)
@@ -62,7 +61,7 @@ class MLP(nn.Module):
         super().__init__()
         self.dense_h_to_4h = nn.Linear(config.hidden_size, config.intermediate_size)
         self.dense_4h_to_h = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.act = ACT2FN[config.hidden_act]
+        self.act = ops.ACT2FN[config.hidden_act]
 
     def forward(self, x):
         return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
@@ -86,8 +85,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x, rope, mask, backend, cache=None, input_pos=None, probs=None):
-        a = self.dropout(self.attention(self.input_layernorm(x), rope, mask, backend, cache, input_pos, probs))
+    def forward(self, x, rope, mask, cache=None, input_pos=None, probs=None):
+        a = self.dropout(self.attention(self.input_layernorm(x), rope, mask, cache, input_pos, probs))
         if self.parallel:
             return self.dropout(self.mlp(self.post_attention_layernorm(x))) + a + x
         a = a + x
@@ -95,10 +94,14 @@ class Block(nn.Module):
 
 
 class GPTNeoX(nn.Module):
-    def __init__(self, config: Config, backend: str | None = None):
+    """backend: "eager", "sdpa" or "triton" (ops.py); None picks ops.default_backend on every forward.
+    gradient_checkpointing: in training, recompute each block's activations in backward instead of storing them."""
+
+    def __init__(self, config: Config, backend: str | None = None, *, gradient_checkpointing: bool = False):
         super().__init__()
         self.config = config
         self.backend = backend
+        self.gradient_checkpointing = gradient_checkpointing
         self.gpt_neox = nn.ModuleDict(dict(
             embed_in=nn.Embedding(config.vocab_size, config.hidden_size),
             emb_dropout=nn.Dropout(config.hidden_dropout),
@@ -111,15 +114,13 @@ class GPTNeoX(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The attention backend; by default "triton" on CUDA when Triton is installed, else "sdpa"."""
-        return self._backend or default_backend(self.embed_out.weight.device)
+        """The attention backend: the one set, else "triton" for half precision on CUDA and "sdpa" otherwise."""
+        w = self.embed_out.weight
+        return self._backend or ops.default_backend(w.device, w.dtype)
 
     @backend.setter
     def backend(self, name: str | None):
-        if name is not None and name not in BACKENDS:
-            raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
-        if name == "triton" and not triton_available():
-            raise ValueError("backend='triton' needs the triton package (pip install triton, Linux)")
+        ops.check_backend(name)
         self._backend = name
 
     def forward(self, input_ids, *, position_ids=None, attention_mask=None, cache=None, input_pos=None,
@@ -134,47 +135,22 @@ class GPTNeoX(nn.Module):
         return_attentions: also return the fp32 attention probabilities of every layer (backend "eager").
         """
         B, T = input_ids.shape
-        device = input_ids.device
-        if input_pos is None:
-            input_pos = torch.arange(T, device=device)
-        if position_ids is None:
-            position_ids = input_pos
-        probs = [] if return_attentions else None
+        c = self.config
+        input_pos = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
         backend = "eager" if return_attentions else self.backend
-        rot, base = self.config.rotary_ndims, self.config.rotary_emb_base
-        if backend == "triton":  # the kernels take integer positions and a per-row mask, not tables (ops.py)
-            rope = (position_ids, rot, base)
-            S = cache[0].k_cache.shape[2] if cache else T
-            mask = None if cache is None and attention_mask is None else causal_mask(input_pos, attention_mask, B, S)
-        else:
-            rope = rotary_cos_sin(position_ids, rot, base)
-            mask = self._mask(input_pos, attention_mask, cache)
+        rope = ops.Rotary(input_pos if position_ids is None else position_ids, c.rotary_ndims, c.rotary_emb_base,
+                          backend)
+        mask = ops.Mask(input_pos, attention_mask, B, cache[0].max_len if cache else T, backend)
+        probs = [] if return_attentions else None
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(input_ids))  # [B, T, C]
         for i, block in enumerate(self.gpt_neox.layers):
-            x = block(x, rope, mask, backend, cache[i] if cache else None, input_pos, probs)
+            args = (x, rope, mask, cache[i] if cache else None, input_pos, probs)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # [B, logits_to_keep, C]
         logits = self.embed_out(self.gpt_neox.final_layer_norm(x))  # [B, T, vocab_size]
         return (logits, probs) if return_attentions else logits
-
-    @staticmethod
-    def _mask(input_pos, attention_mask, cache):
-        """bool [B or 1, 1, T, S]: key j is visible to query i iff j <= input_pos[i] and key j is not padding.
-
-        A padding query would see no key at all (NaN in softmax), so every query also sees its own slot.
-        None (plain causal, the fast path) when there is neither a cache nor padding.
-        """
-        if cache is None and attention_mask is None:
-            return None
-        S = cache[0].k_cache.shape[2] if cache else input_pos.shape[0]
-        slots = torch.arange(S, device=input_pos.device)  # [S]
-        causal = slots[None, :] <= input_pos[:, None]  # [T, S]
-        if attention_mask is None:
-            return causal[None, None]  # [1, 1, T, S]
-        if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, attention sees {S}")
-        own = slots[None, :] == input_pos[:, None]  # [T, S]
-        return (causal & attention_mask.bool()[:, None, None, :]) | own  # [B, 1, T, S]
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype=None, device=None) -> list[KVCache]:
         """One empty KVCache per layer, [B, nh, max_len, hs], in the model's dtype and device by default."""
@@ -203,6 +179,22 @@ class GPTNeoX(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def resize_token_embeddings(self, n: int) -> None:
+        """HF's resize_token_embeddings(n), in place: rows past n are cut (Pythia's padded 50304 -> Dolly's 50280),
+        new rows start at the mean of the old ones (HF's mean_resizing); config.vocab_size follows."""
+        old = self.config.vocab_size
+        if n == old:
+            return
+        for module in (self.gpt_neox.embed_in, self.embed_out):
+            w = module.weight  # [old, C]
+            w = w[:n] if n < old else torch.cat([w, w.mean(0, keepdim=True).expand(n - old, -1)])
+            module.weight = nn.Parameter(w.clone())
+        self.gpt_neox.embed_in.num_embeddings = self.embed_out.out_features = n
+        self.config = self.config.replace(vocab_size=n)
+        if self.config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
+
     @classmethod
     def from_pretrained(cls, path, *, device=None, dtype=None, backend=None, progress=False) -> "GPTNeoX":
         """Load an HF-layout checkpoint directory (safetensors or .bin, single or sharded); see checkpoint.py."""
@@ -210,17 +202,19 @@ class GPTNeoX(nn.Module):
         return load_pretrained(cls, path, device=device, dtype=dtype, backend=backend, progress=progress)
 
     def generate(self, input_ids, **kwargs):
-        """Generated token ids for prompts input_ids; the options are gptneox.generate.generate's."""
-        from .generate import generate
+        """Generated token ids for prompts input_ids; the options are gptneox.generation.generate's."""
+        from .generation import generate
         return generate(self, input_ids, **kwargs)
 
-    def save_pretrained(self, path, *, max_shard_size="5GB", progress=False) -> None:
-        """Write config.json and safetensors (+ index when sharded) that transformers loads; atomic."""
+    def save_pretrained(self, path, *, max_shard_size="5GB", tokenizer=None, progress=False) -> None:
+        """Write config.json and safetensors (+ index when sharded) that transformers loads, and tokenizer.json if a
+        Tokenizer is given; atomic: the directory is replaced whole, a user's other files in it are kept."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_size=max_shard_size, progress=progress)
+        save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer, progress=progress)
 
 
-def causal_lm_loss(logits, labels, ignore_index=-100):
-    """HF's causal LM loss: predict labels[:, t+1] from logits[:, t], fp32 cross-entropy, mean over kept tokens."""
+def causal_lm_loss(logits, labels, ignore_index=-100, reduction="mean"):
+    """HF's causal LM loss: predict labels[:, t+1] from logits[:, t], fp32 cross-entropy over the kept tokens,
+    their mean (HF) or, with reduction="sum", their sum (to normalise a batch split into micro-batches)."""
     logits = logits[:, :-1].float().flatten(0, 1)  # [B * (T-1), vocab]
-    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=ignore_index)
+    return F.cross_entropy(logits, labels[:, 1:].flatten(), ignore_index=ignore_index, reduction=reduction)

@@ -1,20 +1,82 @@
-"""The seam between the model and its speedups: rotary embedding, attention and activations, torch path.
+"""The seam between the model and its speedups: rotary embedding, attention and activations.
 
-Everything here is the reference that tests and benchmarks import. Shapes: B batch, nh heads, T queries,
-S keys, hs head size, rot rotary dims. Facts: ../shared/docs/neox-spec.md sections 4 and 5.
+The model calls two functions here and knows nothing of how they run:
+    qkv_rotary(qkv, nh, rope, cache, input_pos) -> q, k, v   the fused projection split per head, q and k rotated,
+                                                             this forward's keys and values written into the cache
+    attention(q, k, v, mask) -> y                            causal attention under the forward's Mask
+Both run the torch path written out below (the reference every kernel is tested against) or, for backend "triton",
+our kernels (gptneox.kernels, imported on first use). A forward describes its tokens once, in a Rotary and a Mask,
+which every layer shares. Shapes: B batch, nh heads, T queries, S keys, hs head size, rot rotary dims.
+Facts: docs/architecture.md, "Forward pass" and "Half precision".
 """
 
 import importlib.util
 import math
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("eager", "sdpa", "triton")
 DECODE_MAX_T = 16  # triton: at most this many queries with no grad use the split-over-cache decode kernel
+
+
+# ---------------------------------------------------------------------------------------------------- backends
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def compiling() -> bool:
+    """Inside torch.compile, backend "triton" runs the torch path: Inductor writes its own Triton kernels, and ours
+    (plain launchers, a mask check that syncs) would break a fullgraph trace."""
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
+    return bool(is_compiling and is_compiling())
+
+
+def check_backend(name: str | None) -> None:
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
+    if name == "triton" and not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux)")
+
+
+def default_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """"triton" for fp16 / bf16 activations (autocast's dtype when it is on) on CUDA with Triton installed, else
+    "sdpa". fp32 stays on SDPA: our exact-fp32 kernels are no faster there and take tens of seconds each to compile."""
+    device = torch.device(device)
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    fast = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    return "triton" if fast and triton_available() else "sdpa"
+
+
+def kernels():
+    """gptneox.kernels (the Triton kernels), imported on first use.
+
+    Installed, the repository's kernels/ folder is the package gptneox.kernels (setup.py package_dir); from an
+    uninstalled checkout it is loaded from ../kernels under that same name, so its relative imports work.
+    """
+    if "gptneox.kernels" in sys.modules:
+        return sys.modules["gptneox.kernels"]
+    if not triton_available():
+        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux); "
+                         "use backend='sdpa' or 'eager'")
+    if importlib.util.find_spec("gptneox.kernels") is None:  # uninstalled checkout: the top-level kernels/ folder
+        init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
+        if not init.is_file():
+            raise ValueError(f"backend='triton': the Triton kernels are not installed and {init} does not exist")
+        spec = importlib.util.spec_from_file_location("gptneox.kernels", init,
+                                                      submodule_search_locations=[str(init.parent)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gptneox.kernels"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules["gptneox.kernels"]
+            raise
+        return module
+    return importlib.import_module("gptneox.kernels")
 
 
 # ------------------------------------------------------------------------------------------------------ rotary
@@ -48,151 +110,143 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x_rot.to(x.dtype), x_pass), dim=-1)  # [B, nh, T, hs]
 
 
-# ------------------------------------------------------------------------------------------------ triton seam
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+class Rotary:
+    """The rotary embedding of one forward's tokens, shared by every layer: integer positions [B, T] or [T] (what
+    the fused kernel takes), and for the torch path the fp32 cos / sin tables, computed once here."""
+
+    def __init__(self, position_ids: torch.Tensor, rot: int, base: float, backend: str):
+        self.position_ids, self.rot, self.base = position_ids, rot, base
+        self.fused = backend == "triton" and not compiling()
+        self.cos, self.sin = (None, None) if self.fused else rotary_cos_sin(position_ids, rot, base)
 
 
-def compiling() -> bool:
-    """Inside torch.compile, backend "triton" runs the torch path: Inductor writes its own Triton kernels, and ours
-    (plain launchers, a mask check that syncs) would break a fullgraph trace."""
-    is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
-    return bool(is_compiling and is_compiling())
+def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, input_pos=None):
+    """q, k, v [B, nh, T, hs] from the fused projection qkv [B, T, nh * 3 * hs], q and k rotated.
 
-
-def default_backend(device: torch.device) -> str:
-    """"triton" on CUDA when Triton is installed, else "sdpa"."""
-    return "triton" if torch.device(device).type == "cuda" and triton_available() else "sdpa"
-
-
-def kernels():
-    """gptneox.kernels (the Triton kernels), imported on first use.
-
-    Installed, the repository's kernels/ folder is the package gptneox.kernels (setup.py package_dir); from an
-    uninstalled checkout it is loaded from ../kernels under that same name, so its relative imports work.
+    qkv holds HF's per-head [q | k | v] (not [Q | K | V]; docs/architecture.md, "Forward pass"). With a KVCache, k and
+    v are written at its slots input_pos [T] and the whole cache [B, nh, max_len, hs] comes back as k and v.
     """
-    if "gptneox.kernels" in sys.modules:
-        return sys.modules["gptneox.kernels"]
-    if not triton_available():
-        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux); "
-                         "use backend='sdpa' or 'eager'")
-    if importlib.util.find_spec("gptneox.kernels") is None:  # uninstalled checkout: the top-level kernels/ folder
-        init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-        if not init.is_file():
-            raise ValueError(f"backend='triton': the Triton kernels are not installed and {init} does not exist")
-        spec = importlib.util.spec_from_file_location("gptneox.kernels", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gptneox.kernels"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["gptneox.kernels"]
-            raise
-        return module
-    return importlib.import_module("gptneox.kernels")
+    if rope.fused:
+        return _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos)
+    B, T, _ = qkv.shape
+    q, k, v = qkv.view(B, T, num_heads, -1).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
+    q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)  # first rot dims, in fp32
+    return (q, k, v) if cache is None else (q, *cache.update(input_pos, k, v))
 
 
-class CausalMask(NamedTuple):
-    """The model's mask as the kernels take it: query i of row b sits at slot q_offset[b] + i and sees keys
-    k_start[b] <= j <= its slot (left padding hidden); a padding query sees its own slot (GPTNeoX._mask)."""
-    q_offset: torch.Tensor  # [B] int
-    k_start: torch.Tensor | None  # [B] int, None for no padding
-
-    def dense(self, T: int, S: int) -> torch.Tensor:
-        """The equivalent bool mask [B, 1, T, S] for the torch path."""
-        slots = torch.arange(S, device=self.q_offset.device)  # [S]
-        qpos = self.q_offset[:, None] + torch.arange(T, device=slots.device)  # [B, T]
-        start = 0 if self.k_start is None else self.k_start[:, None, None]
-        keep = (slots <= qpos[..., None]) & (slots >= start) | (slots == qpos[..., None])  # [B, T, S]
-        return keep[:, None]
-
-
-def causal_mask(input_pos: torch.Tensor, attention_mask: torch.Tensor | None, B: int, S: int) -> CausalMask:
-    """CausalMask for queries at consecutive slots input_pos [T] over S keys with attention_mask [B, S] or None.
-
-    The kernels describe padding by a start per row, so attention_mask must be left padding (0...0 1...1) over
-    the keys the queries can reach, and input_pos consecutive. Checking that costs one device sync, so a decode
-    step (T = 1) is not checked again: it extends a prefill that was.
-    """
-    T = input_pos.shape[0]
-    q_offset = input_pos[:1].expand(B)  # [B]
-    if attention_mask is None:
-        k_start, bad = None, torch.zeros((), dtype=torch.bool, device=input_pos.device)
-    else:
-        if attention_mask.shape[-1] != S:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, attention sees {S}")
-        k_start = (attention_mask.cumsum(-1) == 0).sum(-1)  # [B] leading zeros = first real key
-        slots = torch.arange(S, device=input_pos.device)
-        reach = slots <= input_pos.max()  # [S] keys some query can see
-        bad = ((attention_mask.bool() != (slots >= k_start[:, None])) & reach).any()
-    if T == 1:
-        return CausalMask(q_offset, k_start)
-    bad |= (input_pos != input_pos[0] + torch.arange(T, device=input_pos.device)).any()
-    if not compiling() and bad.item():
-        raise ValueError("backend='triton' takes left padding only (attention_mask rows 0...0 1...1 over the keys "
-                         "in reach) and consecutive input_pos; use backend='sdpa' for other masks")
-    return CausalMask(q_offset, k_start)
-
-
-def split_rotary(qkv, num_heads, rope, cache=None, input_pos=None):
-    """Triton: q, k, v [B, nh, T, hs] from qkv [B, T, nh * 3 * hs] in one kernel, rope = (position_ids, rot, base);
-    with a cache, k and v land in it at input_pos and the whole cache [B, nh, max_len, hs] comes back."""
-    position_ids, rot, base = rope
-    if compiling():  # the torch path, as model.py writes it
-        B, T, _ = qkv.shape
-        q, k, v = qkv.view(B, T, num_heads, -1).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
-        cos, sin = rotary_cos_sin(position_ids, rot, base)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return (q, k, v) if cache is None else (q, *cache.update(input_pos, k, v))
+def _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos):
+    """One kernel splits and rotates; when nothing needs a gradient it also writes k and v into the cache."""
+    rotary = kernels().rotary
+    args = (qkv, rope.position_ids, num_heads, rope.rot, rope.base)
     if cache is None:
-        return kernels().rotary(qkv, position_ids, num_heads, rot, base)
+        return rotary(*args)
     if torch.is_grad_enabled() and qkv.requires_grad:  # the kernel's cache write is not differentiable
-        q, k, v = kernels().rotary(qkv, position_ids, num_heads, rot, base)
+        q, k, v = rotary(*args)
         return (q, *cache.update(input_pos, k, v))
-    return kernels().rotary(qkv, position_ids, num_heads, rot, base,
-                            k_cache=cache.k_cache, v_cache=cache.v_cache, input_pos=input_pos)
+    return rotary(*args, k_cache=cache.k_cache, v_cache=cache.v_cache, input_pos=input_pos)
+
+
+# ------------------------------------------------------------------------------------------------------- masks
+class Mask:
+    """Which keys each query of one forward sees, shared by every layer. The one rule:
+
+        query i sits at slot input_pos[i] and sees slot j iff j <= input_pos[i] and key j is real (attention_mask
+        [B, S]: 1 = token, 0 = padding); a padding query also sees its own slot, so no softmax row is empty.
+
+    S is the number of keys: T without a cache, the cache length with one. For the torch path the rule becomes
+    `dense`, bool [B or 1, 1, T, S] (None: plain causal, T == S, no padding: SDPA's is_causal fast path); for the
+    kernels it becomes `spans`, the two [B] vectors they take: q_offset (the slot of query 0) and k_start (the
+    first real key), which can express left padding (0...0 1...1) and consecutive slots only.
+    """
+
+    def __init__(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None, B: int, S: int, backend: str):
+        if attention_mask is not None and attention_mask.shape[-1] != S:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, attention sees {S}")
+        self.input_pos, self.attention_mask, self.B, self.S = input_pos, attention_mask, B, S
+        self.backend = backend
+        self.fused = backend == "triton" and not compiling()
+        self.spans = self._spans() if self.fused else None
+        self._dense = None if self.fused else self._rule()
+
+    @property
+    def dense(self) -> torch.Tensor | None:
+        if self.fused and self._dense is None:  # a fused forward falling back to SDPA (attention dropout)
+            self._dense = self._rule()
+        return self._dense
+
+    def _rule(self) -> torch.Tensor | None:
+        T = self.input_pos.shape[0]
+        if self.attention_mask is None and T == self.S:
+            return None
+        slots = torch.arange(self.S, device=self.input_pos.device)  # [S]
+        keep = slots[None, :] <= self.input_pos[:, None]  # [T, S] causal
+        if self.attention_mask is None:
+            return keep[None, None]  # [1, 1, T, S]
+        own = slots[None, :] == self.input_pos[:, None]  # [T, S]
+        return (keep & self.attention_mask.bool()[:, None, None, :]) | own  # [B, 1, T, S]
+
+    def _spans(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(q_offset [B], k_start [B] or None), after checking the rule fits them. The check costs one device sync,
+        so a decode step (T = 1) is not checked again: it extends a prefill that was."""
+        input_pos, mask = self.input_pos, self.attention_mask
+        T = input_pos.shape[0]
+        q_offset = input_pos[:1].expand(self.B)  # [B]
+        if mask is None:
+            k_start, bad = None, torch.zeros((), dtype=torch.bool, device=input_pos.device)
+        else:
+            k_start = (mask.cumsum(-1) == 0).sum(-1)  # [B] leading zeros = first real key
+            slots = torch.arange(self.S, device=input_pos.device)
+            reach = slots <= input_pos.max()  # [S] keys some query can see
+            bad = ((mask.bool() != (slots >= k_start[:, None])) & reach).any()
+        if T > 1:
+            bad |= (input_pos != input_pos[0] + torch.arange(T, device=input_pos.device)).any()
+            if bad.item():
+                raise ValueError("backend='triton' takes left padding only (attention_mask rows 0...0 1...1 over the "
+                                 "keys in reach) and consecutive input_pos; use backend='sdpa' for other masks")
+        return q_offset, k_start
 
 
 # --------------------------------------------------------------------------------------------------- attention
-def attention(q, k, v, mask=None, *, backend="sdpa", dropout_p=0.0, return_probs=False):
-    """Scaled dot-product attention, q [B, nh, T, hs], k and v [B, nh, S, hs] -> [B, nh, T, hs].
+def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool = False, backend=None):
+    """Causal attention, q [B, nh, T, hs], k and v [B, nh, S, hs] -> [B, nh, T, hs], under the forward's Mask.
 
-    mask: bool [B or 1, 1, T, S], True where a query may see a key; None means plain causal with T == S.
-    Every row of the mask must allow at least one key (the model lets a padded query see itself).
-    backend "eager" computes q k^T and the softmax in fp32 and can return the probabilities [B, nh, T, S];
-    "sdpa" is torch.nn.functional.scaled_dot_product_attention (fp32 accumulation inside); "triton" is the flash
-    attention kernel (gptneox.kernels), whose mask is a CausalMask or None; it has no dropout, so dropout_p > 0
-    (and tracing under torch.compile) runs SDPA with the equivalent dense mask.
+    By mask.backend: "eager" computes q k^T and the softmax in fp32 (and alone can return the probabilities
+    [B, nh, T, S]); "sdpa" is torch's scaled_dot_product_attention; "triton" our flash attention kernel, or the
+    flash-decoding kernel for a few queries against a longer cache. The kernel has no dropout: dropout_p > 0 runs SDPA.
     """
-    if backend == "triton":
-        return _triton_attention(q, k, v, mask, dropout_p, return_probs)
-    if backend == "eager":
-        return _eager_attention(q, k, v, mask, dropout_p, return_probs)
-    if backend != "sdpa":
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
-    if return_probs:
-        raise ValueError("attention probabilities are only available with backend='eager'")
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+    if not isinstance(mask, Mask):  # TRANSITION: tests/kernels still pass dense masks; removed once they call the refs
+        if backend is None:
+            raise TypeError(f"attention takes an ops.Mask (the forward's mask description), got {type(mask).__name__}; "
+                            "the torch references with a dense mask are eager_attention and sdpa_attention")
+        return (eager_attention(q, k, v, mask, dropout_p, return_probs) if backend == "eager"
+                else sdpa_attention(q, k, v, mask, dropout_p))
+    if return_probs or mask.backend == "eager":
+        if mask.backend != "eager":
+            raise ValueError("attention probabilities are only available with backend='eager'")
+        return eager_attention(q, k, v, mask.dense, dropout_p, return_probs)
+    if mask.fused and dropout_p == 0.0:
+        return _fused_attention(q, k, v, mask.spans)
+    return sdpa_attention(q, k, v, mask.dense, dropout_p)
 
 
-def _triton_attention(q, k, v, mask, dropout_p, return_probs):
-    if return_probs:
-        raise ValueError("attention probabilities are only available with backend='eager'")
-    if mask is not None and not isinstance(mask, CausalMask):
-        raise ValueError("backend='triton' takes a CausalMask (ops.causal_mask) or None, not a dense mask")
+def _fused_attention(q, k, v, spans):
+    q_offset, k_start = spans
     T, S = q.shape[-2], k.shape[-2]
-    if dropout_p > 0.0 or compiling():
-        dense = None if mask is None else mask.dense(T, S)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=dense, dropout_p=dropout_p, is_causal=mask is None)
-    q_offset, k_start = (None, None) if mask is None else mask
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if T <= DECODE_MAX_T and S > T and not needs_grad:  # a decode step: split the cache over the GPU
-        return kernels().decode_attention(q, k, v, q_offset if q_offset is not None else S - T, k_start)
+        return kernels().decode_attention(q, k, v, q_offset, k_start)
     return kernels().attention(q, k, v, causal=True, q_offset=q_offset, k_start=k_start)
 
 
-def _eager_attention(q, k, v, mask, dropout_p, return_probs):
+def sdpa_attention(q, k, v, mask=None, dropout_p: float = 0.0):
+    """torch's scaled_dot_product_attention (fp32 accumulation inside) under a dense bool mask [B or 1, 1, T, S]
+    (True: the query sees the key), or plain causal with T == S when mask is None."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
+
+
+def eager_attention(q, k, v, mask=None, dropout_p: float = 0.0, return_probs: bool = False):
+    """The explicit reference: fp32 scores q k^T / sqrt(hs), masked with fp32's minimum (as HF), fp32 softmax,
+    probabilities cast to v's dtype before P v; mask as sdpa_attention's. Returns y, or (y, fp32 probs)."""
     T, S = q.shape[-2], k.shape[-2]
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # [T, S]

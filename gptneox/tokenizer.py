@@ -9,10 +9,10 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from .dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY  # Dolly's special tokens: ids 50277-50279 in its file
+
 EOS = "<|endoftext|>"  # id 0: EOD, eos and bos of every Pythia / Dolly model
 PAD = "<|padding|>"  # id 1
-# Dolly v2's special tokens (databrickslabs/dolly training/consts.py), ids 50277-50279 in dolly's tokenizer.json
-END_KEY, INSTRUCTION_KEY, RESPONSE_KEY = "### End", "### Instruction:", "### Response:"
 
 
 class Tokenizer:
@@ -51,6 +51,10 @@ class Tokenizer:
             return cls(_HFTokenizer.from_file(str(file)), str(file))
         except Exception as e:  # tokenizers raises a bare Exception on a malformed file
             raise ValueError(f"{file}: not a valid tokenizer.json ({e})") from None
+
+    def save(self, path) -> None:
+        """Write the tokenizer.json (with any added tokens) to path."""
+        self.backend.save(str(path))
 
     @property
     def is_dolly(self) -> bool:

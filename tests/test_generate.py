@@ -1,4 +1,4 @@
-"""gptneox.generate: greedy parity with transformers' generate, the KV-cached loop against full recomputation,
+"""gptneox.generation: greedy parity with transformers' generate, the KV-cached loop against full recomputation,
 the logits processors against their textbook definitions, seeding, stopping and streaming."""
 
 import math
@@ -11,8 +11,9 @@ from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox import Config, GPTNeoX, Tokenizer
 from gptneox.checkpoint import checkpoint_name
-from gptneox.generate import (apply_repetition_penalty, completion_text, generate, left_pad, process_logits, sample,
-                              stop_ids, stream, top_k_filter, top_p_filter)
+from gptneox.generation import generate, left_pad, stop_ids, stream
+from gptneox.sampling import apply_repetition_penalty, process_logits, sample, top_k_filter, top_p_filter
+from gptneox.streaming import completion_text
 
 
 def pair(seed=0, **overrides):

@@ -178,3 +178,21 @@ def test_model_logits_to_keep_gives_the_last_positions():
     x = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(x, logits_to_keep=3), model(x)[:, -3:])
+
+
+def test_model_gradient_checkpointing_recomputes_each_block_with_equal_gradients():
+    hf = hf_model(num_hidden_layers=2)
+    plain, recomputing = ours_from(hf).train(), ours_from(hf).train()
+    recomputing.gradient_checkpointing = True
+    calls = []
+    for block in recomputing.gpt_neox.layers:
+        block.register_forward_pre_hook(lambda *args: calls.append(1))
+    x = torch.randint(0, hf.config.vocab_size, (2, 12))
+    for model in (plain, recomputing):
+        causal_lm_loss(model(x), x).backward()
+    assert len(calls) == 2 * 2, "each block runs once in forward and once more in backward"
+    for (name, a), b in zip(plain.named_parameters(), recomputing.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
+    with torch.no_grad():
+        recomputing(x)
+    assert len(calls) == 2 * 2 + 2, "no recomputation without gradients"

@@ -3,6 +3,7 @@ templates, the report on stderr, bad input, interactive mode and Ctrl-C."""
 
 import importlib.util
 import io
+import json
 import os
 import select
 import shutil
@@ -18,7 +19,8 @@ from tiny import hf_model, save_checkpoint
 
 from gptneox import GPTNeoX, Tokenizer
 from gptneox.dolly import format_prompt
-from gptneox.generate import completion_text, generate, stop_ids
+from gptneox.generation import generate, stop_ids
+from gptneox.streaming import completion_text
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
@@ -111,7 +113,7 @@ def test_sample_num_samples_with_seed_is_reproducible(ckpts, capsys):
     (dict(prompt="  "), "the prompt is empty"),
     (dict(prompt="hi", temperature=-1.0), "temperature must be"),
     (dict(prompt="hi", top_p=2.0), "top_p must be"),
-    (dict(prompt="hi", num_samples=0), "num_samples"),
+    (dict(prompt="hi", num_samples=0), "--num-samples"),
     (dict(prompt="hi", template="none", context="x"), "--context"),
     (dict(prompt="hi", prompt_file="x.txt"), "not both"),
 ])
@@ -133,7 +135,7 @@ def test_sample_rejects_unknown_names_and_missing_checkpoints(tmp_path, monkeypa
 def test_sample_clips_max_new_tokens_to_the_window(ckpts, capsys):
     sample.main(ckpt=str(ckpts[1]), prompt="word" + " word" * 249, max_new_tokens=50, temperature=0)
     err = capsys.readouterr().err
-    assert "--max_new_tokens 50 clipped to 6: the longest prompt is 250 tokens and the context window 256" in err
+    assert "--max-new-tokens 50 clipped to 6: the longest prompt is 250 tokens and the context window 256" in err
 
 
 def test_sample_refuses_a_model_that_does_not_fit(ckpts, monkeypatch):
@@ -171,3 +173,71 @@ def test_offline_demo_trains_and_answers(tmp_path):
                         str(tmp_path / "dolly-tiny")], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "The capital of France is Paris.\n" in r.stdout, r.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------ as a user runs it
+def test_sample_cli_with_default_flags_draws_the_loading_bar_and_reports(ckpts):
+    """`python sample.py --ckpt DIR --prompt ...` and nothing else: Dolly's sampling defaults, clipped to the tiny
+    model's window, the loading bar on stderr (tqdm is installed), the answer on stdout, the report last."""
+    dolly, _ = ckpts
+    r = run_cli("--ckpt", str(dolly), "--prompt", "What is the capital of France?")
+    assert r.returncode == 0, r.stderr
+    assert "loading" in r.stderr and "tensor" in r.stderr, f"no loading bar: {r.stderr}"
+    assert "clipped to" in r.stderr and "tokens/s" in r.stderr.splitlines()[-1]
+    assert "(pytorch_model.bin)" in r.stderr.splitlines()[-1]  # the report names the weights it read
+    assert r.stdout.endswith("\n")
+
+
+def cli_status(capsys, *argv):
+    """sample.py's command line run in this process: (exit status, stderr)."""
+    status = sample.cli.run(sample.main, sample.build_parser(), list(argv))
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "model.safetensors: corrupt or truncated safetensors file"),
+    ("contradict", "has shape [50304, 64], but config.json implies [50304, 128]"),
+    ("no-weights", "no model.safetensors, pytorch_model.bin or shard index"),
+])
+def test_sample_broken_checkpoint_is_one_line_with_status_1(ckpts, tmp_path, capsys, damage, message):
+    ckpt = Path(shutil.copytree(ckpts[1], tmp_path / "ckpt"))
+    weights = ckpt / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+    elif damage == "contradict":
+        config = json.loads((ckpt / "config.json").read_text())
+        (ckpt / "config.json").write_text(json.dumps({**config, "hidden_size": 128, "intermediate_size": 512}))
+    else:
+        weights.unlink()
+    status, err = cli_status(capsys, "--ckpt", str(ckpt), "--prompt", "Hi", "--no-progress")
+    assert status == 1 and "Traceback" not in err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("sample.py: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "foo"], "argument --device: invalid device 'foo'"),
+    (["--stop", ""], "stop_strings must be non-empty strings"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be positive"),
+    (["--dtype", "half"], "invalid dtype 'half'"),
+])
+def test_sample_usage_errors_exit_2_with_the_usage_line(ckpts, capsys, argv, message):
+    status, err = cli_status(capsys, "--ckpt", str(ckpts[1]), "--prompt", "Hi", *argv)
+    assert status == 2 and err.startswith("usage: sample.py") and message in err, err
+
+
+def test_sample_underscore_flags_are_aliases(ckpts, capsys):
+    status, err = cli_status(capsys, "--ckpt", str(ckpts[1]), "--prompt", "Hi", "--max_new_tokens", "3",
+                             "--temperature", "0", "--no_progress")
+    assert status == 0, err
+    assert "| 3 tokens in" in err
+
+
+def test_sample_prefers_safetensors_beside_a_bin_and_says_so(ckpts, tmp_path, capsys):
+    """Hub repositories often hold both: like transformers, read model.safetensors; the report names it."""
+    ckpt = Path(shutil.copytree(ckpts[1], tmp_path / "both"))
+    torch.save({"garbage": torch.zeros(1)}, ckpt / "pytorch_model.bin")  # would fail if it were read
+    status, err = cli_status(capsys, "--ckpt", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "2", "--no-progress")
+    assert status == 0, err
+    assert "(model.safetensors)" in err.splitlines()[-1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _cases import DEVICE
+from _cases import DEVICE, dense_mask
 from tiny import hf_model, hf_state_dict
 from tolerances import FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, assert_rel_close, assert_within_2x
 
@@ -119,47 +119,44 @@ def test_triton_backend_padded_cached_decode_equals_sdpa():
     assert_rel_close(logits["triton"], logits["sdpa"], FP32_LOGITS_REL, "padded cached decode")
 
 
-class _FakeCache(list):
-    """What GPTNeoX._mask reads of a cache: cache[0].k_cache.shape[2]."""
-
-    def __init__(self, S):
-        super().__init__([torch.nn.Module()])
-        self[0].k_cache = torch.zeros(1, 1, S, 1)
-
-
-def test_causal_mask_dense_equals_model_mask():
+def test_mask_spans_describe_the_dense_rule():
+    """The kernels' two vectors (q_offset, k_start) describe exactly the mask the torch path builds from the rule."""
     input_pos = torch.arange(4, 9)  # [T = 5] slots in a 12-slot cache
     attention_mask = (torch.arange(12) >= torch.tensor([[0], [3], [7]])).long()  # [3, 12] left padding
-    spans = ops.causal_mask(input_pos, attention_mask, 3, 12)
-    assert spans.q_offset.tolist() == [4, 4, 4] and spans.k_start.tolist() == [0, 3, 7]
-    assert torch.equal(spans.dense(5, 12), GPTNeoX._mask(input_pos, attention_mask, _FakeCache(12)))
+    q_offset, k_start = ops.Mask(input_pos, attention_mask, 3, 12, "triton").spans
+    assert q_offset.tolist() == [4, 4, 4] and k_start.tolist() == [0, 3, 7]
+    dense = ops.Mask(input_pos, attention_mask, 3, 12, "sdpa").dense
+    assert torch.equal(dense, dense_mask(5, 12, q_offset, k_start))
 
 
-def test_causal_mask_rejects_what_the_kernels_cannot_express():
+def test_mask_rejects_what_the_kernels_cannot_express():
     holes = torch.tensor([[1, 0, 1, 1]])
     with pytest.raises(ValueError, match="left padding only"):
-        ops.causal_mask(torch.arange(4), holes, 1, 4)
+        ops.Mask(torch.arange(4), holes, 1, 4, "triton")
     with pytest.raises(ValueError, match="consecutive input_pos"):
-        ops.causal_mask(torch.tensor([0, 2]), None, 1, 4)
+        ops.Mask(torch.tensor([0, 2]), None, 1, 4, "triton")
     with pytest.raises(ValueError, match="attention_mask covers 4 keys, attention sees 6"):
-        ops.causal_mask(torch.arange(2), holes, 1, 6)
+        ops.Mask(torch.arange(2), holes, 1, 6, "triton")
     future_zeros = torch.tensor([[0, 1, 1, 0]])  # slot 3 is out of reach of queries at 0..2: fine
-    assert ops.causal_mask(torch.arange(3), future_zeros, 1, 4).k_start.tolist() == [1]
+    assert ops.Mask(torch.arange(3), future_zeros, 1, 4, "triton").spans[1].tolist() == [1]
 
 
 def test_triton_attention_rejects_dense_masks_and_probabilities():
     q = torch.randn(1, 1, 3, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="takes a CausalMask"):
-        ops.attention(q, q, q, torch.ones(3, 3, dtype=torch.bool), backend="triton")
+    with pytest.raises(TypeError, match="takes an ops.Mask"):
+        ops.attention(q, q, q, torch.ones(3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="only available with backend='eager'"):
-        ops.attention(q, q, q, backend="triton", return_probs=True)
+        ops.attention(q, q, q, ops.Mask(torch.arange(3, device=DEVICE), None, 1, 3, "triton"), return_probs=True)
 
 
-def test_default_backend_is_triton_on_cuda_only():
+def test_default_backend_is_triton_for_half_precision_on_cuda_only():
     model = GPTNeoX(Config(vocab_size=10, hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
                            intermediate_size=64))
     assert model.backend == "sdpa"  # CPU parameters
-    assert ops.default_backend(torch.device("cuda")) == ("triton" if ops.triton_available() else "sdpa")
+    half = "triton" if ops.triton_available() else "sdpa"
+    assert [ops.default_backend(torch.device("cuda"), d) for d in (torch.bfloat16, torch.float16)] == [half, half]
+    assert ops.default_backend(torch.device("cuda"), torch.float32) == "sdpa"  # fp32 kernels: slow to compile
+    assert ops.default_backend(torch.device("cpu"), torch.bfloat16) == "sdpa"
     model.backend = "eager"
     assert model.backend == "eager"
 
