@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import progress as progress_bars
 from .dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, format_training
 from .tokenizer import Tokenizer
 
@@ -84,7 +85,7 @@ def fetch_dolly15k(cache_dir, *, progress: bool = False) -> Path:
     try:
         with urllib.request.urlopen(DOLLY_15K_URL, timeout=30) as r, open(tmp, "wb") as out:
             total = int(r.headers.get("Content-Length") or 0) or None
-            bar = _bar(total, "dolly-15k", progress)
+            bar = progress_bars.bar(total=total, desc="dolly-15k", unit="B", unit_scale=True, enabled=progress)
             while chunk := r.read(1 << 20):
                 out.write(chunk)
                 bar.update(len(chunk))
@@ -96,17 +97,6 @@ def fetch_dolly15k(cache_dir, *, progress: bool = False) -> Path:
                         "or pass its path as --data") from None
     tmp.replace(file)
     return file
-
-
-def _bar(total, desc, enabled):
-    if enabled:
-        from tqdm import tqdm
-        return tqdm(total=total, desc=desc, unit="B", unit_scale=True)
-
-    class _Null:
-        def update(self, n): pass
-        def close(self): pass
-    return _Null()
 
 
 def add_dolly_tokens(tok: Tokenizer) -> Tokenizer:
@@ -243,3 +233,50 @@ def collate(examples: list[tuple], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 def count_targets(examples: list[tuple]) -> int:
     """Tokens that carry loss after HF's shift (labels[1:] != -100): the normaliser of a global batch."""
     return sum(sum(1 for x in lab[1:] if x != IGNORE_INDEX) for _, lab in examples)
+
+
+# ------------------------------------------------------------------------------------------------- datasets
+class Subset:
+    """The examples of data at indices, in that order."""
+
+    def __init__(self, data, indices):
+        self.data, self.indices = data, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.data[self.indices[i]]
+
+
+def is_instruction_data(data: str) -> bool:
+    return data == DOLLY_15K or Path(data).suffix in (".jsonl", ".json")
+
+
+def build_datasets(data: str, tok: Tokenizer | None, *, seq_len: int, val_size: int | None, seed: int,
+                   skip_bad_lines: bool, cache_dir, progress: bool = False) -> tuple[Subset, Subset, str]:
+    """(train, val, a one-line summary) from a --data value: "dolly-15k" (downloaded once into cache_dir) or a
+    JSON-lines file of instruction records (Dolly's template, loss on the response), or .txt / .bin / .npy tokens
+    packed into seq_len windows; val_size None takes default_val_size."""
+    path = Path(data)
+    if is_instruction_data(data):
+        if tok is None:
+            raise DataError("instruction data needs a tokenizer: --tokenizer, or a tokenizer.json in --init")
+        if data == DOLLY_15K:
+            path = fetch_dolly15k(cache_dir, progress=progress)
+        records, skipped = read_records(path, skip_bad_lines=skip_bad_lines)
+        examples, dropped = tokenize_records(records, tok, seq_len)
+        summary = (f"{path}: {len(records)} records, {skipped} bad lines skipped, {dropped} dropped as longer than "
+                   f"--seq-len {seq_len} - 1 tokens, {len(examples)} kept")
+        if not examples:
+            raise DataError(f"{path}: no record left to train on after filtering ({skipped} bad lines, {dropped} "
+                            "over-long)")
+    elif path.suffix in (".txt", *TOKEN_FILES):
+        examples = PackedTokens(load_tokens(path, tok), seq_len, str(path))
+        summary = f"{path}: {len(examples.tokens)} tokens, {len(examples)} sequences of {seq_len}"
+    else:
+        raise DataError(f"--data {data}: expected {DOLLY_15K!r}, a .jsonl/.json file of instruction records, "
+                        "or pretraining tokens (.txt, .bin, .npy)")
+    val_size = default_val_size(len(examples)) if val_size is None else val_size
+    train, val = split_indices(len(examples), val_size, seed)
+    return Subset(examples, train), Subset(examples, val), summary

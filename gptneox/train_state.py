@@ -1,19 +1,85 @@
-"""The full training state on disk: model, optimizer, step, RNG; one file per saved step, written atomically.
+"""A training run's state on disk, in its output directory OUT:
 
-Files are OUT/checkpoints/step-00000200.pt. Each is written to a temporary name, flushed to disk, then renamed,
-so a crash, a kill or a full disk during a save leaves the previous checkpoint as the newest valid one. Only the
-newest `keep` files are kept.
+    OUT/run.json                    the settings that define the run (a resume must repeat them)
+    OUT/metrics.jsonl               one JSON object per optimizer step
+    OUT/checkpoints/step-*.pt       the full training state (model, optimizer, step, RNG) every --save-every steps
+
+Every file is written to a temporary name, flushed, then renamed, so a crash, a kill or a full disk leaves the
+previous version as the newest valid one; only the newest `keep` states are kept. Under FSDP the state is gathered
+whole on process 0, which alone writes; any process can resume any state (each keeps its own shard).
 """
 
+import json
 import os
 import re
 from pathlib import Path
 
 import torch
 
+from . import distributed as dist
+
 STATE_FILE = re.compile(r"step-(\d{8})\.pt")
 
 
+class RunError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------- run.json
+def check_out(out: Path, run: dict, resume: bool) -> Path | None:
+    """Refuse an OUT that holds another run (or this run without resume); returns the state file to resume from.
+
+    A directory with no saved state and no exported model holds nothing to resume or lose (a run that stopped
+    before its first save): a new run may take it over.
+    """
+    run_file = out / "run.json"
+    if not run_file.exists():
+        if out.exists() and any(out.iterdir()):
+            raise RunError(f"--out {out} is not empty and holds no run.json: it is not a train.py run; "
+                           "choose an empty or new directory")
+        return None
+    states = state_files(out / "checkpoints")
+    if not states and not (out / "config.json").exists():
+        return None
+    saved = json.loads(run_file.read_text())
+    diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in run.items() if saved.get(k) != v]
+    if diff:
+        raise RunError(f"--out {out} holds a different run ({'; '.join(diff)}); use another --out")
+    if states and not resume:
+        raise RunError(f"--out {out} already holds this run (last checkpoint {states[-1].name}); "
+                       "add --resume to continue it, or choose another --out")
+    return states[-1] if resume and states else None
+
+
+def write_run(out: Path, run: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "run.json", json.dumps(run, indent=2) + "\n")
+
+
+def _write_atomic(file: Path, text: str) -> None:
+    tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(file)
+
+
+# ------------------------------------------------------------------------------------------------ metrics.jsonl
+def append_metrics(out: Path, row: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(out: Path) -> list[dict]:
+    file = out / "metrics.jsonl"
+    return [json.loads(line) for line in file.read_text().splitlines()] if file.exists() else []
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Keep the rows up to `step`: those a killed run logged after its last checkpoint would be there twice."""
+    rows = [r for r in read_metrics(out) if r["step"] <= step]
+    _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+# ------------------------------------------------------------------------------------------------ state files
 def state_files(directory) -> list[Path]:
     """Saved states in directory, oldest first (temporary files of an interrupted save are ignored)."""
     directory = Path(directory)
@@ -64,3 +130,36 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------- gather and restore
+def full_state(model, optimizer=None):
+    """(model, optimizer) state dicts gathered whole on the CPU of process 0 (other processes get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    if optimizer is None:
+        return get_model_state_dict(model, options=options), None
+    return get_state_dict(model, optimizer, options=options)
+
+
+def restore(model, optimizer, state) -> None:
+    """Load a whole saved state (model, optimizer, RNG); under FSDP each process keeps its own shard of every tensor.
+    The RNG is process 0's stream; the others' only drive dropout, which Pythia and Dolly do not use."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    set_rng_state(state["rng"])
+
+
+def save(model, optimizer, out: Path, step: int, rank: int, keep: int, device) -> None:
+    """The full training state of `step`, gathered and written by process 0; every process raises if that fails."""
+    model_state, optim_state = full_state(model, optimizer)
+    error = None
+    if rank == 0:
+        try:
+            save_state(out / "checkpoints", step, {"step": step, "model": model_state, "optimizer": optim_state,
+                                                   "rng": rng_state()}, keep=keep)
+        except OSError as e:
+            error = e
+    if dist.all_sum([error is not None], device)[0]:  # doubles as the barrier
+        raise error or RunError(f"step {step}: process 0 could not save the training state")

@@ -18,12 +18,14 @@ from safetensors.torch import load_file
 from tiny import hf_config, hf_model, hf_state_dict
 from tolerances import FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, assert_rel_close
 
+from gptneox.cli import UsageError
 from gptneox.config import Config
 from gptneox.data import IGNORE_INDEX, DataError, count_targets
 from gptneox.dolly import INTRO_BLURB
 from gptneox.model import GPTNeoX, causal_lm_loss
 from gptneox.schedule import lr_at
 from gptneox.tokenizer import Tokenizer
+from gptneox.train_config import TrainConfig
 from gptneox.train_state import load_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +126,7 @@ def test_train_step_matches_hf_loss_and_grads():
 def test_grad_checkpointing_gives_identical_gradients():
     models = [GPTNeoX(Config.from_hf_config(hf_config().to_dict())) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
-    train.enable_grad_checkpointing(models[1])
+    models[1].gradient_checkpointing = True
     ids = torch.randint(0, 101, (2, 24))
     for m in models:
         train.loss_sum(m, ids, ids, nullcontext()).backward()
@@ -135,10 +137,10 @@ def test_grad_checkpointing_gives_identical_gradients():
 def test_resize_vocab_cuts_pythia_rows_to_dolly_and_grows_with_mean():
     model = GPTNeoX(Config.from_hf_config(hf_config(vocab_size=50304).to_dict()))
     head = model.embed_out.weight.detach().clone()
-    train.resize_vocab(model, 50280)
+    model.resize_token_embeddings(50280)
     assert model.config.vocab_size == 50280 and model(torch.tensor([[50279]])).shape == (1, 1, 50280)
     assert torch.equal(model.embed_out.weight, head[:50280])
-    train.resize_vocab(model, 50282)
+    model.resize_token_embeddings(50282)
     torch.testing.assert_close(model.gpt_neox.embed_in.weight[-1], model.gpt_neox.embed_in.weight[:50280].mean(0))
 
 
@@ -271,16 +273,17 @@ def test_train_names_file_and_line_of_a_bad_record_or_skips_it(ckpt, tmp_path):
 def test_train_cli_prints_clear_errors(ckpt, tmp_path, capsys):
     assert train.cli(["--init", str(ckpt), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
     assert "missing.jsonl" in capsys.readouterr().err
-    assert train.cli(["--init", str(ckpt), "--config", "pythia-14m", "--data", "x.jsonl", "--out", "o"]) == 1
-    assert "exactly one of --init" in capsys.readouterr().err
+    assert train.cli(["--init", str(ckpt), "--config", "pythia-14m", "--data", "x.jsonl", "--out", "o"]) == 2
+    assert "exactly one of --init" in capsys.readouterr().err  # a usage error: exit 2, after the usage line
     help_text = train.build_parser().format_help()
     for flag in ("--init", "--config", "--data", "--out", "--epochs", "--max-steps", "--val-size", "--batch-size",
                  "--micro-batch-size", "--lr", "--warmup-steps", "--schedule", "--weight-decay", "--seq-len",
                  "--seed", "--save-every", "--eval-every", "--resume", "--device", "--dtype", "--compile",
                  "--grad-checkpointing", "--skip-bad-lines"):
         assert flag in help_text
-    args = train.build_parser().parse_args(["--init", "x", "--data", "dolly-15k", "--out", "o"])
-    assert (args.epochs, args.lr, args.warmup_steps, args.schedule, args.weight_decay) == (2, 5e-6, 50, "constant", 0)
+    args = TrainConfig(**vars(train.build_parser().parse_args(["--init", "x", "--data", "dolly-15k", "--out", "o"])))
+    assert (args.run_length[0], args.lr, args.warmup_steps, args.schedule, args.weight_decay) == (2, 5e-6, 50,
+                                                                                                   "constant", 0)
 
 
 def test_train_failed_save_keeps_previous_checkpoint_and_resumes(ckpt, data, tmp_path, monkeypatch):
@@ -300,3 +303,84 @@ def test_train_failed_save_keeps_previous_checkpoint_and_resumes(ckpt, data, tmp
     monkeypatch.setattr(torch, "save", real_save)
     run(ckpt, data, tmp_path / "out", max_steps=3, save_every=1, resume=True)
     assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3]
+
+
+# ------------------------------------------------------------------------------------ as a user runs it
+def test_train_cli_with_default_flags_draws_a_bar_samples_and_exports(ckpt, data, tmp_path):
+    """`python train.py --init DIR --data dolly.jsonl --out OUT` and nothing else: progress bar on (tqdm is
+    installed), evaluation and a sample at the last step, the export, the loss curve."""
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(ckpt), "--data", str(data),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step/s" in r.stderr or "s/step" in r.stderr, f"no progress bar drawn: {r.stderr[-2000:]}"
+    assert "100%" in r.stderr
+    steps = len(metrics(out))  # Dolly's defaults: 2 epochs of a global batch of 48, micro-batches of 6
+    assert steps == 2 and f"step {steps}: loss" in r.stdout and f"step {steps} sample:" in r.stdout
+    assert "48 (6 per forward)" in r.stdout
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoints" / "step-00000002.pt").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary was left behind"
+
+
+def test_train_batch_size_alone_adapts_the_micro_batch(ckpt, data, tmp_path, capsys):
+    run(ckpt, data, tmp_path / "a", batch_size=4, micro_batch_size=None, max_steps=1, progress=True)
+    assert "steps of 4 (4 per forward)" in capsys.readouterr().out  # the largest divisor of 4 up to Dolly's 6
+    run(ckpt, data, tmp_path / "b", batch_size=10, micro_batch_size=None, max_steps=1)
+    assert "steps of 10 (5 per forward)" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="--batch-size 4 must be a multiple of --micro-batch-size 3"):
+        run(ckpt, data, tmp_path / "c", batch_size=4, micro_batch_size=3)  # two values given: they contradict
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch-size", "0"], "--batch-size: must be positive"),
+    (["--micro-batch-size", "0"], "--micro-batch-size: must be positive"),
+    (["--save-every", "-1"], "--save-every: must be >= 0"),
+    (["--max-steps", "0"], "--max-steps: must be positive"),
+    (["--max-steps", "-2"], "--max-steps: must be positive"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
+    (["--lr", "nan"], "--lr must be a finite number > 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0"),
+    (["--epochs", "3", "--max-steps", "5"], "give --epochs or --max-steps, not both"),
+    (["--seq-len", "1"], "--seq-len must be an integer >= 2"),
+    (["--dtype", "fp16"], "invalid dtype 'fp16'"),
+])
+def test_train_cli_refuses_bad_values_before_any_work_or_write(tmp_path, argv, message, capsys):
+    """Checked before the model is read: --init names nothing, yet the error is about the value."""
+    out = tmp_path / "out"
+    status = train.cli(["--init", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "d.jsonl"), "--out",
+                        str(out), *argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("usage: ") and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_train_save_every_zero_saves_only_the_final_state(ckpt, data, tmp_path):
+    out = run(ckpt, data, tmp_path / "out", save_every=0, max_steps=3)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000003.pt"]
+
+
+def test_train_run_that_failed_before_its_first_step_does_not_block_the_corrected_rerun(ckpt, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", RECORDS * 4)
+    bad.write_text(bad.read_text() + "{broken\n")
+    out = tmp_path / "out"
+    with pytest.raises(DataError, match="bad.jsonl:13"):
+        run(ckpt, bad, out)
+    assert not out.exists()
+    good = write_jsonl(tmp_path / "good.jsonl", RECORDS * 4)
+    run(ckpt, good, out, max_steps=1, save_every=0, eval_every=0)  # a different --data: accepted
+    assert len(metrics(out)) == 1
+
+
+def test_train_cli_runtime_error_is_one_line_with_status_1(ckpt, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", RECORDS)
+    data.write_text(data.read_text() + "not json\n")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(ckpt), "--data", str(data),
+                        "--out", str(tmp_path / "o"), "--max_steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)  # --max_steps: the underscore spelling is an alias
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"train.py: error: {data}:4: not a JSON object (Expecting value at " \
+                                                "column 1)" and "Traceback" not in r.stderr
