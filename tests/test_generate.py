@@ -1,6 +1,7 @@
 """gptneox.generation: greedy parity with transformers' generate, the KV-cached loop against full recomputation,
 the logits processors against their textbook definitions, seeding, stopping and streaming."""
 
+import dataclasses
 import math
 import os
 
@@ -11,7 +12,7 @@ from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox import Config, GPTNeoX, Tokenizer
 from gptneox.checkpoint import checkpoint_name
-from gptneox.generation import generate, left_pad, stop_ids, stream
+from gptneox.generation import GenerationConfig, Generator, generate, left_pad, stop_ids, stream
 from gptneox.sampling import apply_repetition_penalty, process_logits, sample, top_k_filter, top_p_filter
 from gptneox.streaming import completion_text
 
@@ -271,3 +272,53 @@ def test_generate_under_autocast_caches_in_the_autocast_dtype(backend):
         reference = generate(ours, prompts, max_new_tokens=6, temperature=0)
     assert tokens.shape == (2, 6)
     assert torch.equal(tokens, reference)
+
+
+# --------------------------------------------------------------------------------------- settings and state
+def test_generation_config_is_validated_and_frozen():
+    config = GenerationConfig(max_new_tokens=5, eos_token_id=[3, 4], stop_strings=["###"])
+    assert config.eos_token_id == (3, 4) and config.stop_strings == ("###",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.temperature = 0.5
+    with pytest.raises(ValueError, match="stop_strings must be non-empty strings"):
+        GenerationConfig(max_new_tokens=5, stop_strings=[""])  # `sample.py --stop ""` used to stop silently at once
+    with pytest.raises(ValueError, match="stop_strings must be a list of strings"):
+        GenerationConfig(max_new_tokens=5, stop_strings="###")
+    with pytest.raises(ValueError, match="eos_token_id must be a token id"):
+        GenerationConfig(max_new_tokens=5, eos_token_id=-1)
+    with pytest.raises(ValueError, match=r"unknown generation setting\(s\) temprature"):
+        GenerationConfig.of(max_new_tokens=5, temprature=0.5)
+    with pytest.raises(ValueError, match="max_new_tokens is required"):
+        GenerationConfig.of(temperature=0)
+    assert GenerationConfig.of(config, temperature=0).temperature == 0 and config.temperature == 1.0
+
+
+def test_generate_rejects_no_prompts_and_empty_stop_strings():
+    _, ours = pair(0)
+    with pytest.raises(ValueError, match="no prompts"):
+        generate(ours, [], max_new_tokens=2)  # was "max() arg is an empty sequence"
+    with pytest.raises(ValueError, match="stop_strings must be non-empty"):
+        generate(ours, [[1, 2]], max_new_tokens=2, stop_strings=[""])
+
+
+def test_generator_owns_and_reuses_its_cache_and_counts_real_tokens():
+    script = [7, 8, 0, 9]  # eos (0) at the third new token
+    gen = Generator(Scripted(script))
+    config = GenerationConfig(max_new_tokens=4, temperature=0)
+    first = gen.generate([[3], [5]], config)
+    cache = gen.cache
+    assert first.tolist() == [[7, 8, 0], [7, 8, 0]] and gen.tokens_generated == 6
+    gen.generate([[3], [4]], config)
+    assert gen.cache is cache, "same batch and length: the cache is reused"
+    gen.generate([[3]], config)
+    assert gen.cache is not cache and gen.cache[0].k_cache.shape[0] == 1
+    assert gen.tokens_generated == 6 + 6 + 3
+    assert Generator(Scripted(script)).cache is None, "each Generator holds its own state; nothing module-global"
+
+
+def test_generator_stream_joins_to_generate_text(pythia_tokenizer):
+    tok = pythia_tokenizer
+    _, ours = pair(6, vocab_size=50304)
+    gen, prompt = Generator(ours), tok.encode("Once upon a time")
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=2, eos_token_id=[])
+    assert "".join(gen.stream(tok, prompt, config)) == completion_text(tok, gen.generate([prompt], config)[0])
