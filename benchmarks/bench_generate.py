@@ -7,7 +7,7 @@ Both sides run the same randomly initialised model of a real shape (numerics do 
 after a warm-up; the median of --repeats runs is reported with the ratio ours / HF. The outputs are compared first:
 greedy tokens must be identical in fp32. On GPU the decode rate is also set against the bandwidth ceiling: every
 weight except the input embedding is read once per token, so tokens/s <= bandwidth / bytes_per_token
-(../shared/docs/performance.md). Needs transformers (the test extra).
+(docs/performance.md, "Limits"). Needs transformers (the test extra).
 """
 
 import argparse
@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from gptneox import Config, GPTNeoX
-from gptneox.generate import generate
+from gptneox.generation import GenerationConfig, Generator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,7 +53,7 @@ def timed(fn, device) -> float:
 
 def measured_bandwidth(device) -> float:
     """Bytes/s that streaming weights can reach here, measured now: on GPU a 1 GiB device copy (read + write, as
-    performance.md counts it), on CPU an fp32 matrix-vector product over 512 MB (what a decode step does)."""
+    docs/performance.md counts it), on CPU an fp32 matrix-vector product over 512 MB (what a decode step does)."""
     if device.type == "cuda":
         x = torch.empty(2**30, dtype=torch.uint8, device=device)
         y = torch.empty_like(x)
@@ -72,8 +72,11 @@ def main(*, model, prompt_len, new_tokens, batch, repeats, device, dtype, compil
     hf, ours = build(model, dev, dt)
     ids = torch.randint(0, 50000, (batch, prompt_len), device=dev)
 
+    gen = Generator(ours, compile=compile)  # one cache and one compiled step for every run, as sample.py holds it
+    config = GenerationConfig(max_new_tokens=new_tokens, temperature=0, eos_token_id=[])
+
     def run_ours():
-        return generate(ours, ids, max_new_tokens=new_tokens, temperature=0, eos_token_id=[], compile=compile)
+        return gen.generate(ids, config)
 
     def run_hf():
         with torch.no_grad():

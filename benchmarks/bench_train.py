@@ -2,9 +2,9 @@
 
 One step = forward + backward + fused AdamW, bf16 autocast over fp32 master weights (train.py's recipe), random
 tokens, Pythia shapes at sequence 2048. Reported: median step time, tokens/s and MFU, where
-    FLOPs per token = 6 N + 6 L C T   (N parameters without the input embedding; performance.md)
+    FLOPs per token = 6 N + 6 L C T   (N parameters without the input embedding; docs/performance.md)
     MFU = tokens/s x FLOPs per token / peak (989 TFLOP/s dense bf16 on H100 / H200).
-Target P6 (performance.md): pythia-1.4b >= 50% MFU and >= 1.5x HF. Weights are random (real ones cannot be
+Target P6 (docs/performance.md): pythia-1.4b >= 50% MFU and >= 1.5x HF. Weights are random (real ones cannot be
 downloaded on the GPU machines); numerics do not change speed.
 
     python benchmarks/bench_train.py                                   # pythia-410m and 1.4b, T 2048, GPU
@@ -25,11 +25,7 @@ import torch
 from gptneox.config import Config
 from gptneox.model import GPTNeoX, causal_lm_loss
 
-PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s per GPU (performance.md)
-
-
-def flops_per_token(c: Config, T: int) -> float:
-    return 6 * (c.num_parameters - c.vocab_size * c.hidden_size) + 6 * c.num_hidden_layers * c.hidden_size * T
+PEAK = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s per GPU (docs/performance.md)
 
 
 def hf_twin(ours: GPTNeoX):
@@ -84,7 +80,7 @@ def bench(shape, *, seq_len, batch_size, device, dtype, warmup, iters, compile):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
         t = timed(step_fn(model, name == "hf", optimizer, autocast), ids, warmup, iters, device)
         tok_s = batch_size * seq_len / t
-        mfu = tok_s * flops_per_token(config, seq_len) / peak if peak else None
+        mfu = tok_s * config.flops_per_token(seq_len) / peak if peak else None
         rows.append(dict(model=name, shape=shape, seq_len=seq_len, batch_size=batch_size, dtype=dtype,
                          step_s=t, tokens_per_s=tok_s, mfu=mfu,
                          peak_mem_gb=torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None))

@@ -2,7 +2,7 @@
 
 Loading builds the model on the meta device and streams tensors in one at a time (mmap, then assign), so the
 weights are never held twice. Saving writes safetensors shards into a temporary directory and renames it into
-place, so a crash never leaves a half checkpoint that looks whole. Formats: ../shared/docs/neox-spec.md section 3.
+place, so a crash never leaves a half checkpoint that looks whole. Formats: docs/architecture.md, "Checkpoint files".
 """
 
 import json
@@ -17,9 +17,9 @@ from . import progress as progress_bars
 from .atomic import atomic_dir
 from .config import Config
 
-# (index file, single file) pairs, most preferred first: safetensors over pickles (spec 3.3)
+# (index file, single file) pairs, most preferred first: safetensors over pickles, as transformers
 LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-# buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq (spec 3.2)
+# buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq (architecture.md, "Checkpoint files")
 STALE_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
 CHECKPOINT_FILE = re.compile(r"(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?"
                              r"\.(safetensors|bin)(\.index\.json)?)$")

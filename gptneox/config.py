@@ -1,7 +1,7 @@
 """GPT-NeoX hyperparameters: the `Config` dataclass, the Pythia / Dolly v2 presets, and HF config.json I/O.
 
 Field names are Hugging Face `GPTNeoXConfig`'s, so a config.json reads as a dict of our fields. This module imports
-nothing from torch. Facts and sources: ../shared/docs/neox-spec.md sections 1 and 2.
+nothing from torch. Facts and sources: docs/architecture.md, "Config fields" and "Presets".
 """
 
 import json
@@ -19,7 +19,7 @@ class Config:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12  # nh; always multi-head (no GQA field in GPT-NeoX)
     intermediate_size: int = 3072  # MLP width, 4 x hidden in every Pythia / Dolly model
-    hidden_act: str = "gelu"  # HF "gelu" is the exact erf GELU (spec 4.6)
+    hidden_act: str = "gelu"  # HF "gelu" is the exact erf GELU (architecture.md, "Forward pass")
     rotary_pct: float = 0.25  # fraction of each head that is rotated (HF default; gpt-neox's own default is 1.0)
     rotary_emb_base: float = 10000.0  # RoPE theta
     max_position_embeddings: int = 2048  # context length of every Pythia / Dolly model
@@ -170,7 +170,7 @@ def _refuse_rope_scaling(rope: dict, rope_scaling, source: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- presets
-# Shapes from the Pythia README / configs and Dolly's trainer (neox-spec.md section 2). All: rotary_pct 0.25, base
+# Shapes from the Pythia README / configs and Dolly's trainer (docs/architecture.md, "Presets"). All: rotary_pct 0.25, base
 # 10000, 2048 context, parallel residual, untied head, eps 1e-5, bos = eos = 0 (Pythia *.yml).
 def _pythia(L, C, nh, vocab=50304):
     return dict(num_hidden_layers=L, hidden_size=C, num_attention_heads=nh, intermediate_size=4 * C, vocab_size=vocab)

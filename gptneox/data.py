@@ -3,7 +3,7 @@ packed into fixed-length sequences for pretraining.
 
 An example is a pair (input_ids, labels) of equal-length int lists; labels are -100 where no loss is taken. Batches
 are chosen by step alone (a seeded permutation per epoch), so a resumed run sees exactly the batches it would have.
-Dolly's recipe: ../shared/docs/neox-spec.md section 7 (databrickslabs/dolly training/trainer.py).
+Dolly's recipe: docs/architecture.md, "Dolly v2" (databrickslabs/dolly training/trainer.py).
 """
 
 import json
@@ -102,7 +102,7 @@ def fetch_dolly15k(cache_dir, *, progress: bool = False) -> Path:
 def add_dolly_tokens(tok: Tokenizer) -> Tokenizer:
     """A tokenizer with Dolly's three special tokens (ids 50277-50279 after the 20B vocabulary); unchanged if present.
 
-    Order and spelling as Dolly's load_tokenizer: [END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL] (spec 7.2).
+    Order and spelling as Dolly's load_tokenizer: [END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL] (docs/architecture.md, "Dolly v2").
     """
     if tok.is_dolly:
         return tok

@@ -1,6 +1,6 @@
 """Dolly v2's instruction format: the training and generation prompts, and the response extractor.
 
-Strings are databrickslabs/dolly training/consts.py's, character for character (../shared/docs/neox-spec.md 7.1).
+Strings are databrickslabs/dolly training/consts.py's, character for character (docs/architecture.md, "Dolly v2").
 """
 
 import re

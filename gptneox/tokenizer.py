@@ -2,7 +2,7 @@
 
 Encodings are the tokenizer.json's own (NFC, ByteLevel without prefix space, whitespace-run tokens split out
 before BPE), which is what transformers' GPTNeoXTokenizer(Fast) produces: no BOS or EOS is added.
-Facts: ../shared/docs/neox-spec.md sections 7.2 and 8.
+Facts: docs/architecture.md, "Tokenizer" and "Dolly v2".
 """
 
 from pathlib import Path

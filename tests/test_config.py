@@ -7,7 +7,7 @@ from tiny import hf_config
 
 from gptneox import PRESETS, Config
 
-# neox-spec.md section 2: (layers, hidden, heads, vocab, parameters as Pythia publishes them)
+# docs/architecture.md, "Presets": (layers, hidden, heads, vocab, parameters as Pythia publishes them)
 PUBLISHED = {
     "pythia-14m": (6, 128, 4, 50304, 14_067_712),
     "pythia-31m": (6, 256, 8, 50304, 30_494_720),

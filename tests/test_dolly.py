@@ -1,4 +1,4 @@
-"""Dolly v2's prompt format, character for character against databrickslabs/dolly (neox-spec.md section 7)."""
+"""Dolly v2's prompt format, character for character against databrickslabs/dolly (docs/architecture.md, "Dolly v2")."""
 
 import os
 
@@ -36,7 +36,7 @@ def test_dolly_extract_response():
 
 
 def test_dolly_prompt_encodes_as_in_the_spec(shared_data):
-    """35 ids ending ..., 15, 535, 50279, with 50278 after the intro's 535 (neox-spec.md 7.2)."""
+    """35 ids ending ..., 15, 535, 50279, with 50278 after the intro's 535 (docs/architecture.md, "Dolly v2")."""
     tok = Tokenizer.from_pretrained(os.path.join(shared_data, "dolly-tokenizer.json"))
     ids = tok.encode(format_prompt("Explain to me the difference between nuclear fission and fusion."))
     assert len(ids) == 35 and ids[-3:] == [15, 535, 50279]

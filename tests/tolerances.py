@@ -1,4 +1,4 @@
-"""The one tolerance table of the project (docs/style.md 2.7). Every numeric comparison in tests goes through here.
+"""The one tolerance table of the project. Every numeric comparison in the tests goes through here.
 
 | comparison                          | fp32                                   | fp16 / bf16                                  |
 | kernel vs torch path, fwd and bwd   | assert_close defaults (1.3e-6, 1e-5)   | err(x, fp32 ref) <= 2 * err(torch path) + r |
