@@ -22,7 +22,8 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "psutil"],
+        # everything the test suite uses, so `pip install -e ".[test]" && python -m pytest -q` passes as written
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml"],
         "tools": ["tqdm", "matplotlib", "huggingface_hub", "pyyaml"],
     },
 )
