@@ -10,12 +10,13 @@ backend="triton". Public functions (each differentiable unless noted):
     rotary(qkv, position_ids, num_heads, rotary_ndims, base, k_cache=, v_cache=, input_pos=) -> q, k, v
     attention(q, k, v, causal=, q_offset=, k_start=, sm_scale=) -> o
     decode_attention(q, k_cache, v_cache, q_offset, k_start, kv_len=, num_splits=) -> o   (inference only)
-The launchers (rotary_fwd / rotary_bwd, attention_fwd / attention_bwd) skip autograd, for tests and benchmarks.
+The launchers (rotary_fwd / rotary_bwd, attention_fwd / attention_bwd) skip autograd, for tests and benchmarks;
+best_configs() names the launch config each autotuned attention kernel last used (GPTNEOX_AUTOTUNE: docs/kernels.md).
 """
 
-from .attention import AttentionFunction, attention, attention_bwd, attention_fwd
+from .attention import AttentionFunction, attention, attention_bwd, attention_fwd, best_configs
 from .decode import decode_attention
 from .rotary import RotaryFunction, rotary, rotary_bwd, rotary_fwd
 
 __all__ = ["rotary", "attention", "decode_attention", "rotary_fwd", "rotary_bwd", "attention_fwd", "attention_bwd",
-           "RotaryFunction", "AttentionFunction"]
+           "RotaryFunction", "AttentionFunction", "best_configs"]

@@ -1,5 +1,6 @@
 """Launch helpers shared by the kernels: interpreter detection, autotune configs, input guards, block sizes."""
 
+import functools
 import os
 
 import torch
@@ -11,12 +12,42 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def autotune_configs(configs: list, interpret: "triton.Config", default: "triton.Config") -> list:
-    """The configs to autotune over on a GPU; one config under the interpreter (its autotuner would time them all),
-    and `default` alone with GPTNEOX_AUTOTUNE=0 (tests: no minutes of tuning per new head size and dtype)."""
+AUTOTUNE_MODES = ("1", "quick", "0")  # GPTNEOX_AUTOTUNE: full (pruned) search, a few likely winners, default only
+
+
+def autotune_mode() -> str:
+    """GPTNEOX_AUTOTUNE, read when a kernel first meets a new autotune key (so it may be set after import)."""
+    mode = os.environ.get("GPTNEOX_AUTOTUNE", "1")
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"GPTNEOX_AUTOTUNE={mode!r}: use 1 (full search), quick (a few configs) or 0 (default only)")
+    return mode
+
+
+def autotune_configs(configs: list, interpret: "triton.Config", default: "triton.Config", quick: list = ()) -> list:
+    """What triton.autotune is given: under the interpreter `interpret` alone (its autotuner would time every config
+    in numpy); on a GPU every config a mode can pick, so that the kernel's early_config_prune always runs and picks
+    with configs_for_mode(...) and the shared memory estimate."""
     if interpreting():
         return [interpret]
-    return [default] if os.environ.get("GPTNEOX_AUTOTUNE", "1") == "0" else configs
+    return list(dict.fromkeys([*configs, *quick, default]))  # triton.Config hashes by value
+
+
+def configs_for_mode(configs: list, default: "triton.Config", quick: list = ()) -> list:
+    """The candidates for GPTNEOX_AUTOTUNE: unset or 1, `configs` (the full search); quick, `quick` (a few likely
+    winners: seconds of compilation instead of minutes); 0, `default` alone (tests: one compile per head size and
+    dtype). The caller then drops what cannot fit."""
+    mode = autotune_mode()
+    if mode == "0":
+        return [default]
+    return list(quick or [default]) if mode == "quick" else list(configs)
+
+
+@functools.cache
+def max_shared_memory(device_index: int) -> int:
+    """Bytes of shared memory one program may use on this CUDA device: the opt-in per-block limit that Triton's
+    driver reports and checks at launch (232448 on H100 / H200, 101376 on sm_86/sm_89)."""
+    from triton.runtime import driver
+    return driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ The mask is described by two [B] integer vectors rather than a dense [T, S] tens
                  prefill, per-row cache lengths); causal: query i sees keys j <= q_offset[b] + i;
     k_start[b]   first real key of row b (left padding): keys j < k_start[b] are hidden.
 A causal query that would see no key (a left-padding position) sees its own slot instead, exactly like
-gptneox.model.GPTNeoX._mask, so no row is empty and nothing is NaN. Non-causal rows with nothing visible give 0.
+the rule of gptneox.ops.Mask, so no row is empty and nothing is NaN. Non-causal rows with nothing visible give 0.
 
 Online softmax (FlashAttention-2) in base 2 with fp32 max, sum and accumulators; the logsumexp of every row is
 saved (log2 units of the scaled scores) for backward. Head sizes 16..256: the head dim is split into a
@@ -16,8 +16,9 @@ Forward can split the keys into NUM_SPLITS chunks with a combine pass (flash-dec
 Backward follows FlashAttention-2: delta = rowsum(o * do), one pass over key blocks for dk, dv and one over
 query blocks for dq; no atomics, so it is deterministic by construction.
 
-Reference: gptneox.ops.attention (the torch path, eager or SDPA) with the model's dense mask. Credits: Dao,
-"FlashAttention-2" (2023); Tri Dao's and the Triton tutorial 06 kernels (read for the algorithm, not copied).
+Reference: gptneox.ops.eager_attention and ops.sdpa_attention (the torch path) with the model's dense mask.
+Credits: Dao, "FlashAttention-2" (2023); Tri Dao's and the Triton tutorial 06 kernels (read for the algorithm, not
+copied).
 """
 
 import math
@@ -26,26 +27,97 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import autotune_configs, check_device, check_dtype, check_shape, dot_precision, split_head_dim
+from ._utils import (autotune_configs, check_device, check_dtype, check_shape, configs_for_mode, dot_precision,
+                     max_shared_memory, split_head_dim)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
 # ------------------------------------------------------------------------------------------------------ configs
-# GPU search space (H100 starting points from tutorial 06 and FA2); configs that do not fit shared memory are
-# skipped by the autotuner. Keyed on the head split and causality only, so new sequence lengths do not retune.
-_FWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
-                for m in (64, 128) for n in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
+# GPU search space (H100 starting points from tutorial 06 and FA2). Keyed on the head split and causality (Triton
+# adds the argument dtypes), so new sequence lengths do not retune. For each new key, _prune first drops the configs
+# whose shared memory cannot fit the device (Triton would compile them in full before the launch fails) and gives
+# fp32 its own tiny list (exact "ieee" dots are FMA loops: 25-67 s to compile per kernel for sm_90).
+def _config(m, n, s, w):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
+
+
+_FWD_CONFIGS = [_config(m, n, s, w) for m in (64, 128) for n in (32, 64, 128) for s in (2, 3, 4) for w in (4, 8)]
 
 
 def _keep_fwd(c):
     return not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4) and c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"]
 
 
-_BWD_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
-                for m in (32, 64) for n in (32, 64, 128) for s in (2, 3) for w in (4, 8)]
+_BWD_CONFIGS = [_config(m, n, s, w) for m in (32, 64, 128) for n in (32, 64, 128) for s in (2, 3) for w in (4, 8)]
+
+
+def _keep_dkdv(c):  # FA2: a block of keys stays resident while query blocks stream past, so BLOCK_M <= BLOCK_N
+    return c.kwargs["BLOCK_M"] <= c.kwargs["BLOCK_N"]
+
+
+def _keep_dq(c):  # and the other way round for dq
+    return c.kwargs["BLOCK_N"] <= c.kwargs["BLOCK_M"]
+
+
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_stages=1, num_warps=4)  # small: numpy runs it
-_DEFAULT_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_stages=2, num_warps=4)  # fits hd 256 in fp32
+_DEFAULT_CONFIG = _config(64, 32, 2, 4)  # 16-bit: fits every head size on sm_90 (test_compile.py)
+# fp32 searches this one config in every mode: smaller blocks over 8 warps give each thread a quarter of the unrolled
+# FMA dot, so the hd 256 forward compiles for sm_90 in 6 s instead of 61 s (64 x 32, 4 warps; Triton 3.6, 2 CPU
+# cores); SDPA is the model's fp32 path anyway
+_FP32_CONFIGS = [_config(32, 32, 2, 8)]
+# GPTNEOX_AUTOTUNE=quick: the likely H100 / H200 winners (tutorial 06's Hopper choices; FA2's block shapes), plus
+# the default config, which the tests compile too (Triton's disk cache then serves it)
+_QUICK_FWD = [_config(128, 64, 3, 8), _config(64, 64, 3, 4), _DEFAULT_CONFIG]
+_QUICK_DKDV = [_config(32, 128, 2, 8), _config(64, 64, 2, 8), _DEFAULT_CONFIG]
+_QUICK_DQ = [_config(128, 32, 2, 8), _config(64, 64, 2, 4), _DEFAULT_CONFIG]
 _KEY = ["D0", "D1", "CAUSAL"]
+
+
+# Shared memory per program in bytes, for element size e, head blocks D = D0 + D1 and s = num_stages: upper bounds
+# of what Triton 3.6 and 3.9 allocate for sm_90 when a real launch specialises the strides (divisible by 16), so
+# that the loads are pipelined into s buffers; test_compile.py checks them against the compiler's metadata.shared.
+# Forward: the q block [M, D] and s buffers of the k and v blocks [N, D]. dq: q and do, s buffers of k and v.
+# dk/dv: k and v [N, D], s buffers of q and do [M, D], and p^T, ds^T [N, M].
+_SMEM_SLACK = 2048  # barriers
+
+
+def _smem_fwd(c, e, D):
+    M, N, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    return e * D * (M + 2 * s * N) + _SMEM_SLACK
+
+
+def _smem_dkdv(c, e, D):
+    M, N, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    return e * D * (2 * N + 2 * s * M) + 2 * e * M * N + _SMEM_SLACK
+
+
+def _smem_dq(c, e, D):
+    M, N, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+    return e * D * (2 * M + 2 * s * N) + _SMEM_SLACK
+
+
+def _prune(smem, configs, quick):
+    """early_config_prune for triton.autotune: the candidates of GPTNEOX_AUTOTUNE (fp32: _FP32_CONFIGS) whose
+    estimated shared memory fits this device, or the default config when none does.
+
+    Triton 3.6 and 3.9 call it as prune(configs, named_args, **kwargs), named_args being the positional arguments
+    and kwargs the keyword ones (our constexprs); Triton 2.x passed named_args alone. So everything comes from q_ptr,
+    positional in every version: its dtype (element size), head size (D0 + D1) and device (the limit)."""
+    def prune(_every, named_args, **kwargs):
+        q = named_args["q_ptr"]
+        e, D = q.element_size(), sum(split_head_dim(q.shape[-1]))
+        fp32 = q.dtype == torch.float32
+        candidates = _FP32_CONFIGS if fp32 else configs_for_mode(configs, _DEFAULT_CONFIG, quick)
+        limit = max_shared_memory(q.device.index)
+        return [c for c in candidates if smem(c, e, D) <= limit] or [_FP32_CONFIGS[0] if fp32 else _DEFAULT_CONFIG]
+    return prune
+
+
+def _autotune(kernel, configs, quick, smem):
+    """kernel under triton.autotune; the interpreter sees one config (autotune_configs), a GPU goes through _prune."""
+    every = autotune_configs([*configs, *_FP32_CONFIGS], _INTERPRET_CONFIG, _DEFAULT_CONFIG, quick)
+    return triton.autotune(every, key=_KEY, prune_configs_by={"early_config_prune": _prune(smem, configs, quick)})(
+        kernel)
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
@@ -55,7 +127,7 @@ def _visible(qpos, offs_n, lo, hi, start, CAUSAL: tl.constexpr):
     in_range = (offs_n >= lo) & (offs_n < hi)  # [N]
     keep = (offs_n >= start)[None, :] & in_range[None, :]  # [1, N]
     if CAUSAL:
-        own = offs_n[None, :] == qpos[:, None]  # a left-padding query sees itself (model._mask)
+        own = offs_n[None, :] == qpos[:, None]  # a left-padding query sees itself (ops.Mask)
         keep = (keep & (offs_n[None, :] <= qpos[:, None])) | (own & in_range[None, :])  # [M, N]
     return keep
 
@@ -181,8 +253,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + pid_s * stride_lse_s + b * stride_lse_b + h * stride_lse_h + offs_m, lse, mask=mask_m)
 
 
-_fwd_configs = autotune_configs([c for c in _FWD_CONFIGS if _keep_fwd(c)], _INTERPRET_CONFIG, _DEFAULT_CONFIG)
-_attn_fwd_tuned = triton.autotune(_fwd_configs, key=_KEY)(_attn_fwd_kernel)
+_attn_fwd_tuned = _autotune(_attn_fwd_kernel, [c for c in _FWD_CONFIGS if _keep_fwd(c)], _QUICK_FWD, _smem_fwd)
 
 
 @triton.jit
@@ -354,9 +425,16 @@ def _attn_bwd_dq_kernel(
                  mask=mask_m[:, None] & mask_d1[None, :])
 
 
-_bwd_configs = autotune_configs(_BWD_CONFIGS, _INTERPRET_CONFIG, _DEFAULT_CONFIG)
-_attn_bwd_dkdv_tuned = triton.autotune(_bwd_configs, key=_KEY)(_attn_bwd_dkdv_kernel)
-_attn_bwd_dq_tuned = triton.autotune(_bwd_configs, key=_KEY)(_attn_bwd_dq_kernel)
+_attn_bwd_dkdv_tuned = _autotune(_attn_bwd_dkdv_kernel, [c for c in _BWD_CONFIGS if _keep_dkdv(c)], _QUICK_DKDV,
+                                 _smem_dkdv)
+_attn_bwd_dq_tuned = _autotune(_attn_bwd_dq_kernel, [c for c in _BWD_CONFIGS if _keep_dq(c)], _QUICK_DQ, _smem_dq)
+
+
+def best_configs() -> dict:
+    """The launch config each autotuned attention kernel last ran with (None before its first launch): for reports
+    such as benchmarks/gpu_check.py."""
+    tuned = {"fwd": _attn_fwd_tuned, "bwd_dkdv": _attn_bwd_dkdv_tuned, "bwd_dq": _attn_bwd_dq_tuned}
+    return {name: str(getattr(t, "best_config", None)) for name, t in tuned.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -388,7 +466,7 @@ def _check_qkv(q, k, v):
     return B, nh, T, k.shape[2], hs
 
 
-def _mask_args(q, k, causal, q_offset, k_start):
+def _mask_args(q, k, q_offset, k_start):
     B, T, S = q.shape[0], q.shape[2], k.shape[2]
     return _row_vector("q_offset", q_offset, B, S - T, q.device), _row_vector("k_start", k_start, B, 0, q.device)
 
@@ -399,7 +477,7 @@ def attention_fwd(q, k, v, *, causal=True, q_offset=None, k_start=None, sm_scale
     k, v [B, nh, S, hs]. q_offset (default S - T, bottom-right causal) and k_start (default 0): int or [B].
     num_splits > 1 splits the keys into that many chunks of a multiple of block_n keys (flash-decoding)."""
     B, nh, T, S, hs = _check_qkv(q, k, v)
-    q_off, start = _mask_args(q, k, causal, q_offset, k_start)
+    q_off, start = _mask_args(q, k, q_offset, k_start)
     D0, D1 = split_head_dim(hs)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(hs)
     o = torch.empty_like(q)
@@ -430,7 +508,7 @@ def attention_bwd(do, q, k, v, o, lse, *, causal=True, q_offset=None, k_start=No
     """dq, dk, dv (shapes of q, k, v) from the output gradient do [B, nh, T, hs] and forward's o and lse."""
     B, nh, T, S, hs = _check_qkv(q, k, v)
     do = do if do.stride(-1) == 1 else do.contiguous()
-    q_off, start = _mask_args(q, k, causal, q_offset, k_start)
+    q_off, start = _mask_args(q, k, q_offset, k_start)
     D0, D1 = split_head_dim(hs)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(hs)
     delta = (o.float() * do.float()).sum(-1).contiguous()  # [B, nh, T] rowsum(o * do), FlashAttention-2 eq. (4)

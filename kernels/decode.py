@@ -5,7 +5,7 @@ of a GPU idle. Here the cache length L is cut into chunks that run in parallel, 
 its logsumexp (fp32), and a combine pass merges them: o = sum_s exp(lse_s - lse) o_s. Per-row cache lengths come
 from q_offset [B] (the slot of each row's first new token: keys beyond q_offset + T - 1 are unseen) and left
 padding from k_start [B]. The kernels are those of attention.py (forward with NUM_SPLITS > 1 and the combine).
-Inference only: no autograd. Reference: gptneox.ops.attention with the model's dense mask over the cache.
+Inference only: no autograd. Reference: gptneox.ops.eager_attention with the model's dense mask over the cache.
 Credits: Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference" (2023).
 """
 

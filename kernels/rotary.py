@@ -11,7 +11,7 @@ memory traffic) and any even rot <= hs, 0 included; positions per row [B, T] (le
 Numerics: loads upcast to fp32, angles pos * inv_freq in fp32 with inv_freq computed by torch exactly as the
 reference, rotation in fp32, stores cast to the output dtype. Backward is the inverse rotation (sin -> -sin).
 Reference: gptneox.ops.rotary_cos_sin + gptneox.ops.apply_rotary (HF apply_rotary_pos_emb). Layout facts:
-../shared/docs/neox-spec.md section 4.
+docs/architecture.md, "Forward pass".
 """
 
 import torch

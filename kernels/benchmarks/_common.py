@@ -1,8 +1,14 @@
-"""Shared by the kernel benchmarks: the header every published figure needs, timing, and table printing."""
+"""Shared by the kernel benchmarks: the header every published figure needs, timing, rooflines and table printing.
+
+Timing runs on CUDA (triton.testing.do_bench: CUDA events, L2 flushed) and, for the tiny smoke runs of
+benchmarks/gpu_check.py --tiny, on CPU under the Triton interpreter (wall clock, median of a few calls).
+"""
 
 import datetime
 import shlex
+import statistics
 import sys
+import time
 
 import torch
 import triton
@@ -21,21 +27,43 @@ def require_cuda():
         raise SystemExit("these benchmarks time GPU kernels: run them on a CUDA machine")
 
 
-def time_ms(fn, grad_to_none=None) -> float:
-    """Median milliseconds per call (triton.testing.do_bench: warm-up first, L2 flushed between calls)."""
+def _cpu_ms(fn, grad_to_none=None, repeats: int = 3) -> float:
+    """Median wall-clock milliseconds of `repeats` calls after one warm-up call (CPU: no events, no L2 flush)."""
+    times = []
+    for i in range(repeats + 1):
+        for t in grad_to_none or ():
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        if i:
+            times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def time_ms(fn, grad_to_none=None, device="cuda") -> float:
+    """Median milliseconds per call (CUDA: triton.testing.do_bench, warm-up first, L2 flushed between calls)."""
     try:
+        if torch.device(device).type != "cuda":
+            return _cpu_ms(fn, grad_to_none)
         return triton.testing.do_bench(fn, grad_to_none=grad_to_none, return_mode="median")
     except Exception as e:  # a provider that does not support the shape (e.g. cuDNN) gets a blank cell
         print(f"  ({getattr(fn, '__name__', 'provider')} failed: {type(e).__name__}: {str(e)[:120]})")
         return float("nan")
 
 
-def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, device="cuda") -> float:
     """Measured device copy bandwidth (read + write), GB/s, the ceiling for memory-bound kernels."""
-    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    x = torch.empty(nbytes // 2, dtype=torch.float16, device=device).fill_(1.0)  # never time on fresh pages
     y = torch.empty_like(x)
-    ms = time_ms(lambda: y.copy_(x))
+    ms = time_ms(lambda: y.copy_(x), device=device)
     return 2 * nbytes / ms / 1e6
+
+
+def gemm_tflops(n: int = 8192, dtype=torch.bfloat16, device="cuda") -> float:
+    """Measured dense GEMM rate, TFLOP/s, of an n x n x n product (2 n^3 FLOPs): the practical compute ceiling."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    ms = time_ms(lambda: a @ b, device=device)
+    return 2 * n**3 / ms / 1e9
 
 
 def print_table(columns: list[str], rows: list[list]) -> None:

@@ -6,6 +6,7 @@ dims of q and k. Bytes it must touch: read qkv once and write q, k, v once = 2 *
 copy bandwidth is the fraction of the roofline. "hf-eager" is transformers' GPT-NeoX attention prologue (view,
 transpose, chunk, cos/sin tables, apply_rotary_pos_emb); "torch" is gptneox.ops (the reference). Shapes: Pythia
 presets at B * T = 16k tokens. Backward time is the backward pass alone (gradients of q, k, v into qkv).
+measure_rows() returns the table's rows (benchmarks/gpu_check.py uses it).
 
     python kernels/benchmarks/bench_rotary.py
 """
@@ -49,10 +50,31 @@ PROVIDERS = {"triton": triton_provider, "torch": torch_provider, "hf-eager": hf_
 def measure(provider, qkv, pos, nh, rot, base, mode) -> float:
     if mode == "fwd":
         with torch.no_grad():
-            return time_ms(lambda: provider(qkv, pos, nh, rot, base))
+            return time_ms(lambda: provider(qkv, pos, nh, rot, base), device=qkv.device)
     outs = provider(qkv, pos, nh, rot, base)
     grads = [torch.randn_like(o) for o in outs]
-    return time_ms(lambda: torch.autograd.backward(outs, grads, retain_graph=True), grad_to_none=[qkv])
+    return time_ms(lambda: torch.autograd.backward(outs, grads, retain_graph=True), grad_to_none=[qkv],
+                   device=qkv.device)
+
+
+def measure_rows(*, presets, tokens, seqlen, dtype, modes, copy_gbs, providers=tuple(PROVIDERS), device="cuda",
+                 log=print):
+    """(columns, rows): GB/s of every provider per (preset, mode), triton's fraction of the copy bandwidth and its
+    ratio to the last provider (HF's eager rotary by default)."""
+    rows = []
+    for name in presets:
+        c = Config.from_name(name)
+        nh, rot, base = c.num_attention_heads, c.rotary_ndims, c.rotary_emb_base
+        B = max(1, tokens // seqlen)
+        qkv = torch.randn(B, seqlen, 3 * c.hidden_size, device=device, dtype=DTYPES[dtype], requires_grad=True)
+        pos = torch.arange(seqlen, device=device).expand(B, seqlen)
+        nbytes = 2 * qkv.numel() * qkv.element_size()
+        for mode in modes:
+            gbs = {p: nbytes / measure(PROVIDERS[p], qkv, pos, nh, rot, base, mode) / 1e6 for p in providers}
+            rows.append([name, c.head_size, rot, mode, *gbs.values(), 100 * gbs["triton"] / copy_gbs,
+                         gbs["triton"] / gbs[providers[-1]]])
+            log(f"{name} {mode}: " + ", ".join(f"{p} {g:.1f} GB/s" for p, g in gbs.items()))
+    return ["preset", "hs", "rot", "mode", *providers, "triton % of copy", f"triton / {providers[-1]}"], rows
 
 
 def main(*, presets, tokens, seqlen, dtype, modes):
@@ -60,20 +82,10 @@ def main(*, presets, tokens, seqlen, dtype, modes):
     print(header())
     copy = copy_bandwidth_gbs()
     print(f"copy bandwidth (read + write): {copy:.0f} GB/s")
-    rows = []
-    for name in presets:
-        c = Config.from_name(name)
-        nh, rot, base = c.num_attention_heads, c.rotary_ndims, c.rotary_emb_base
-        B = max(1, tokens // seqlen)
-        qkv = torch.randn(B, seqlen, 3 * c.hidden_size, device="cuda", dtype=DTYPES[dtype], requires_grad=True)
-        pos = torch.arange(seqlen, device="cuda").expand(B, seqlen)
-        nbytes = 2 * qkv.numel() * qkv.element_size()
-        for mode in modes:
-            gbs = {p: nbytes / measure(fn, qkv, pos, nh, rot, base, mode) / 1e6 for p, fn in PROVIDERS.items()}
-            rows.append([name, c.head_size, rot, mode, *gbs.values(), 100 * gbs["triton"] / copy,
-                         gbs["triton"] / gbs["hf-eager"]])
+    columns, rows = measure_rows(presets=presets, tokens=tokens, seqlen=seqlen, dtype=dtype, modes=modes,
+                                 copy_gbs=copy)
     print(f"\nrotary GB/s, {dtype}, B*T = {tokens}, T = {seqlen}")
-    print_table(["preset", "hs", "rot", "mode", *PROVIDERS, "triton % of copy", "triton / hf"], rows)
+    print_table(columns, rows)
 
 
 if __name__ == "__main__":

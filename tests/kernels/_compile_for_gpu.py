@@ -1,15 +1,21 @@
-"""Compile every kernel ahead of time for a GPU target, no GPU needed: python _compile_for_gpu.py [--all] [--arch 90].
+"""Compile the kernels ahead of time for a GPU target, no GPU needed: python _compile_for_gpu.py [--all] [--arch 90].
 
 The interpreter runs kernels as Python, so it cannot catch what only the compiler rejects (types changing across
 loop iterations, constexpr misuse, shared memory over the limit). Triton compiles to a cubin for a named target
 without a device; this script does that for the kernels' launch configs and prints one line per kernel:
-"ok <name> shared=<bytes>" or "FAIL <name>: <error>". Run by test_compile.py in a subprocess, because the tests'
-TRITON_INTERPRET=1 turns @triton.jit functions into interpreted ones.
+"ok <name> shared=<bytes> estimate=<bytes>" or "FAIL <name>: <why>". For the attention kernels it compiles every
+config GPTNEOX_AUTOTUNE=quick can pick (fp32: its one config), plus at hd 256 the largest config of each full search
+that the autotune pruner keeps on sm_90, and fails when the compiler's shared memory exceeds the pruner's estimate
+(kernels/attention.py _smem_*: it must be an upper bound) or when a default config does not fit. Run by
+test_compile.py in a subprocess, because the tests' TRITON_INTERPRET=1 turns @triton.jit functions into interpreted
+ones. The kernels are loaded from the checkout's kernels/ folder directly (they import nothing of gptneox).
 """
 
 import argparse
-import importlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -18,42 +24,86 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-attention = importlib.import_module("gptneox.kernels.attention")
-rotary = importlib.import_module("gptneox.kernels.rotary")
-split_head_dim = importlib.import_module("gptneox.kernels._utils").split_head_dim
+KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 SMEM_LIMIT = 232448  # bytes of shared memory per block on sm_90 (H100 / H200), CUDA programming guide
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def load_kernels():
+    """kernels/ as the package gptneox_kernels_aot (its imports are relative), without importing gptneox."""
+    spec = importlib.util.spec_from_file_location("gptneox_kernels_aot", KERNELS / "__init__.py",
+                                                  submodule_search_locations=[str(KERNELS)])
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return sys.modules[f"{spec.name}.attention"], sys.modules[f"{spec.name}.rotary"]
+
+
+attention, rotary = load_kernels()
 
 
 def compile_kernel(fn, arch, pointers, constexprs, num_warps, num_stages):
+    """A cubin for sm_<arch>, specialised as a real launch of our shapes is: every pointer (torch allocations) and
+    every integer (strides and lengths of head sizes 16..256 at T, S multiples of 16) divisible by 16. That matters:
+    with it Triton pipelines the loads (cp.async, num_stages buffers) and shared memory grows with num_stages;
+    without it, it does not, and the bytes measured here would be those of a kernel the GPU never runs."""
     sig = {name: "i32" for name in fn.arg_names}
     sig.update({name: t for name, t in pointers.items() if name in sig})
     sig.update({name: "fp32" for name in ("scale_log2e", "sm_scale") if name in sig})
     sig.update({name: "constexpr" for name in constexprs})
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in constexprs.items()})
+    divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name][0] in "*i"}
+    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(c),): v for c, v in constexprs.items()}, attrs=divisible)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def attention_cases(dtypes, head_dims, causal_only):
+def attention_kernels():
+    """(name, kernel, shared memory estimate, the quick configs, the full search) for fwd, dk/dv and dq."""
+    a = attention
+    return [("fwd", a._attn_fwd_kernel, a._smem_fwd, a._QUICK_FWD, [c for c in a._FWD_CONFIGS if a._keep_fwd(c)]),
+            ("dkdv", a._attn_bwd_dkdv_kernel, a._smem_dkdv, a._QUICK_DKDV,
+             [c for c in a._BWD_CONFIGS if a._keep_dkdv(c)]),
+            ("dq", a._attn_bwd_dq_kernel, a._smem_dq, a._QUICK_DQ, [c for c in a._BWD_CONFIGS if a._keep_dq(c)])]
+
+
+def largest_kept(configs, smem, e, D):
+    """The config the pruner keeps on sm_90 whose estimate is closest to the limit: where a low estimate would bite."""
+    kept = [c for c in configs if smem(c, e, D) <= SMEM_LIMIT]
+    return max(kept, key=lambda c: smem(c, e, D))
+
+
+def attention_cases(dtypes, head_dims, causal_only, quick=True, edge=False):
+    """(name, kernel, pointer types, constexprs, num_warps, num_stages, estimate or None, must fit): the quick configs
+    (fp32: its one config) and/or, at hd 256 in 16 bits, the largest config the pruner keeps (edge)."""
+    defaults = (attention._DEFAULT_CONFIG, *attention._FP32_CONFIGS)
     for dt in dtypes:
         pointers = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
         pointers.update(lse_ptr="*fp32", delta_ptr="*fp32", q_off_ptr="*i32", k_start_ptr="*i32")
         for hs in head_dims:
-            D0, D1 = split_head_dim(hs)
+            D0, D1 = attention.split_head_dim(hs)
             for causal in (True,) if causal_only else (True, False):
                 consts = dict(HS=hs, D0=D0, D1=D1, D1B=D1 or 16, CAUSAL=causal,
-                              DOT_PRECISION="ieee" if dt == "fp32" else "tf32", **attention._DEFAULT_CONFIG.kwargs)
-                cfg = attention._DEFAULT_CONFIG
-                for fn in (attention._attn_fwd_kernel, attention._attn_bwd_dkdv_kernel, attention._attn_bwd_dq_kernel):
-                    name = f"{fn.__name__} {dt} hs={hs} causal={causal}"
-                    yield name, fn, pointers, consts, cfg.num_warps, cfg.num_stages
+                              DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
+                for kind, fn, smem, quick_configs, full in attention_kernels():
+                    configs = [] if not quick else attention._FP32_CONFIGS if dt == "fp32" else list(quick_configs)
+                    if edge and dt != "fp32" and hs == 256:
+                        configs.append(largest_kept(full, smem, ELEMENT_SIZE[dt], D0 + D1))
+                    for c in configs:
+                        name = (f"{fn.__name__} {dt} hs={hs} causal={causal} BLOCK_M={c.kwargs['BLOCK_M']} "
+                                f"BLOCK_N={c.kwargs['BLOCK_N']} warps={c.num_warps} stages={c.num_stages}")
+                        yield (name, fn, pointers, {**consts, **c.kwargs}, c.num_warps, c.num_stages,
+                               smem(c, ELEMENT_SIZE[dt], D0 + D1), c in defaults)
+
+
+def decode_cases():
     split = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*fp32", lse_ptr="*fp32", q_off_ptr="*i32",
                  k_start_ptr="*i32")
     yield ("_attn_fwd_kernel decode split bf16 hs=80", attention._attn_fwd_kernel, split,
-           dict(HS=80, D0=64, D1=16, D1B=16, CAUSAL=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64), 4, 2)
+           dict(HS=80, D0=64, D1=16, D1B=16, CAUSAL=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64), 4, 2,
+           attention._smem_fwd(attention._config(16, 64, 2, 4), 2, 80), True)
     yield ("_attn_combine_kernel bf16 hs=80", attention._attn_combine_kernel,
            dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", o_ptr="*bf16", lse_ptr="*fp32"),
-           dict(HS=80, BLOCK_S=16, BLOCK_D=128), 4, 2)
+           dict(HS=80, BLOCK_S=16, BLOCK_D=128), 4, 2, None, True)
 
 
 def rotary_cases(dtypes):
@@ -62,22 +112,35 @@ def rotary_cases(dtypes):
             yield (f"_rotary_fwd_kernel {dt} slots={has_slots}", rotary._rotary_fwd_kernel,
                    dict(qkv_ptr=f"*{dt}", q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", pos_ptr="*i64",
                         slot_ptr="*i64", inv_freq_ptr="*fp32"),
-                   dict(HS=80, ROT=20, BLOCK_H=32, BLOCK_D=128, HAS_SLOTS=has_slots), 4, 1)
+                   dict(HS=80, ROT=20, BLOCK_H=32, BLOCK_D=128, HAS_SLOTS=has_slots), 4, 1, None, True)
         yield (f"_rotary_bwd_kernel {dt}", rotary._rotary_bwd_kernel,
                dict(dq_ptr=f"*{dt}", dk_ptr=f"*{dt}", dv_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", pos_ptr="*i64",
                     inv_freq_ptr="*fp32"),
-               dict(HS=128, ROT=32, BLOCK_H=32, BLOCK_D=128), 4, 1)
+               dict(HS=128, ROT=32, BLOCK_H=32, BLOCK_D=128), 4, 1, None, True)
+
+
+def verdict(shared, estimate, must_fit) -> str:
+    if estimate is not None and shared > estimate:
+        return f"FAIL shared memory {shared} exceeds the pruner's estimate {estimate}"
+    if must_fit and shared > SMEM_LIMIT:
+        return f"FAIL shared memory {shared} exceeds sm_90's {SMEM_LIMIT}"
+    return "ok"
 
 
 def main(*, all, arch):
-    dtypes = ["bf16", "fp16", "fp32"] if all else ["bf16"]
-    head_dims = [32, 64, 80, 96, 128, 256] if all else [80, 128]
-    for name, fn, pointers, consts, warps, stages in [*attention_cases(dtypes, head_dims, not all),
-                                                         *rotary_cases(dtypes)]:
+    if all:
+        cases = [*attention_cases(["bf16", "fp16", "fp32"], [32, 64, 80, 96, 128, 256], False, edge=True),
+                 *decode_cases(), *rotary_cases(["bf16", "fp16", "fp32"])]
+    else:  # bf16 at Pythia's awkward (80) and common (128) head sizes, fp32's config, the edge configs at hd 256
+        cases = [*attention_cases(["bf16"], [80, 128], True), *attention_cases(["fp32"], [64], True),
+                 *attention_cases(["bf16"], [256], True, quick=False, edge=True), *decode_cases(),
+                 *rotary_cases(["bf16"])]
+    for name, fn, pointers, consts, warps, stages, estimate, must_fit in cases:
         try:
             shared = compile_kernel(fn, arch, pointers, consts, warps, stages).metadata.shared
-            status = "ok" if shared <= SMEM_LIMIT else "FAIL"
-            print(f"{status} {name} shared={shared}", flush=True)
+            status = verdict(shared, estimate, must_fit)
+            print(f"{status if status == 'ok' else 'FAIL'} {name} shared={shared} estimate={estimate}"
+                  f"{'' if status == 'ok' else ': ' + status}", flush=True)
         except Exception as e:  # report every kernel, not just the first failure
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
 
@@ -85,6 +148,6 @@ def main(*, all, arch):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--all", action="store_true",
-                        help="every dtype, head size and causality (minutes), not the quick set")
+                        help="every dtype, head size and causality (tens of minutes), not the quick set")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int: 90 = H100 / H200")
     main(**vars(parser.parse_args()))

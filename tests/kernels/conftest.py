@@ -1,5 +1,6 @@
-"""Kernel tests: one fixed launch config on GPU (GPTNEOX_AUTOTUNE=0), so each new head size compiles once instead of
-autotuning for minutes; set before any test module imports the kernels. Benchmarks autotune."""
+"""Kernel tests: one fixed launch config per kernel on GPU (GPTNEOX_AUTOTUNE=0: the default config, fp32 its own), so
+each new head size and dtype compiles once instead of autotuning for minutes; set before any test runs a kernel.
+Benchmarks autotune (benchmarks/gpu_check.py with GPTNEOX_AUTOTUNE=quick)."""
 
 import os
 

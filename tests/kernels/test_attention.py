@@ -1,6 +1,8 @@
-"""Flash attention (kernels/attention.py) against the torch path gptneox.ops.attention, forward and backward."""
+"""Flash attention (kernels/attention.py) against the torch references gptneox.ops.eager_attention (fp32) and
+ops.sdpa_attention (the torch path in the kernel's dtype), forward and backward."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -24,8 +26,8 @@ def check_attention(B, nh, T, S, hs, dtype, causal, q_offset, k_start):
     x32 = make_inputs(B, nh, T, S, hs)
     do = torch.randn(B, nh, T, hs, device=DEVICE)  # one upstream gradient for all three
     runs = {
-        "ref": (torch.float32, lambda q, k, v: ops.attention(q, k, v, mask, backend="eager")),
-        "base": (dtype, lambda q, k, v: ops.attention(q, k, v, mask, backend="sdpa")),
+        "ref": (torch.float32, lambda q, k, v: ops.eager_attention(q, k, v, mask)),
+        "base": (dtype, lambda q, k, v: ops.sdpa_attention(q, k, v, mask)),
         "kernel": (dtype, lambda q, k, v: kernels().attention(q, k, v, causal=causal, q_offset=q_offset,
                                                               k_start=k_start)),
     }
@@ -74,8 +76,8 @@ def test_attention_noncausal_row_with_no_visible_key_is_zero():
     q, k, v = make_inputs(2, 1, 5, 7, 32)
     o, lse = kernels().attention_fwd(q, k, v, causal=False, k_start=torch.tensor([0, 7], device=DEVICE))
     assert (o[1] == 0).all() and (lse[1] == float("-inf")).all() and not o.isnan().any()
-    torch.testing.assert_close(o[0], ops.attention(q[:1], k[:1], v[:1], torch.ones(5, 7, dtype=torch.bool,
-                                                                                   device=DEVICE))[0])
+    torch.testing.assert_close(o[0], ops.sdpa_attention(q[:1], k[:1], v[:1], torch.ones(5, 7, dtype=torch.bool,
+                                                                                        device=DEVICE))[0])
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 100])
@@ -116,3 +118,55 @@ def test_attention_rejects_bad_input(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(ValueError, match="Triton kernels need CUDA tensors"):
             attention(q, k, v)
+
+
+# ------------------------------------------------------------------------------------------ autotune pruning (CPU)
+def _attention_module():
+    kernels()  # loads gptneox.kernels (from the checkout when not installed)
+    return sys.modules["gptneox.kernels.attention"]
+
+
+@pytest.mark.parametrize("dtype,e", [(torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)], ids=str)
+@pytest.mark.parametrize("hs,D", [(64, 64), (80, 80), (112, 128), (256, 256)])  # D: the head blocks D0 + D1
+def test_autotune_keeps_exactly_the_configs_that_fit_shared_memory(monkeypatch, dtype, e, hs, D):
+    att = _attention_module()
+    limit = 120_000  # a fake device, half of sm_90: at hd 256 it keeps some configs of each kernel and drops others
+    monkeypatch.setattr(att, "max_shared_memory", lambda device_index: limit)
+    monkeypatch.setenv("GPTNEOX_AUTOTUNE", "1")
+    q = torch.empty(1, 1, 1, hs, dtype=dtype)  # all the pruner reads: dtype, head size, device
+    for smem, full, quick in ((att._smem_fwd, [c for c in att._FWD_CONFIGS if att._keep_fwd(c)], att._QUICK_FWD),
+                              (att._smem_dkdv, [c for c in att._BWD_CONFIGS if att._keep_dkdv(c)], att._QUICK_DKDV),
+                              (att._smem_dq, [c for c in att._BWD_CONFIGS if att._keep_dq(c)], att._QUICK_DQ)):
+        prune = att._prune(smem, full, quick)
+        candidates = att._FP32_CONFIGS if dtype == torch.float32 else full
+        fitting = [c for c in candidates if smem(c, e, D) <= limit]
+        fallback = [att._FP32_CONFIGS[0] if dtype == torch.float32 else att._DEFAULT_CONFIG]
+        assert prune(full, {"q_ptr": q}) == (fitting or fallback)  # Triton 2.x: named_args only
+        assert prune(full, {"q_ptr": q}, HS=hs, CAUSAL=True) == (fitting or fallback)  # 3.6 / 3.9: and kwargs
+        if dtype != torch.float32 and D == 256:  # the case that prunes: some configs kept, some dropped
+            assert 0 < len(fitting) < len(full), [str(c) for c in fitting]
+
+
+def test_autotune_modes_pick_their_candidates_before_pruning(monkeypatch):
+    att = _attention_module()
+    monkeypatch.setattr(att, "max_shared_memory", lambda device_index: 232448)  # sm_90
+    full = [c for c in att._FWD_CONFIGS if att._keep_fwd(c)]
+    prune = att._prune(att._smem_fwd, full, att._QUICK_FWD)
+    q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
+    fitting = [c for c in full if att._smem_fwd(c, 2, 128) <= 232448]
+    assert 0 < len(fitting) < len(full)  # hd 128 in bf16 on sm_90: 4 stages of 128 x 128 blocks do not fit
+    for mode, expected in (("1", fitting), ("quick", att._QUICK_FWD), ("0", [att._DEFAULT_CONFIG])):
+        monkeypatch.setenv("GPTNEOX_AUTOTUNE", mode)
+        assert prune(full, {"q_ptr": q}) == expected  # every quick config fits at hd 128
+        assert prune(full, {"q_ptr": q.float()}) == att._FP32_CONFIGS  # fp32: one small config in every mode
+    monkeypatch.setenv("GPTNEOX_AUTOTUNE", "fast")
+    with pytest.raises(ValueError, match="GPTNEOX_AUTOTUNE='fast'"):
+        prune(full, {"q_ptr": q})
+    assert 2 <= len(att._QUICK_FWD) <= 4 and 2 <= len(att._QUICK_DKDV) <= 4 and 2 <= len(att._QUICK_DQ) <= 4
+
+
+def test_autotune_estimate_grows_with_blocks_dtype_and_head_size():
+    att = _attention_module()
+    small, big = att._config(32, 32, 2, 4), att._config(128, 128, 2, 8)
+    for smem in (att._smem_fwd, att._smem_dkdv, att._smem_dq):
+        assert smem(small, 2, 64) < smem(big, 2, 64) < smem(big, 2, 256) < smem(big, 4, 256)
