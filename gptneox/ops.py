@@ -207,19 +207,16 @@ class Mask:
 
 
 # --------------------------------------------------------------------------------------------------- attention
-def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool = False, backend=None):
+def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool = False):
     """Causal attention, q [B, nh, T, hs], k and v [B, nh, S, hs] -> [B, nh, T, hs], under the forward's Mask.
 
     By mask.backend: "eager" computes q k^T and the softmax in fp32 (and alone can return the probabilities
     [B, nh, T, S]); "sdpa" is torch's scaled_dot_product_attention; "triton" our flash attention kernel, or the
     flash-decoding kernel for a few queries against a longer cache. The kernel has no dropout: dropout_p > 0 runs SDPA.
     """
-    if not isinstance(mask, Mask):  # TRANSITION: tests/kernels still pass dense masks; removed once they call the refs
-        if backend is None:
-            raise TypeError(f"attention takes an ops.Mask (the forward's mask description), got {type(mask).__name__}; "
-                            "the torch references with a dense mask are eager_attention and sdpa_attention")
-        return (eager_attention(q, k, v, mask, dropout_p, return_probs) if backend == "eager"
-                else sdpa_attention(q, k, v, mask, dropout_p))
+    if not isinstance(mask, Mask):
+        raise TypeError(f"attention takes an ops.Mask (the forward's mask description), got {type(mask).__name__}; "
+                        "the torch references with a dense mask are eager_attention and sdpa_attention")
     if return_probs or mask.backend == "eager":
         if mask.backend != "eager":
             raise ValueError("attention probabilities are only available with backend='eager'")
