@@ -244,7 +244,8 @@ def prepare(run: Run, resume_file: Path | None) -> None:
     epochs, max_steps = cfg.run_length
     run.total_steps = max_steps or epochs * steps_per_epoch(len(run.train), run.batch)
     run.log(f"{len(run.train)} training / {len(run.val)} validation examples, {run.total_steps} steps of {run.batch} "
-            f"({run.micro} per forward), {run.world} process(es) on {run.device}, {run.dtype}")
+            f"({run.micro} per forward), {cfg.warmup(run.total_steps)} warmup, {run.world} process(es) on "
+            f"{run.device}, {run.dtype}")
     run.model.gradient_checkpointing = cfg.grad_checkpointing
     if run.world > 1:
         dist.shard(run.model, run.device)  # process 0's weights, scattered: no process holds the whole model
@@ -315,7 +316,7 @@ def train_loop(run: Run) -> None:
 def one_step(run: Run, peak: float | None) -> dict:
     """One optimizer step over the global batch `run.step`; its metrics row."""
     cfg, t0 = run.cfg, time.perf_counter()
-    lr_now = lr_at(run.step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=run.total_steps,
+    lr_now = lr_at(run.step, lr=cfg.lr, warmup_steps=cfg.warmup(run.total_steps), max_steps=run.total_steps,
                    schedule=cfg.schedule)
     for group in run.optimizer.param_groups:
         group["lr"] = lr_now
@@ -373,7 +374,8 @@ def build_parser() -> ArgumentParser:
                    "batch-size / (micro x processes) micro-batches are accumulated per step (default: the largest "
                    "divisor of the per-process batch up to Dolly's 6)")
     g.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6, as Dolly)")
-    g.add_argument("--warmup-steps", type=non_negative_int, default=50, help="warmup steps (default 50, as Dolly)")
+    g.add_argument("--warmup-steps", type=non_negative_int, help="warmup steps (default: 50, as Dolly, but at most a "
+                   "tenth of the run's steps)")
     g.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant: DeepSpeed WarmupLR's log "
                    "warmup then constant (Dolly, the default); cosine: linear warmup then cosine decay to lr/10")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices "

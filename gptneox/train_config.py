@@ -15,6 +15,7 @@ from .schedule import SCHEDULES
 DOLLY_EPOCHS = 2  # databrickslabs/dolly train_dolly.py
 DOLLY_BATCH = 48  # 6 per A100 x 8 GPUs
 DOLLY_MICRO_BATCH = 6  # per-device batch on an A100 (train_dolly.py)
+DOLLY_WARMUP = 50  # warmup steps of Dolly's DeepSpeed WarmupLR (train_dolly.py), 8% of its ~620-step 2-epoch run
 # the settings that define a run: a resumed run must repeat them, and an --out holding other values is refused
 RUN_KEYS = ("init", "config", "tokenizer", "data", "epochs", "max_steps", "val_size", "batch_size", "lr",
             "warmup_steps", "schedule", "weight_decay", "grad_clip", "seq_len", "seed", "dtype", "skip_bad_lines")
@@ -37,7 +38,7 @@ class TrainConfig:
     batch_size: int | None = None  # global, in examples; default DOLLY_BATCH
     micro_batch_size: int | None = None  # per forward and process; default: the largest divisor <= 6 that fits
     lr: float = 5e-6
-    warmup_steps: int = 50
+    warmup_steps: int | None = None  # default DOLLY_WARMUP, at most a tenth of the run
     schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
@@ -103,6 +104,11 @@ class TrainConfig:
             raise UsageError(f"--batch-size {batch} must be a multiple of --micro-batch-size {micro} x {world} "
                              "process(es)")
         return batch, micro
+
+    def warmup(self, total_steps: int) -> int:
+        """Warmup steps: the ones given, else Dolly's 50 but never more than a tenth of the run, so that a short run
+        (--max-steps 20, or a small dataset) still reaches its --lr (Dolly's own run is ~620 steps: 50 is 8%)."""
+        return self.warmup_steps if self.warmup_steps is not None else min(DOLLY_WARMUP, total_steps // 10)
 
     @property
     def every_sample(self) -> int:

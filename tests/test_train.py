@@ -282,8 +282,9 @@ def test_train_cli_prints_clear_errors(ckpt, tmp_path, capsys):
                  "--grad-checkpointing", "--skip-bad-lines"):
         assert flag in help_text
     args = TrainConfig(**vars(train.build_parser().parse_args(["--init", "x", "--data", "dolly-15k", "--out", "o"])))
-    assert (args.run_length[0], args.lr, args.warmup_steps, args.schedule, args.weight_decay) == (2, 5e-6, 50,
-                                                                                                   "constant", 0)
+    assert (args.run_length[0], args.lr, args.warmup(620), args.schedule, args.weight_decay) == (2, 5e-6, 50,
+                                                                                                  "constant", 0)
+    assert args.warmup(20) == 2, "a short run still reaches its lr: warmup at most a tenth of it"
 
 
 def test_train_failed_save_keeps_previous_checkpoint_and_resumes(ckpt, data, tmp_path, monkeypatch):
