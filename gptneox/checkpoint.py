@@ -92,8 +92,11 @@ def checkpoint_name(name: str) -> str | None:
     return name
 
 
-def load_pretrained(cls, path, *, device=None, dtype=None, backend=None, progress=False):
-    path = Path(path)
+def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, backend=None, progress=False):
+    """cls built on the meta device, its tensors streamed in from a checkpoint directory, or from a model name (and
+    revision) found or fetched by hub.resolve_checkpoint. Holds no reference to the model once it is returned."""
+    from .hub import checkpoint_path  # hub imports this module: a lazy import breaks the cycle
+    path = checkpoint_path(name_or_path, revision=revision)
     files = weight_files(path)
     config = Config.from_hf_config(path)
     with torch.device("meta"):

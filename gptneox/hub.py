@@ -3,11 +3,13 @@
     resolve_checkpoint("checkpoints/my-run")               an existing directory, as it is
     resolve_checkpoint("dolly-v2-12b")                     databricks/dolly-v2-12b, looked up locally, else fetched
     resolve_checkpoint("EleutherAI/pythia-1.4b-deduped@step3000")   a Pythia training checkpoint (a hub branch)
+    resolve_checkpoint("pythia-70m", revision="step3000")           the same, the revision as a keyword
 
 Names are looked up, in order, in ./checkpoints, in $GPTNEOX_HOME (each as ORG/NAME or NAME, with "@REV" appended
 for a revision), and in the Hugging Face hub cache (models--ORG--NAME/snapshots/..., what `hf download` and
 transformers write), so weights downloaded with HF tools are used where they are. Failing that, the checkpoint is
 fetched with huggingface_hub when it is installed and the network answers; otherwise the error says how to fetch it.
+A Pythia revision stepN that EleutherAI never published (pythia_steps() lists the 154 that exist) is refused first.
 """
 
 import os
@@ -23,6 +25,11 @@ FETCH_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "to
                   "special_tokens_map.json", "*.safetensors", "model.safetensors.index.json"]
 BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 _NAME = re.compile(r"(?:(?P<org>[\w.-]+)/)?(?P<name>[\w.-]+)(?:@(?P<rev>[\w./-]+))?")
+_STEP = re.compile(r"step(\d+)")
+# Pythia's published training checkpoints (hub branches, github.com/EleutherAI/pythia README, "Models"): step0, then
+# log-spaced step1 ... step512 (powers of two), then every 1000 steps up to step143000, the last (== main)
+PYTHIA_LOG_STEPS = [0] + [2 ** i for i in range(10)]
+PYTHIA_LAST_STEP, PYTHIA_STEP_EVERY = 143000, 1000
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -45,6 +52,31 @@ def parse_name(name_or_path: str) -> tuple[str, str | None]:
                              f"{', '.join(PRESETS)} (or give ORG/NAME of a GPT-NeoX repository on the hub)")
         org = next(hub_id.split("/")[0] for hub_id, preset in HUB_IDS.items() if preset == name)
     return f"{org}/{name}", rev
+
+
+def pythia_steps() -> list[int]:
+    """The 154 training steps EleutherAI published for every Pythia model (branch "step{N}"), ascending."""
+    return PYTHIA_LOG_STEPS + list(range(PYTHIA_STEP_EVERY, PYTHIA_LAST_STEP + 1, PYTHIA_STEP_EVERY))
+
+
+def check_pythia_revision(repo_id: str, revision: str | None) -> None:
+    """Raise ValueError, naming the nearest published steps, for a stepN revision of EleutherAI/pythia-* that does
+    not exist (step3001, step150000). Other revisions (main, a branch, a commit hash) and repositories pass."""
+    org, name = repo_id.split("/")
+    m = _STEP.fullmatch(revision or "")
+    if org.lower() != "eleutherai" or not name.lower().startswith("pythia") or m is None:
+        return
+    steps, step = pythia_steps(), int(m.group(1))
+    if revision == f"step{step}" and step in steps:
+        return
+    if step in steps:  # step03000: the branch is spelled without leading zeros
+        which = f"write it step{step}"
+    else:
+        nearest = [f"step{s}" for s in [s for s in steps if s < step][-1:] + [s for s in steps if s > step][:1]]
+        which = f"the nearest {'are ' + ' and '.join(nearest) if len(nearest) == 2 else 'is ' + nearest[0]}"
+    raise ValueError(f"{revision} is not a published Pythia checkpoint; {which} ({repo_id} has step0, step1, step2, "
+                     f"step4, ..., step512, then every {PYTHIA_STEP_EVERY} steps up to step{PYTHIA_LAST_STEP} == main; "
+                     "gptneox.pythia_steps() lists them)")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -97,18 +129,34 @@ def download(repo_id: str, revision: str | None) -> Path:
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
 
 
-def resolve_checkpoint(name_or_path: str, *, download_missing: bool = True) -> Path:
+def _revision_only_for_names(path: Path, revision: str | None) -> None:
+    if revision is not None:
+        raise ValueError(f"revision={revision!r} applies only to model names, and {path} is a path: pass the "
+                         "directory of that revision, or a name like 'EleutherAI/pythia-70m'")
+
+
+def _merge_revision(name_or_path: str, named: str | None, revision: str | None) -> str | None:
+    if named is not None and revision is not None and named != revision:
+        raise ValueError(f"{name_or_path!r} names revision {named!r} but revision={revision!r} was given; give one")
+    return named if named is not None else revision
+
+
+def resolve_checkpoint(name_or_path: str, *, revision: str | None = None, download_missing: bool = True) -> Path:
     """The checkpoint directory for a path or a model name (see the module docstring for the lookup order).
 
-    Raises ValueError for a name that cannot be a model, CheckpointNotFound (a FileNotFoundError) when there is no
+    revision= is the same as "@REV" in the name (both, disagreeing, is a ValueError). Raises ValueError for a name
+    that cannot be a model or an unpublished Pythia step, CheckpointNotFound (a FileNotFoundError) when there is no
     local copy and fetching is off, impossible or fails; its message lists where it looked and the fetch command.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        _revision_only_for_names(path, revision)
         return path
     if path.exists():
         raise ValueError(f"{path} is a file; a checkpoint is a directory holding config.json and the weights")
-    repo_id, revision = parse_name(name_or_path)
+    repo_id, named = parse_name(name_or_path)
+    revision = _merge_revision(name_or_path, named, revision)
+    check_pythia_revision(repo_id, revision)
     candidates = local_candidates(repo_id, revision)
     for candidate in candidates:
         if is_checkpoint(candidate):
@@ -134,3 +182,21 @@ def resolve_checkpoint(name_or_path: str, *, download_missing: bool = True) -> P
         reason = f"the download at {fetched} holds no config.json with weights"
     raise CheckpointNotFound(f"no local copy of {repo_id}{'@' + revision if revision else ''} and {reason}; "
                              f"looked in:\n  {looked}\n{how}")
+
+
+def _is_path(name_or_path) -> bool:
+    """A Path, an existing file or directory, or a string no hub name looks like ("/x", "./x", "~/x", "a/b/c",
+    "tok.json"): a typo in a path gets the loader's "not found", never a hub lookup."""
+    s = str(name_or_path)
+    return isinstance(name_or_path, os.PathLike) or Path(s).expanduser().exists() or os.path.isabs(s) or \
+        s.startswith((".", "~")) or s.endswith(".json") or s.split("@")[0].count("/") > 1
+
+
+def checkpoint_path(name_or_path, *, revision: str | None = None) -> Path:
+    """What from_pretrained reads: a path as it is (the loader says what is wrong with it), or a model name found
+    or fetched by resolve_checkpoint."""
+    path = Path(name_or_path).expanduser()
+    if _is_path(name_or_path):
+        _revision_only_for_names(path, revision)
+        return path
+    return resolve_checkpoint(name_or_path, revision=revision)

@@ -5,8 +5,6 @@ before BPE), which is what transformers' GPTNeoXTokenizer(Fast) produces: no BOS
 Facts: docs/architecture.md, "Tokenizer" and "Dolly v2".
 """
 
-from pathlib import Path
-
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY  # Dolly's special tokens: ids 50277-50279 in its file
@@ -41,9 +39,11 @@ class Tokenizer:
         return self.bos_id
 
     @classmethod
-    def from_pretrained(cls, path) -> "Tokenizer":
-        """From a tokenizer.json file or a checkpoint directory holding one."""
-        path = Path(path)
+    def from_pretrained(cls, name_or_path, *, revision=None) -> "Tokenizer":
+        """From a tokenizer.json file, a checkpoint directory holding one, or a model name (and revision) found or
+        fetched as GPTNeoX.from_pretrained does: "pythia-70m@step3000", or "pythia-70m" with revision="step3000"."""
+        from .hub import checkpoint_path  # lazy, as model.py's: hub.py pulls in checkpoint.py and torch
+        path = checkpoint_path(name_or_path, revision=revision)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"{file}: tokenizer file not found")

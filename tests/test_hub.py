@@ -1,5 +1,7 @@
 """gptneox.hub.resolve_checkpoint: paths, names, revisions, ./checkpoints, $GPTNEOX_HOME and a fake HF hub cache."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import hf_model, save_checkpoint
@@ -28,13 +30,16 @@ def fake_checkpoint(path, weights="pytorch_model.bin"):
     return path
 
 
-def fake_hub_snapshot(cache, repo_id, revision="main", commit="a" * 40, weights="pytorch_model.bin"):
-    """The layout huggingface_hub writes: blobs, snapshots/COMMIT/* as symlinks to blobs, refs/REVISION."""
+def fake_hub_snapshot(cache, repo_id, revision="main", commit="a" * 40, weights="pytorch_model.bin", src=None):
+    """The layout huggingface_hub writes: blobs, snapshots/COMMIT/* as symlinks to blobs, refs/REVISION. The files
+    are those of directory src (a real checkpoint), else a placeholder config.json and weights file."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     (repo / "blobs").mkdir(exist_ok=True)
-    for name, data in (("config.json", b"{}"), (weights, b"weights")):
+    files = [(f.name, f.read_bytes()) for f in sorted(Path(src).iterdir())] if src else \
+        [("config.json", b"{}"), (weights, b"weights")]
+    for name, data in files:
         blob = repo / "blobs" / f"{commit[:8]}-{name}"
         blob.write_bytes(data)
         (snapshot / name).symlink_to(blob)
@@ -70,6 +75,7 @@ def test_resolve_checkpoint_follows_revision_refs(env):
     step = fake_hub_snapshot(env / "hf-cache", "EleutherAI/pythia-160m", "step3000", "c" * 40)
     assert resolve_checkpoint("pythia-160m") == main
     assert resolve_checkpoint("pythia-160m@step3000") == step
+    assert resolve_checkpoint("pythia-160m", revision="step3000") == step
     assert resolve_checkpoint("EleutherAI/pythia-160m@" + "c" * 40) == step
     with pytest.raises(CheckpointNotFound, match="hf download EleutherAI/pythia-160m --revision step1000"):
         resolve_checkpoint("pythia-160m@step1000", download_missing=False)
@@ -106,11 +112,7 @@ def test_resolve_checkpoint_uses_the_download(env, monkeypatch):
 def test_checkpoint_in_fake_hub_cache_loads_through_symlinks(env):
     """A real (tiny) .bin checkpoint laid out as huggingface_hub stores it loads with mmap through the symlinks."""
     hf = hf_model(0)
-    src = save_checkpoint(hf, env / "src", "bin")
-    snapshot = fake_hub_snapshot(env / "hf-cache", "databricks/dolly-v2-3b")
-    for name in ("config.json", "pytorch_model.bin"):
-        blob = (snapshot / name).resolve()
-        blob.write_bytes((src / name).read_bytes())
+    fake_hub_snapshot(env / "hf-cache", "databricks/dolly-v2-3b", src=save_checkpoint(hf, env / "src", "bin"))
     model = GPTNeoX.from_pretrained(resolve_checkpoint("dolly-v2-3b"))
     ids = torch.randint(0, 101, (1, 5))
     torch.testing.assert_close(model(ids), hf(ids).logits)
