@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import hooks, ops
 from .config import Config
 
 
@@ -41,17 +41,14 @@ class CausalSelfAttention(nn.Module):
         self.config = config
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.hook = None  # hooks.InnerHooks while a hook on q, k, v, scores or pattern of this layer is attached
 
-    def forward(self, x, rope, mask, cache=None, input_pos=None, probs=None):
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
         B, T, C = x.shape
         qkv = self.query_key_value(x)  # [B, T, nh * 3 * hs], per head [q | k | v]
-        q, k, v = ops.qkv_rotary(qkv, self.config.num_attention_heads, rope, cache, input_pos)  # k, v [B, nh, S, hs]
-        p = self.config.attention_dropout if self.training else 0.0
-        if probs is None:
-            y = ops.attention(q, k, v, mask, dropout_p=p)  # [B, nh, T, hs]
-        else:
-            y, attn_probs = ops.attention(q, k, v, mask, dropout_p=p, return_probs=True)
-            probs.append(attn_probs)  # [B, nh, T, S]
+        nh, p = self.config.num_attention_heads, self.config.attention_dropout if self.training else 0.0
+        q, k, v = ops.qkv_rotary(qkv, nh, rope, cache, input_pos, self.hook)  # q [B, nh, T, hs]; k, v [B, nh, S, hs]
+        y = ops.attention(q, k, v, mask, dropout_p=p, hook=self.hook)  # [B, nh, T, hs]
         y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side: feature h * hs + i
         return self.dense(y)
 
@@ -85,8 +82,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, x, rope, mask, cache=None, input_pos=None, probs=None):
-        a = self.dropout(self.attention(self.input_layernorm(x), rope, mask, cache, input_pos, probs))
+    def forward(self, x, rope, mask, cache=None, input_pos=None):
+        a = self.dropout(self.attention(self.input_layernorm(x), rope, mask, cache, input_pos))
         if self.parallel:
             return self.dropout(self.mlp(self.post_attention_layernorm(x))) + a + x
         a = a + x
@@ -132,25 +129,55 @@ class GPTNeoX(nn.Module):
             cache's max_len slots when a cache is given).
         cache, input_pos: a list of KVCache from new_cache() and the slots [T] that these tokens fill.
         logits_to_keep: if > 0, logits of the last that many positions only (a prefill needs just the last).
-        return_attentions: also return the fp32 attention probabilities of every layer (backend "eager").
+        return_attentions: also return the fp32 attention probabilities of every layer, [B, nh, T, S] each (their
+            hook points: blocks.{i}.attn.hook_pattern).
         """
+        if return_attentions:
+            probs = []
+            with self.hooks([(lambda name: name.endswith("attn.hook_pattern"), lambda t, name: probs.append(t))]):
+                return self(input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                            input_pos=input_pos, logits_to_keep=logits_to_keep), probs
         B, T = input_ids.shape
-        c = self.config
+        c, backend = self.config, self.backend
         input_pos = torch.arange(T, device=input_ids.device) if input_pos is None else input_pos
-        backend = "eager" if return_attentions else self.backend
         rope = ops.Rotary(input_pos if position_ids is None else position_ids, c.rotary_ndims, c.rotary_emb_base,
                           backend)
         mask = ops.Mask(input_pos, attention_mask, B, cache[0].max_len if cache else T, backend)
-        probs = [] if return_attentions else None
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         x = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(input_ids))  # [B, T, C]
         for i, block in enumerate(self.gpt_neox.layers):
-            args = (x, rope, mask, cache[i] if cache else None, input_pos, probs)
+            args = (x, rope, mask, cache[i] if cache else None, input_pos)
             x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]  # [B, logits_to_keep, C]
-        logits = self.embed_out(self.gpt_neox.final_layer_norm(x))  # [B, T, vocab_size]
-        return (logits, probs) if return_attentions else logits
+        return self.unembed(x)  # [B, T, vocab_size]
+
+    def unembed(self, x):
+        """Logits [..., vocab_size] of residual-stream vectors x [..., C]: the final layer norm, then embed_out (the
+        logit lens reads any layer's hook_resid_post through it)."""
+        return self.embed_out(self.gpt_neox.final_layer_norm(x))
+
+    # ------------------------------------------------------------------------------------- hooks (gptneox/hooks.py)
+    def hook_names(self) -> list[str]:
+        """Every hook point, TransformerLens' names: hook_embed, blocks.{i}.hook_resid_pre, ... ln_final.hook_normalized."""
+        return hooks.hook_names(self.config)
+
+    def hooks(self, fwd_hooks=()):
+        """A context manager attaching (name, list of names or predicate, fn) pairs; fn(tensor, name) returns a
+        replacement of the same shape and dtype (patching, ablation, steering) or None. Removed on exit, always."""
+        return hooks.attached(self, fwd_hooks)
+
+    def run_with_hooks(self, input_ids, *, fwd_hooks=(), **forward_kwargs):
+        """Logits of one forward with fwd_hooks attached (see hooks()); forward_kwargs go to forward."""
+        with self.hooks(fwd_hooks):
+            return self(input_ids, **forward_kwargs)
+
+    def run_with_cache(self, input_ids, *, names_filter=None, incl_bwd=False, device=None, **forward_kwargs):
+        """(logits, cache): cache[name] is the activation at each hook point names_filter picks (None: all; a name, a
+        list of names or a predicate), detached, on `device` (default: where it was computed). incl_bwd: a later
+        backward() from a loss on these logits fills cache[name + "_grad"] (as TransformerLens does)."""
+        return hooks.run_with_cache(self, input_ids, names_filter=names_filter, incl_bwd=incl_bwd, device=device,
+                                    **forward_kwargs)
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype=None, device=None) -> list[KVCache]:
         """One empty KVCache per layer, [B, nh, max_len, hs], in the model's dtype and device by default."""
@@ -196,10 +223,14 @@ class GPTNeoX(nn.Module):
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
     @classmethod
-    def from_pretrained(cls, path, *, device=None, dtype=None, backend=None, progress=False) -> "GPTNeoX":
-        """Load an HF-layout checkpoint directory (safetensors or .bin, single or sharded); see checkpoint.py."""
+    def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, backend=None,
+                        progress=False) -> "GPTNeoX":
+        """Load an HF-layout checkpoint (safetensors or .bin, single or sharded; see checkpoint.py) from a directory,
+        or from a model name found locally or fetched like sample.py --ckpt: "EleutherAI/pythia-70m@step3000", or
+        the name with revision="step3000" (see hub.py)."""
         from .checkpoint import load_pretrained
-        return load_pretrained(cls, path, device=device, dtype=dtype, backend=backend, progress=progress)
+        return load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype, backend=backend,
+                               progress=progress)
 
     def generate(self, input_ids, **kwargs):
         """Generated token ids for prompts input_ids; the options are gptneox.generation.generate's."""

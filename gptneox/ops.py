@@ -20,6 +20,9 @@ import torch.nn.functional as F
 
 BACKENDS = ("eager", "sdpa", "triton")
 DECODE_MAX_T = 16  # triton: at most this many queries with no grad use the split-over-cache decode kernel
+# the hook points inside attention (gptneox/hooks.py names them; ops calls a hooked layer's InnerHooks at each)
+ROTARY_POINTS = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k")  # [B, nh, T, hs] before / after rotary
+ATTENTION_POINTS = ("hook_attn_scores", "hook_pattern")  # [B, nh, T, S] fp32, after the scale and the mask
 
 
 # ---------------------------------------------------------------------------------------------------- backends
@@ -120,17 +123,24 @@ class Rotary:
         self.cos, self.sin = (None, None) if self.fused else rotary_cos_sin(position_ids, rot, base)
 
 
-def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, input_pos=None):
+def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, input_pos=None, hook=None):
     """q, k, v [B, nh, T, hs] from the fused projection qkv [B, T, nh * 3 * hs], q and k rotated.
 
     qkv holds HF's per-head [q | k | v] (not [Q | K | V]; docs/architecture.md, "Forward pass"). With a KVCache, k and
     v are written at its slots input_pos [T] and the whole cache [B, nh, max_len, hs] comes back as k and v.
+    hook: a hooked layer's InnerHooks; hooks on ROTARY_POINTS run this step in torch.
     """
-    if rope.fused:
+    hooked = hook is not None and any(name in hook for name in ROTARY_POINTS)
+    if rope.fused and not hooked:
         return _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos)
     B, T, _ = qkv.shape
     q, k, v = qkv.view(B, T, num_heads, -1).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
-    q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)  # first rot dims, in fp32
+    if hooked:
+        q, k, v = hook("hook_q", q), hook("hook_k", k), hook("hook_v", v)
+    cos, sin = (rope.cos, rope.sin) if rope.cos is not None else rotary_cos_sin(rope.position_ids, rope.rot, rope.base)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # first rot dims, in fp32
+    if hooked:
+        q, k = hook("hook_rot_q", q), hook("hook_rot_k", k)
     return (q, k, v) if cache is None else (q, *cache.update(input_pos, k, v))
 
 
@@ -207,16 +217,19 @@ class Mask:
 
 
 # --------------------------------------------------------------------------------------------------- attention
-def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool = False):
+def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool = False, hook=None):
     """Causal attention, q [B, nh, T, hs], k and v [B, nh, S, hs] -> [B, nh, T, hs], under the forward's Mask.
 
     By mask.backend: "eager" computes q k^T and the softmax in fp32 (and alone can return the probabilities
     [B, nh, T, S]); "sdpa" is torch's scaled_dot_product_attention; "triton" our flash attention kernel, or the
     flash-decoding kernel for a few queries against a longer cache. The kernel has no dropout: dropout_p > 0 runs SDPA.
+    hook: a hooked layer's InnerHooks; hooks on ATTENTION_POINTS run this layer's attention eagerly, on any backend.
     """
     if not isinstance(mask, Mask):
         raise TypeError(f"attention takes an ops.Mask (the forward's mask description), got {type(mask).__name__}; "
                         "the torch references with a dense mask are eager_attention and sdpa_attention")
+    if hook is not None and any(name in hook for name in ATTENTION_POINTS):
+        return eager_attention(q, k, v, mask.dense, dropout_p, return_probs, hook)
     if return_probs or mask.backend == "eager":
         if mask.backend != "eager":
             raise ValueError("attention probabilities are only available with backend='eager'")
@@ -241,15 +254,20 @@ def sdpa_attention(q, k, v, mask=None, dropout_p: float = 0.0):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None)
 
 
-def eager_attention(q, k, v, mask=None, dropout_p: float = 0.0, return_probs: bool = False):
+def eager_attention(q, k, v, mask=None, dropout_p: float = 0.0, return_probs: bool = False, hook=None):
     """The explicit reference: fp32 scores q k^T / sqrt(hs), masked with fp32's minimum (as HF), fp32 softmax,
-    probabilities cast to v's dtype before P v; mask as sdpa_attention's. Returns y, or (y, fp32 probs)."""
+    probabilities cast to v's dtype before P v; mask as sdpa_attention's. Returns y, or (y, fp32 probs).
+    hook: an InnerHooks, called on the masked scores and on the probabilities."""
     T, S = q.shape[-2], k.shape[-2]
     if mask is None:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)  # [T, S]
     scores = (q.float() @ k.float().transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # [B, nh, T, S]
     scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    if hook is not None:
+        scores = hook("hook_attn_scores", scores)
     probs = scores.softmax(dim=-1)  # fp32 [B, nh, T, S]
+    if hook is not None:
+        probs = hook("hook_pattern", probs)
     y = F.dropout(probs, p=dropout_p).to(v.dtype) @ v  # [B, nh, T, hs]
     return (y, probs) if return_probs else y
 

@@ -191,3 +191,22 @@ def test_triton_backend_traces_fullgraph_under_torch_compile():
         model(x[:, :5], attention_mask=mask, cache=cache, input_pos=torch.arange(5, device=DEVICE))
         eager = model(x[:, 5:6], attention_mask=mask, cache=cache, input_pos=torch.tensor([5], device=DEVICE))
     assert_rel_close(compiled, eager, FP32_LOGITS_REL, "compiled decode step")
+
+
+def test_hooks_on_the_triton_backend_equal_eager_and_keep_the_kernels_elsewhere(monkeypatch):
+    hf = hf_model()
+    fused, eager = ours_from(hf), ours_from(hf, "eager")
+    x = torch.randint(0, hf.config.vocab_size, (2, 7), device=DEVICE)
+    with torch.no_grad():
+        _, cache = fused.run_with_cache(x)  # pattern hooks: those layers' attention runs eagerly
+        _, ref = eager.run_with_cache(x)
+        for name in fused.hook_names():
+            assert_rel_close(cache[name], ref[name], FP32_LOGITS_REL, name)
+        calls = []
+        real = ops._fused_attention
+        monkeypatch.setattr(ops, "_fused_attention", lambda *a: calls.append(1) or real(*a))
+        plain = fused(x)
+        hooked = fused.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_resid_post", lambda t, name: None),
+                                                    ("blocks.1.attn.hook_pattern", lambda t, name: None)])
+    assert len(calls) == 2 + 1, "the plain forward, then layer 0 of the hooked one, ran the kernel"
+    assert_rel_close(hooked, plain, FP32_LOGITS_REL, "a hooked forward that changes nothing")
