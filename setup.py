@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         # everything the test suite uses, so `pip install -e ".[test]" && python -m pytest -q` passes as written
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml"],
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml", "transformer-lens"],
         "tools": ["tqdm", "matplotlib", "huggingface_hub", "pyyaml"],
     },
 )

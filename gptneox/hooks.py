@@ -19,11 +19,13 @@ from contextlib import contextmanager
 
 import torch
 
-# name (with {i} for the layer) -> (module path, which tensor of it: "input" / "output" / "inner", view for the user)
+# name (with {i} for the layer) -> (module path, which tensor of it, view for the user). "normalized" is a LayerNorm's
+# (x - mean) / sqrt(var + eps) before its weight and bias, as TransformerLens 4 hooks it (and as a fold_ln model's
+# LayerNorm outputs it); "inner" points are inside attention.
 POINTS = {
     "hook_embed": ("gpt_neox.embed_in", "output", None),
     "blocks.{i}.hook_resid_pre": ("gpt_neox.layers.{i}", "input", None),
-    "blocks.{i}.ln1.hook_normalized": ("gpt_neox.layers.{i}.input_layernorm", "output", None),
+    "blocks.{i}.ln1.hook_normalized": ("gpt_neox.layers.{i}.input_layernorm", "normalized", None),
     "blocks.{i}.attn.hook_q": ("gpt_neox.layers.{i}.attention", "inner", None),
     "blocks.{i}.attn.hook_k": ("gpt_neox.layers.{i}.attention", "inner", None),
     "blocks.{i}.attn.hook_v": ("gpt_neox.layers.{i}.attention", "inner", None),
@@ -34,12 +36,12 @@ POINTS = {
     "blocks.{i}.attn.hook_z": ("gpt_neox.layers.{i}.attention.dense", "input", "heads"),
     "blocks.{i}.hook_attn_out": ("gpt_neox.layers.{i}.attention", "output", None),
     "blocks.{i}.hook_resid_mid": ("gpt_neox.layers.{i}.post_attention_layernorm", "input", None),  # sequential only
-    "blocks.{i}.ln2.hook_normalized": ("gpt_neox.layers.{i}.post_attention_layernorm", "output", None),
+    "blocks.{i}.ln2.hook_normalized": ("gpt_neox.layers.{i}.post_attention_layernorm", "normalized", None),
     "blocks.{i}.mlp.hook_pre": ("gpt_neox.layers.{i}.mlp.dense_h_to_4h", "output", None),
     "blocks.{i}.mlp.hook_post": ("gpt_neox.layers.{i}.mlp.dense_4h_to_h", "input", None),
     "blocks.{i}.hook_mlp_out": ("gpt_neox.layers.{i}.mlp", "output", None),
     "blocks.{i}.hook_resid_post": ("gpt_neox.layers.{i}", "output", None),
-    "ln_final.hook_normalized": ("gpt_neox.final_layer_norm", "output", None),
+    "ln_final.hook_normalized": ("gpt_neox.final_layer_norm", "normalized", None),
 }
 # inner points whose tensors ops holds as [B, nh, T, hs]; the user sees TransformerLens' [B, T, nh, hs]
 HEAD_MAJOR = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k")
@@ -152,8 +154,20 @@ def _attach(model, name, fn, handles, hooked):
         return to_model(_checked(name, fn, to_user(t)))
     if where == "output":
         handles.append(module.register_forward_hook(lambda m, args, out: call(out)))
-    else:
+    elif where == "input":
         handles.append(module.register_forward_pre_hook(lambda m, args: (call(args[0]), *args[1:])))
+    else:
+        handles.append(module.register_forward_hook(lambda m, args, out: _normalized(m, args[0], out, call)))
+
+
+def _normalized(ln, x, out, call):
+    """A LayerNorm's output after `call` on its normalized input: the module's own output when the value comes back
+    unchanged (bit for bit, no new gradient path), else the replacement with the LayerNorm's weight and bias."""
+    normalized = torch.nn.functional.layer_norm(x, ln.normalized_shape, None, None, ln.eps)  # [B, T, C]
+    new = call(normalized)
+    if new is normalized or (not new.requires_grad and torch.equal(new, normalized)):
+        return out
+    return new * ln.weight + ln.bias
 
 
 class ActivationCache(dict):

@@ -66,11 +66,13 @@ def test_hook_values_equal_independent_computations(pair):
             assert torch.equal(post, cache[f"blocks.{i + 1}.hook_resid_pre"])
         layer = model.gpt_neox.layers[i]
         with torch.no_grad():
-            torch.testing.assert_close(cache[b + "ln1.hook_normalized"], layer.input_layernorm(pre))
+            ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm  # hook_normalized: before the affine
+            torch.testing.assert_close(cache[b + "ln1.hook_normalized"] * ln1.weight + ln1.bias, ln1(pre))
+            torch.testing.assert_close(cache[b + "ln1.hook_normalized"], F.layer_norm(pre, (64,)))
             mid = pre if model.config.use_parallel_residual else cache[b + "hook_resid_mid"]
             if not model.config.use_parallel_residual:
                 torch.testing.assert_close(mid, pre + cache[b + "hook_attn_out"])
-            torch.testing.assert_close(cache[b + "ln2.hook_normalized"], layer.post_attention_layernorm(mid))
+            torch.testing.assert_close(cache[b + "ln2.hook_normalized"] * ln2.weight + ln2.bias, ln2(mid))
             torch.testing.assert_close(post, cache[b + "hook_mlp_out"] + cache[b + "hook_attn_out"] + pre
                                        if model.config.use_parallel_residual else mid + cache[b + "hook_mlp_out"])
             torch.testing.assert_close(cache[b + "mlp.hook_post"], F.gelu(cache[b + "mlp.hook_pre"]))
@@ -78,7 +80,10 @@ def test_hook_values_equal_independent_computations(pair):
             z = cache[b + "attn.hook_z"]  # [B, T, nh, hs]
             torch.testing.assert_close(layer.attention.dense(z.flatten(-2)), cache[b + "hook_attn_out"])
         check_attention_points(cache, b, model.config, out.attentions[i])
-    assert_rel_close(cache["ln_final.hook_normalized"], hidden[-1], FP32_LOGITS_REL, "ln_final vs HF")
+    ln_f = model.gpt_neox.final_layer_norm
+    with torch.no_grad():
+        final = cache["ln_final.hook_normalized"] * ln_f.weight + ln_f.bias
+    assert_rel_close(final, hidden[-1], FP32_LOGITS_REL, "ln_final (with its affine) vs HF")
 
 
 def check_attention_points(cache, b, config, hf_pattern):
@@ -107,6 +112,17 @@ def test_patching_each_hook_with_its_own_value_leaves_logits_bitwise_unchanged(p
         for name in model.hook_names():
             patched = model.run_with_hooks(X, fwd_hooks=[(name, lambda t, n: cache[n].clone())])
             assert torch.equal(patched, plain), name
+
+
+def test_patching_a_layer_norm_applies_its_weight_and_bias(pair):
+    _, model = pair
+    ln = model.gpt_neox.layers[0].post_attention_layernorm
+    with torch.no_grad():
+        _, cache = model.run_with_cache(X, names_filter=["blocks.0.ln2.hook_normalized", "blocks.0.mlp.hook_pre"])
+        _, patched = run_with_cache_and_hooks(model, [("blocks.0.ln2.hook_normalized", lambda t, n: 2 * t)])
+        expected = model.gpt_neox.layers[0].mlp.dense_h_to_4h(2 * cache["blocks.0.ln2.hook_normalized"] * ln.weight
+                                                              + ln.bias)
+    torch.testing.assert_close(patched["blocks.0.mlp.hook_pre"], expected)
 
 
 def test_zero_ablating_a_head_changes_exactly_what_it_should(pair):
