@@ -19,7 +19,8 @@ from .config import Config
 
 # (index file, single file) pairs, most preferred first: safetensors over pickles, as transformers
 LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
-# buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq (architecture.md, "Checkpoint files")
+# buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq
+# (docs/architecture.md, "Checkpoint files")
 STALE_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
 CHECKPOINT_FILE = re.compile(r"(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?"
                              r"\.(safetensors|bin)(\.index\.json)?)$")

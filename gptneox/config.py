@@ -170,8 +170,8 @@ def _refuse_rope_scaling(rope: dict, rope_scaling, source: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- presets
-# Shapes from the Pythia README / configs and Dolly's trainer (docs/architecture.md, "Presets"). All: rotary_pct 0.25, base
-# 10000, 2048 context, parallel residual, untied head, eps 1e-5, bos = eos = 0 (Pythia *.yml).
+# Shapes from the Pythia README / configs and Dolly's trainer (docs/architecture.md, "Presets").
+# All: rotary_pct 0.25, base 10000, 2048 context, parallel residual, untied head, eps 1e-5, bos = eos = 0 (Pythia *.yml).
 def _pythia(L, C, nh, vocab=50304):
     return dict(num_hidden_layers=L, hidden_size=C, num_attention_heads=nh, intermediate_size=4 * C, vocab_size=vocab)
 

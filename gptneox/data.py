@@ -102,7 +102,8 @@ def fetch_dolly15k(cache_dir, *, progress: bool = False) -> Path:
 def add_dolly_tokens(tok: Tokenizer) -> Tokenizer:
     """A tokenizer with Dolly's three special tokens (ids 50277-50279 after the 20B vocabulary); unchanged if present.
 
-    Order and spelling as Dolly's load_tokenizer: [END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL] (docs/architecture.md, "Dolly v2").
+    Order and spelling as Dolly's load_tokenizer: [END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL]
+    (docs/architecture.md, "Dolly v2").
     """
     if tok.is_dolly:
         return tok
