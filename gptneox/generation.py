@@ -40,6 +40,7 @@ class GenerationConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     stop_strings: tuple[str, ...] = ()
+    num_draft_tokens: int = 4  # with a draft model: tokens it proposes per target forward (gptneox/speculative.py)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, (list, tuple)):
@@ -87,6 +88,8 @@ def _problems(c: GenerationConfig) -> Iterator[str]:
         yield f"pad_token_id must be a token id, got {c.pad_token_id!r}"
     if not all(isinstance(s, str) and s for s in c.stop_strings):
         yield f"stop_strings must be non-empty strings (an empty one would stop at once), got {list(c.stop_strings)!r}"
+    if not is_int(c.num_draft_tokens) or c.num_draft_tokens < 1:
+        yield f"num_draft_tokens must be a positive integer, got {c.num_draft_tokens!r}"
 
 
 # ------------------------------------------------------------------------------------------------------- inputs
@@ -176,52 +179,69 @@ class Generator:
     reduce-overhead), whose cache then spans the whole context window so that every call has the same shapes.
     tokens_generated counts the real new tokens of every call (for tokens/s reports)."""
 
-    def __init__(self, model, *, compile: bool = False):
-        self.model, self.compile = model, compile
+    def __init__(self, model, *, compile: bool = False, draft_model=None):
+        self.model, self.compile, self.draft_model = model, compile, draft_model
+        if draft_model is not None:
+            from .speculative import check_draft
+            check_draft(model, draft_model, compile)
         mode = "reduce-overhead" if model.embed_out.weight.device.type == "cuda" else "default"
         self.step = torch.compile(decode_step, mode=mode, fullgraph=True) if compile else decode_step
-        self.cache, self._cache_key = None, None
+        self.caches = {}  # "target" / "draft" -> (shape key, list[KVCache])
         self.tokens_generated = 0
+        self.stats = None  # with a draft model: the speculative.Stats of every call so far
 
-    def kv_cache(self, B: int, max_len: int, dtype, device):
-        """The cache for this shape: the one held, or a new one (the old one freed first)."""
-        if self._cache_key != (B, max_len, dtype, device):
-            self.cache = None
-            self.cache = self.model.new_cache(B, max_len, dtype=dtype, device=device)
-            self._cache_key = (B, max_len, dtype, device)
-        return self.cache
+    @property
+    def cache(self):
+        """The model's KV cache (a list of KVCache, one per layer), or None before the first call."""
+        return self.caches["target"][1] if "target" in self.caches else None
+
+    def kv_cache(self, B: int, max_len: int, dtype, device, which: str = "target"):
+        """The cache of `which` model for this shape: the one held, or a new one (the old one freed first)."""
+        model = self.model if which == "target" else self.draft_model
+        key = (B, max_len, dtype, device)
+        if self.caches.get(which, (None,))[0] != key:
+            self.caches.pop(which, None)
+            self.caches[which] = (key, model.new_cache(B, max_len, dtype=dtype, device=device))
+        return self.caches[which][1]
 
     @torch.no_grad()
     def steps(self, input_ids, config: GenerationConfig, *, attention_mask=None, tokenizer=None
               ) -> Iterator[Generation]:
-        """The generation loop as an iterator: yields the Generation state after every new token."""
-        run = _Run(self, input_ids, attention_mask, config, tokenizer)
-        state, logits = run.state, run.prefill()
+        """The generation loop as an iterator: yields the Generation state after every new token (with a draft
+        model, after every target forward, which may add several tokens to each row)."""
+        if self.draft_model is None:
+            run = _Run(self, input_ids, attention_mask, config, tokenizer)
+        else:
+            from .speculative import SpeculativeRun
+            run = SpeculativeRun(self, input_ids, attention_mask, config, tokenizer)
         try:
-            for i in range(config.max_new_tokens):
-                run.choose(logits, i)
-                yield state
-                if i + 1 == config.max_new_tokens or bool(state.done.all()):
-                    return
-                logits = run.next_logits()
+            yield from run.loop()
         finally:
-            self.tokens_generated += int(state.lengths.sum())
+            self.tokens_generated += int(run.state.lengths.sum())
 
     def generate(self, input_ids, config: GenerationConfig | None = None, *, attention_mask=None, tokenizer=None,
-                 return_logprobs: bool = False, **settings):
+                 return_logprobs: bool = False, return_stats: bool = False, **settings):
         """New token ids [B, N] (N <= max_new_tokens: the loop ends when every row has stopped) for prompts
         input_ids: a tensor [B, T] (left-padded, with attention_mask) or a list of id lists of any lengths.
 
         The stopping token is kept and later slots hold the pad id, as in HF's generate. return_logprobs: also
         return logprobs [B, N], the model's log-probability (log_softmax of the raw logits, before any processing)
-        of each chosen token, 0 on padding. settings: GenerationConfig fields, replacing config's.
+        of each chosen token, 0 on padding. return_stats (with a draft model): also return this call's
+        speculative.Stats (acceptance rate, tokens per target forward, draft and target time).
+        settings: GenerationConfig fields, replacing config's.
         """
-        state = None
+        state, before = None, self.stats
         for state in self.steps(input_ids, GenerationConfig.of(config, **settings), attention_mask=attention_mask,
                                 tokenizer=tokenizer):
             pass  # run to the end; the last state holds the result
-        tokens = state.tokens[:, :state.n]
-        return (tokens, state.logprobs[:, :state.n]) if return_logprobs else tokens
+        out = [state.tokens[:, :state.n]]
+        if return_logprobs:
+            out.append(state.logprobs[:, :state.n])
+        if return_stats:
+            if self.draft_model is None:
+                raise ValueError("return_stats reports speculative decoding: give the Generator a draft_model")
+            out.append(self.stats.since(before))
+        return out[0] if len(out) == 1 else tuple(out)
 
     def stream(self, tokenizer, input_ids, config: GenerationConfig | None = None, **settings) -> Iterator[str]:
         """Yield the generated text of one prompt (a list of ids, or a [1, T] tensor) piece by piece.
@@ -256,13 +276,13 @@ class _Run:
             input_ids, attention_mask = left_pad(input_ids, 0, device=device)
         _check_inputs(model, input_ids, attention_mask, config, tokenizer)
         self.input_ids = input_ids = input_ids.to(device)
-        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        self.prompt_mask = attention_mask = None if attention_mask is None else attention_mask.to(device)  # [B, T]
         B, T = input_ids.shape
         self.ends = torch.tensor(stop_ids(model, config.eos_token_id, tokenizer), dtype=torch.long, device=device)
         self.pad_id = pad_id = (config.pad_token_id if config.pad_token_id is not None
                                 else int(self.ends[0]) if len(self.ends) else 0)
         self.generator = torch.Generator(device).manual_seed(config.seed) if config.seed is not None else None
-        max_len = model.config.max_position_embeddings if gen.compile else T + config.max_new_tokens
+        self.max_len = max_len = self.slots(T)
         self.cache = gen.kv_cache(B, max_len, _activation_dtype(model), device)
         self.state = Generation(B, config.max_new_tokens, device, pad_id)
         # rotary positions count from each row's first real token; the slot mask [B, max_len] is 0 on the pads
@@ -273,6 +293,19 @@ class _Run:
             self.position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # [B, T]
         self.seen = self._seen(attention_mask) if config.repetition_penalty not in (None, 1.0) else None
         self.input_pos = torch.tensor([T], device=device)  # [1], advanced in place
+
+    def slots(self, T: int) -> int:
+        """Cache slots this call needs: prompt + max_new_tokens (the whole window when compiled: one shape)."""
+        return self.gen.model.config.max_position_embeddings if self.gen.compile else T + self.config.max_new_tokens
+
+    def loop(self) -> Iterator[Generation]:
+        state, logits = self.state, self.prefill()
+        for i in range(self.config.max_new_tokens):
+            self.choose(logits, i)
+            yield state
+            if i + 1 == self.config.max_new_tokens or bool(state.done.all()):
+                return
+            logits = self.next_logits()
 
     def _seen(self, attention_mask):
         """bool [B, V] of the tokens each prompt holds (the pads left out), updated in place as tokens come."""
@@ -303,8 +336,13 @@ class _Run:
         state.n = i + 1
         if c.stop_strings:
             for b in torch.nonzero(~state.done).flatten().tolist():
-                if any(s in self.tokenizer.decode(state.tokens[b, :state.n].tolist()) for s in c.stop_strings):
+                if self.stopped_by_string(b, state.n):
                     state.done[b] = True
+
+    def stopped_by_string(self, b: int, n: int) -> bool:
+        """Whether row b's first n new tokens decode to a text holding a stop string."""
+        text = self.tokenizer.decode(self.state.tokens[b, :n].tolist())
+        return any(s in text for s in self.config.stop_strings)
 
     def next_logits(self):
         """Logits [B, V] after feeding the tokens just chosen; the slot and the positions move on by one."""
@@ -323,16 +361,20 @@ def _activation_dtype(model) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------- entry points
-def generate(model, input_ids, config: GenerationConfig | None = None, *, compile: bool = False, attention_mask=None,
-             tokenizer=None, return_logprobs: bool = False, **settings):
+def generate(model, input_ids, config: GenerationConfig | None = None, *, compile: bool = False, draft_model=None,
+             attention_mask=None, tokenizer=None, return_logprobs: bool = False, return_stats: bool = False,
+             **settings):
     """New token ids [B, N] for prompts input_ids with a fresh Generator: see Generator.generate. settings are
     GenerationConfig's fields (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos_token_id,
-    pad_token_id, stop_strings). To reuse the cache and a compiled step across calls, hold a Generator."""
-    return Generator(model, compile=compile).generate(input_ids, config, attention_mask=attention_mask,
-                                                      tokenizer=tokenizer, return_logprobs=return_logprobs, **settings)
+    pad_token_id, stop_strings, num_draft_tokens). draft_model: a smaller model of the same tokenizer that proposes
+    num_draft_tokens tokens per target forward (speculative decoding: the output is the target's, exactly in
+    distribution, token for token when greedy). To reuse caches and a compiled step across calls, hold a Generator."""
+    return Generator(model, compile=compile, draft_model=draft_model).generate(
+        input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, return_logprobs=return_logprobs,
+        return_stats=return_stats, **settings)
 
 
 def stream(model, tokenizer, input_ids, config: GenerationConfig | None = None, *, compile: bool = False,
-           **settings) -> Iterator[str]:
+           draft_model=None, **settings) -> Iterator[str]:
     """The text of one prompt's completion, piece by piece, with a fresh Generator: see Generator.stream."""
-    return Generator(model, compile=compile).stream(tokenizer, input_ids, config, **settings)
+    return Generator(model, compile=compile, draft_model=draft_model).stream(tokenizer, input_ids, config, **settings)
