@@ -4,6 +4,7 @@
     python sample.py --ckpt pythia-1.4b --prompt "The capital of France is" --temperature 0
     python sample.py --ckpt checkpoints/my-run --prompt-file prompts.txt     # one prompt per line, one batch
     python sample.py --ckpt dolly-v2-3b --interactive
+    python sample.py --ckpt pythia-2.8b --draft pythia-160m --prompt "Once upon a time"   # speculative decoding
 
 The generated text streams to stdout; load time, tokens/s, bandwidth and peak memory go to stderr. With a Dolly
 tokenizer (or --template dolly) each prompt is an instruction wrapped in Dolly's generation prompt, and the answer is
@@ -67,11 +68,12 @@ def free_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_fits(config: Config, dtype: torch.dtype, device: torch.device, batch: int, max_len: int, name: str):
-    """Refuse, with the numbers, a model whose weights and KV cache exceed the device's free memory."""
+def check_fits(config: Config, dtype: torch.dtype, device: torch.device, batch: int, max_len: int, name: str,
+               draft: Config | None = None):
+    """Refuse, with the numbers, a model whose weights and KV cache (and its draft's) exceed the device's memory."""
     size = dtype.itemsize
-    weights = config.num_parameters * size
-    cache = 2 * config.num_hidden_layers * batch * max_len * config.hidden_size * size
+    weights = sum(c.num_parameters for c in (config, draft) if c is not None) * size
+    cache = sum(2 * c.num_hidden_layers * batch * max_len * c.hidden_size for c in (config, draft) if c) * size
     free = free_bytes(device)
     if free is not None and weights + cache > free:
         raise UsageError(f"{name} needs {weights / 1e9:.1f} GB for its weights in {str(dtype)[6:]} plus "
@@ -88,6 +90,20 @@ def locate(ckpt: str, tokenizer_path: str | None):
     config, files = Config.from_hf_config(path), weight_files(path)  # a broken checkpoint: one line, exit 1
     tokenizer = Tokenizer.from_pretrained(tokenizer_path or path / "tokenizer.json")
     return path, config, files, tokenizer
+
+
+def locate_draft(draft: str | None, tokenizer: Tokenizer, compile: bool):
+    """--draft's directory and Config, after checking it speaks the target's tokenizer (None without --draft)."""
+    if draft is None:
+        return None, None
+    if compile:
+        raise UsageError("--compile does not work with --draft yet: choose one")
+    path, config, _, draft_tok = locate(draft, None)
+    if draft_tok.backend.get_vocab() != tokenizer.backend.get_vocab():
+        raise UsageError(f"--draft {draft}: its tokenizer ({draft_tok.vocab_size} tokens) differs from the target's "
+                         f"({tokenizer.vocab_size}); a draft must share the target's vocabulary (every Pythia size "
+                         "shares one; Dolly adds three tokens, so a Dolly target needs a Dolly draft)")
+    return path, config
 
 
 def load_model(path, config: Config, device: torch.device, dtype: torch.dtype, progress: bool) -> GPTNeoX:
@@ -136,7 +152,7 @@ def generation_config(flags: dict, template: str, longest: int, window: int) -> 
     chosen = {k: flags[k] if flags[k] is not None else v for k, v in defaults.items()}
     try:
         config = GenerationConfig(**chosen, repetition_penalty=flags["repetition_penalty"], seed=flags["seed"],
-                                  stop_strings=flags["stop"])
+                                  stop_strings=flags["stop"], num_draft_tokens=flags["num_draft_tokens"])
     except ValueError as e:
         raise UsageError(str(e)) from None
     if longest + config.max_new_tokens > window:
@@ -199,7 +215,7 @@ def interact(gen: Generator, tokenizer, template, context, config: GenerationCon
         run_one(gen, tokenizer, ids, turn, strip=template == "dolly")
 
 
-def report(model, files, device, load_s, gen_s, new_tokens, batch):
+def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None):
     weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_in" not in n)
     steps = new_tokens / max(batch, 1)
     rate = new_tokens / gen_s if gen_s > 0 else float("nan")
@@ -209,21 +225,23 @@ def report(model, files, device, load_s, gen_s, new_tokens, batch):
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
     source = files[0].name if len(files) == 1 else f"{len(files)} shards of {files[0].suffix}"
     print(f"load {load_s:.1f} s ({source}) | {new_tokens} tokens in {gen_s:.2f} s: {rate:.1f} tokens/s, "
-          f"{weights * steps / gen_s / 1e9 if gen_s > 0 else 0:.1f} GB/s of weights | peak memory {peak}",
-          file=sys.stderr)
+          f"{weights * steps / gen_s / 1e9 if gen_s > 0 else 0:.1f} GB/s of weights | peak memory {peak}"
+          + (f" | speculative: {stats}" if stats is not None else ""), file=sys.stderr)
 
 
 def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=None, temperature=None, top_k=None,
          top_p=None, repetition_penalty=None, seed=None, num_samples=1, device="auto", dtype="auto",
-         template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True) -> int:
+         template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True, draft=None,
+         draft_tokens=4) -> int:
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                 repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []))
+                 repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), num_draft_tokens=draft_tokens)
     # setup
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
     path, config, files, tok = locate(ckpt, tokenizer)
+    draft_path, draft_config = locate_draft(draft, tok, compile)
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
     if context is not None and template != "dolly":
@@ -236,10 +254,11 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     gen_config = generation_config(flags, template, max(map(len, ids), default=1), window)
     # model
     max_len = window if compile or interactive else max(map(len, ids)) + gen_config.max_new_tokens
-    check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt)
+    check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt, draft_config)
     t0 = time.perf_counter()
     model = load_model(path, config, dev, torch_dtype, progress)
-    load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile)
+    draft_model = load_model(draft_path, draft_config, dev, torch_dtype, progress) if draft_path else None
+    load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile, draft_model=draft_model)
     if interactive:
         try:
             interact(gen, tok, template, context, gen_config, window)
@@ -252,7 +271,7 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
                                               strip=template == "dolly")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids))
+    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats)
     return 0
 
 
@@ -288,6 +307,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on GPU); compiles once, on the first token")
     p.add_argument("--interactive", action="store_true", help="a read-answer loop: type a prompt, get the answer")
+    p.add_argument("--draft", help="speculative decoding: a smaller checkpoint of the same tokenizer (a directory or "
+                   "a name, like --ckpt: pythia-160m for pythia-2.8b, dolly-v2-3b for dolly-v2-12b) drafts tokens the "
+                   "model checks in one forward; the output is the model's own (token for token when greedy)")
+    p.add_argument("--draft-tokens", type=cli.positive_int, default=4,
+                   help="with --draft: tokens drafted per forward of the model (default 4)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar while the checkpoint loads")
     return p

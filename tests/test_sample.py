@@ -241,3 +241,25 @@ def test_sample_prefers_safetensors_beside_a_bin_and_says_so(ckpts, tmp_path, ca
     status, err = cli_status(capsys, "--ckpt", str(ckpt), "--prompt", "Hi", "--max-new-tokens", "2", "--no-progress")
     assert status == 0, err
     assert "(model.safetensors)" in err.splitlines()[-1]
+
+
+def test_sample_draft_gives_the_same_greedy_text_and_reports_acceptance(ckpts, tmp_path, capsys):
+    _, pythia = ckpts
+    draft = save_checkpoint(hf_model(7, vocab_size=50304, max_position_embeddings=256, num_hidden_layers=1),
+                            tmp_path / "draft", "safetensors")
+    shutil.copy(pythia / "tokenizer.json", draft / "tokenizer.json")
+    sample.main(ckpt=str(pythia), prompt="Hello, I am", temperature=0, max_new_tokens=12)
+    plain = capsys.readouterr().out
+    sample.main(ckpt=str(pythia), prompt="Hello, I am", temperature=0, max_new_tokens=12, draft=str(draft),
+                draft_tokens=3)
+    out = capsys.readouterr()
+    assert out.out == plain
+    assert "speculative:" in out.err and "drafts accepted" in out.err and "tokens per target forward" in out.err
+
+
+def test_sample_refuses_a_draft_with_another_tokenizer(ckpts):
+    dolly, pythia = ckpts
+    with pytest.raises(sample.UsageError, match="its tokenizer .* differs from the target's"):
+        sample.main(ckpt=str(pythia), prompt="Hi", draft=str(dolly))
+    with pytest.raises(sample.UsageError, match="--compile does not work with --draft"):
+        sample.main(ckpt=str(pythia), prompt="Hi", draft=str(pythia), compile=True)
