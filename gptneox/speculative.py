@@ -98,6 +98,9 @@ class SpeculativeRun(_Run):
         super().__init__(gen, input_ids, attention_mask, config, tokenizer)
         draft, k = gen.draft_model, config.num_draft_tokens
         B, T = self.input_ids.shape
+        if tokenizer is not None and draft.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"the draft model's vocabulary of {draft.config.vocab_size} rows cannot hold the "
+                             f"tokenizer's {tokenizer.vocab_size} tokens: a draft must share the target's vocabulary")
         window = draft.config.max_position_embeddings
         if T + config.max_new_tokens > window:
             raise ValueError(f"prompt of {T} tokens + max_new_tokens {config.max_new_tokens} exceeds the draft model's "

@@ -224,6 +224,13 @@ def test_speculative_rejects_bad_drafts_and_settings(target):
         generate(target, PROMPTS, max_new_tokens=4, return_stats=True)
 
 
+def test_speculative_refuses_a_draft_narrower_than_the_tokenizer(shared_data):
+    tok = Tokenizer.from_pretrained(os.path.join(shared_data, "dolly-tokenizer.json"))  # 50280 tokens
+    target, pythia = Scripted([5], vocab_size=50280), Scripted([5], vocab_size=50277)
+    with pytest.raises(ValueError, match="vocabulary of 50277 rows cannot hold the tokenizer's 50280 tokens"):
+        generate(target, [[5]], max_new_tokens=3, tokenizer=tok, draft_model=pythia)
+
+
 def test_predicted_speedup_is_leviathans_formula():
     assert predicted_speedup(1.0, 4, 0.0) == 5.0
     assert math.isclose(predicted_speedup(0.5, 2, 0.1), (1 - 0.5 ** 3) / 0.5 / 1.2)
