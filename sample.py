@@ -5,6 +5,7 @@
     python sample.py --ckpt checkpoints/my-run --prompt-file prompts.txt     # one prompt per line, one batch
     python sample.py --ckpt dolly-v2-3b --interactive
     python sample.py --ckpt pythia-2.8b --draft pythia-160m --prompt "Once upon a time"   # speculative decoding
+    python sample.py --ckpt pythia-2.8b --adapter out/lora --prompt "What is LoRA?"   # a LoRA adapter (ours or PEFT's)
 
 The generated text streams to stdout; load time, tokens/s, bandwidth and peak memory go to stderr. With a Dolly
 tokenizer (or --template dolly) each prompt is an instruction wrapped in Dolly's generation prompt, and the answer is
@@ -16,6 +17,7 @@ import resource
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,7 @@ from gptneox.config import Config
 from gptneox.dolly import format_prompt
 from gptneox.generation import GenerationConfig, Generator, stop_ids
 from gptneox.hub import resolve_checkpoint
+from gptneox.lora import ADAPTER_CONFIG
 from gptneox.model import GPTNeoX
 from gptneox.streaming import completion_text
 from gptneox.tokenizer import Tokenizer
@@ -106,9 +109,20 @@ def locate_draft(draft: str | None, tokenizer: Tokenizer, compile: bool):
     return path, config
 
 
-def load_model(path, config: Config, device: torch.device, dtype: torch.dtype, progress: bool) -> GPTNeoX:
+def adapter_tokenizer(adapter: str | None, tokenizer: str | None) -> str | None:
+    """--tokenizer, else the adapter's own tokenizer.json (train.py writes the one it trained with: Dolly's tokens)."""
+    if adapter is None:
+        return tokenizer
+    if not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        raise UsageError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, ours or PEFT's)")
+    own = Path(adapter) / "tokenizer.json"
+    return tokenizer or (str(own) if own.is_file() else None)
+
+
+def load_model(path, config: Config, device: torch.device, dtype: torch.dtype, progress: bool,
+               adapter: str | None = None) -> GPTNeoX:
     try:
-        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=progress)
+        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=progress, adapter=adapter)
     except torch.OutOfMemoryError:
         raise MemoryError(f"{path} does not fit on {device} in {str(dtype)[6:]} "
                           f"({config.num_parameters * dtype.itemsize / 1e9:.1f} GB of weights)") from None
@@ -232,7 +246,7 @@ def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None):
 def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=None, temperature=None, top_k=None,
          top_p=None, repetition_penalty=None, seed=None, num_samples=1, device="auto", dtype="auto",
          template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True, draft=None,
-         draft_tokens=4) -> int:
+         draft_tokens=4, adapter=None) -> int:
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), num_draft_tokens=draft_tokens)
     # setup
@@ -240,7 +254,7 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     torch_dtype = pick_dtype(dtype, dev)
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
-    path, config, files, tok = locate(ckpt, tokenizer)
+    path, config, files, tok = locate(ckpt, adapter_tokenizer(adapter, tokenizer))
     draft_path, draft_config = locate_draft(draft, tok, compile)
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
@@ -256,7 +270,7 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     max_len = window if compile or interactive else max(map(len, ids)) + gen_config.max_new_tokens
     check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt, draft_config)
     t0 = time.perf_counter()
-    model = load_model(path, config, dev, torch_dtype, progress)
+    model = load_model(path, config, dev, torch_dtype, progress, adapter)
     draft_model = load_model(draft_path, draft_config, dev, torch_dtype, progress) if draft_path else None
     load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile, draft_model=draft_model)
     if interactive:
@@ -312,6 +326,9 @@ def build_parser() -> cli.ArgumentParser:
                    "model checks in one forward; the output is the model's own (token for token when greedy)")
     p.add_argument("--draft-tokens", type=cli.positive_int, default=4,
                    help="with --draft: tokens drafted per forward of the model (default 4)")
+    p.add_argument("--adapter", help="a LoRA adapter directory (train.py --lora-r's output, or PEFT's "
+                   "adapter_config.json + adapter_model.safetensors) applied to --ckpt as its base; its tokenizer.json "
+                   "is used when present")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar while the checkpoint loads")
     return p

@@ -6,13 +6,16 @@ text, from one CPU to many GPUs (torchrun + FSDP full sharding). A guide: docs/t
     python train.py --config pythia-70m --tokenizer tokenizer.json --data tokens.bin --out out/p70m \\
         --max-steps 2000 --schedule cosine --lr 6e-4 --warmup-steps 100 --seq-len 2048
     ... the same command --resume                                  # continue a killed run, bit for bit
+    python train.py --init EleutherAI/pythia-2.8b --data dolly-15k --out out/lora --lora-r 8   # LoRA adapters only
 
 OUT receives the model in the Hugging Face layout (config.json, model.safetensors, tokenizer.json), metrics.jsonl
 (one JSON object per step), loss.png, run.json (the settings that define the run) and checkpoints/step-*.pt (the
-full training state). Exit status: 0 done, 2 a usage error, 1 a runtime error (bad data, a failed save, a NaN
+full training state). With --lora-r, OUT receives the adapter instead (adapter_config.json,
+adapter_model.safetensors: PEFT's format) and, with --export-merged, the merged model in OUT/merged. Exit status: 0 done, 2 a usage error, 1 a runtime error (bad data, a failed save, a NaN
 loss), 130 Ctrl-C. Shapes: B micro-batch, T padded length, V vocab.
 """
 
+import importlib.util
 import math
 import os
 import sys
@@ -32,11 +35,12 @@ from gptneox.data import (DOLLY_15K, IGNORE_INDEX, add_dolly_tokens, batch_indic
                           count_targets, is_instruction_data, steps_per_epoch)
 from gptneox.dolly import format_prompt
 from gptneox.generation import generate, stop_ids
+from gptneox.lora import add_lora, base_state_dict, load_adapter, merge_lora, save_adapter
 from gptneox.model import GPTNeoX, causal_lm_loss
 from gptneox.schedule import SCHEDULES, lr_at
 from gptneox.streaming import completion_text
 from gptneox.tokenizer import Tokenizer
-from gptneox.train_config import TrainConfig
+from gptneox.train_config import QUANTIZE_MODES, TrainConfig
 from gptneox.train_state import RunError
 
 SAMPLE_INSTRUCTION = "Explain to me the difference between nuclear fission and fusion."  # Dolly's README example
@@ -156,6 +160,24 @@ def export(model_state, config, tok, out: Path, dtype) -> None:
     model.save_pretrained(out, tokenizer=tok)
 
 
+def export_run(run) -> None:
+    """Full fine-tuning: the model in OUT. LoRA: the adapter in OUT (PEFT's format) and, with --export-merged, the
+    float base reloaded from --init with the adapter folded in, in OUT/merged (a quantized base is never merged)."""
+    dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
+    state, _ = disk.full_state(run.model, trainable_only=bool(run.cfg.lora))  # gathered whole on process 0
+    if run.rank != 0:
+        return
+    if not run.cfg.lora:
+        export(state, run.model.config, run.tok, run.out, dtype)
+        return
+    save_adapter(run.model, run.out, state=state, tokenizer=run.tok, base_model_name_or_path=run.cfg.init)
+    if run.cfg.export_merged:
+        base, _ = load_model(run.cfg)
+        load_adapter(base, run.out, resize_embeddings=True)
+        merge_lora(base)
+        export(base_state_dict(base), base.config, run.tok, run.out / "merged", dtype)
+
+
 def plot_losses(out: Path) -> Path | None:
     """loss.png from metrics.jsonl (train loss per step, validation loss where measured); None without matplotlib."""
     try:
@@ -182,8 +204,9 @@ def plot_losses(out: Path) -> Path | None:
 def make_optimizer(model, lr, weight_decay, device):
     """AdamW over the (possibly sharded) fp32 weights; weight decay on matrices only, not biases or LayerNorms
     (HF Trainer's rule); fused on CUDA."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    other = [p for p in model.parameters() if p.ndim < 2]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    decay = [p for p in trainable if p.ndim >= 2]
+    other = [p for p in trainable if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}],
                              lr=lr, betas=BETAS, eps=EPS, fused=device.type == "cuda")
 
@@ -223,8 +246,24 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     batch, micro = cfg.batches(world)
     run = Run(cfg, Path(cfg.out), Log(rank == 0), device, rank, world, dtype,
               torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext(), batch, micro)
+    if cfg.quantize_base and importlib.util.find_spec("gptneox.quantize") is None:
+        raise RunError(f"--quantize-base {cfg.quantize_base} needs gptneox.quantize (the int8 / int4 weight "
+                       "quantization), which this installation of gptneox does not have")
     resume_file = disk.check_out(run.out, cfg.run_settings(dtype=dtype, batch_size=batch), cfg.resume)
     return run, resume_file
+
+
+def attach_lora(run: Run) -> None:
+    """LoRA: the base quantized if asked (QLoRA), frozen, and fresh adapters on --lora-targets (seeded init)."""
+    cfg = run.cfg
+    if cfg.quantize_base:
+        from gptneox.quantize import quantize  # checked in setup
+        quantize(run.model, cfg.quantize_base, group_size=128)
+    torch.manual_seed(cfg.seed)
+    add_lora(run.model, cfg.lora)
+    n = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
+    run.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g} on {','.join(cfg.lora.targets)}"
+            f"{f', base in {cfg.quantize_base}' if cfg.quantize_base else ''}: {n:,} trainable parameters")
 
 
 def prepare(run: Run, resume_file: Path | None) -> None:
@@ -246,6 +285,8 @@ def prepare(run: Run, resume_file: Path | None) -> None:
     run.log(f"{len(run.train)} training / {len(run.val)} validation examples, {run.total_steps} steps of {run.batch} "
             f"({run.micro} per forward), {cfg.warmup(run.total_steps)} warmup, {run.world} process(es) on "
             f"{run.device}, {run.dtype}")
+    if cfg.lora:
+        attach_lora(run)
     run.model.gradient_checkpointing = cfg.grad_checkpointing
     if run.world > 1:
         dist.shard(run.model, run.device)  # process 0's weights, scattered: no process holds the whole model
@@ -257,7 +298,7 @@ def prepare(run: Run, resume_file: Path | None) -> None:
     run.optimizer = make_optimizer(run.model, cfg.lr, cfg.weight_decay, run.device)
     if resume_file:
         state = disk.load_state(resume_file)  # mmap: processes share the pages
-        disk.restore(run.model, run.optimizer, state)
+        disk.restore(run.model, run.optimizer, state, trainable_only=bool(cfg.lora))
         run.step = state["step"]
         run.log(f"resumed from {resume_file} at step {run.step}")
     else:
@@ -274,10 +315,8 @@ def main(**flags):
     try:
         prepare(run, resume_file)
         train_loop(run)
-        model_state, _ = disk.full_state(run.model)
+        export_run(run)
         if run.rank == 0:
-            export(model_state, run.model.config, run.tok, run.out,
-                   torch.bfloat16 if run.dtype == "bf16" else torch.float32)
             png = plot_losses(run.out)
             run.log(f"saved the model to {run.out}" + (f", loss curve {png}" if png else
                                                        " (pip install matplotlib for loss.png)"))
@@ -310,7 +349,8 @@ def train_loop(run: Run) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if cfg.save_every and run.step % cfg.save_every == 0 or run.step == run.total_steps:
-                disk.save(run.model, run.optimizer, run.out, run.step, run.rank, cfg.keep, run.device)
+                disk.save(run.model, run.optimizer, run.out, run.step, run.rank, cfg.keep, run.device,
+                          trainable_only=bool(cfg.lora))
 
 
 def one_step(run: Run, peak: float | None) -> dict:
@@ -373,7 +413,8 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--micro-batch-size", type=positive_int, help="examples per forward pass per process; "
                    "batch-size / (micro x processes) micro-batches are accumulated per step (default: the largest "
                    "divisor of the per-process batch up to Dolly's 6)")
-    g.add_argument("--lr", type=float, default=5e-6, help="peak learning rate (default 5e-6, as Dolly)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default 5e-6, as Dolly; 2e-4 with --lora-r, "
+                                           "QLoRA's for models up to 13B)")
     g.add_argument("--warmup-steps", type=non_negative_int, help="warmup steps (default: 50, as Dolly, but at most a "
                    "tenth of the run's steps)")
     g.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant: DeepSpeed WarmupLR's log "
@@ -384,6 +425,18 @@ def build_parser() -> ArgumentParser:
                                                                 "0 = off)")
     g.add_argument("--seed", type=int, default=42, help="seed of the split, the data order and a random init "
                                                         "(default 42)")
+    g = p.add_argument_group("LoRA and QLoRA (guide: docs/training.md)")
+    g.add_argument("--lora-r", type=non_negative_int, default=0, help="rank of LoRA adapters trained on a frozen "
+                   "base (default 0 = full fine-tuning; 8 or 16 are usual)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA scale alpha / r (default 2 x --lora-r)")
+    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0.05)")
+    g.add_argument("--lora-targets", help="comma-separated layers to adapt: query, key, value (the rows of the fused "
+                   "query_key_value, any subset), dense, dense_h_to_4h, dense_4h_to_h, embed_out "
+                   "(default query,key,value)")
+    g.add_argument("--export-merged", action="store_true", help="with --lora-r: also write the merged model "
+                   "(HF layout, loads in transformers) to OUT/merged")
+    g.add_argument("--quantize-base", choices=QUANTIZE_MODES, help="with --lora-r, QLoRA: hold the frozen base in "
+                   "int8 or int4 (gptneox.quantize); the adapters stay fp32")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--out", required=True, help="output directory: model (HF layout), metrics.jsonl, loss.png, "
                                                 "run.json, checkpoints/")

@@ -37,6 +37,9 @@ FULL = "all"  # the name of an adapter on every row of its layer (every target b
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
 PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
+# whole embedding matrices PEFT saves beside the adapter when a target is an embedding layer (save_embedding_layers)
+EMBEDDING_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>gpt_neox\.embed_in|embed_out|lm_head)"
+                           r"(?:\.base_layer)?\.weight")
 META_LAYOUT, META_VOCAB = "gptneox.lora", "gptneox.vocab_size"  # our safetensors metadata (PEFT ignores it)
 # our embed_out is transformers 5's lm_head (4.x called it embed_out): adapters are written with the name of the
 # transformers this project tests against, and read with either
@@ -165,7 +168,8 @@ def _refuse_attached(model):
 def _wrap(model, path: str, dropout: float) -> LoRALinear:
     parent, _, leaf = path.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
-    wrapper = LoRALinear(getattr(owner, leaf), model.config.num_attention_heads, dropout)
+    base = getattr(owner, leaf)
+    wrapper = LoRALinear(base, model.config.num_attention_heads, dropout).train(base.training)  # eval stays eval
     setattr(owner, leaf, wrapper)
     return wrapper
 
@@ -365,9 +369,17 @@ def _split(fused_A, fused_B, alpha, layout: dict, m_heads: int, where: str):
 def _plan(model, config: dict, tensors: dict, metadata: dict, file: Path) -> list:
     """[(module path, [(adapter name, A, B, alpha, slot), ...])] after checking every tensor against the model."""
     layout = json.loads(metadata.get(META_LAYOUT, "{}"))
-    pairs = {}
+    pairs, embeddings, params = {}, {}, dict(model.named_parameters())
     for key, t in tensors.items():
         match = PEFT_KEY.fullmatch(key)
+        embedding = EMBEDDING_KEY.fullmatch(key)
+        if embedding:
+            name = {"lm_head": "embed_out"}.get(embedding["module"], embedding["module"]) + ".weight"
+            if t.shape != params[name].shape:
+                raise AdapterError(f"{file}: tensor {key!r} has shape {list(t.shape)}, but the model's {name} has "
+                                   f"{list(params[name].shape)}")
+            embeddings[name] = t
+            continue
         if not match:
             raise AdapterError(f"{file}: tensor {key!r} is not a LoRA A or B matrix (only plain LoRA on linear "
                                "layers is supported)")
@@ -401,7 +413,13 @@ def _plan(model, config: dict, tensors: dict, metadata: dict, file: Path) -> lis
         plan.append((path, parts))
     if not plan:
         raise AdapterError(f"{file}: holds no LoRA tensors")
-    return plan
+    return plan, embeddings
+
+
+def _resized_shapes(model, vocab: int):
+    """model's shapes with `vocab` embedding rows, on the meta device (no memory)."""
+    with torch.device("meta"):
+        return type(model)(model.config.replace(vocab_size=vocab))
 
 
 def load_adapter(model, path, *, resize_embeddings: bool = False):
@@ -419,13 +437,16 @@ def load_adapter(model, path, *, resize_embeddings: bool = False):
         raise AdapterError(f"{file}: the adapter was trained with a vocabulary of {vocab} rows, the model has "
                            f"{model.config.vocab_size}: model.resize_token_embeddings({vocab}) first "
                            "(GPTNeoX.from_pretrained(base, adapter=...) and sample.py --adapter do)")
-    plan = _plan(model, config, tensors, metadata, file)
-    dropout = float(config.get("lora_dropout") or 0.0)
     if vocab != model.config.vocab_size:
+        _plan(_resized_shapes(model, vocab), config, tensors, metadata, file)  # every check before the resize
         model.resize_token_embeddings(vocab)
+    plan, embeddings = _plan(model, config, tensors, metadata, file)
+    dropout = float(config.get("lora_dropout") or 0.0)
     for p in model.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
+        for name, t in embeddings.items():  # PEFT's saved embedding matrices replace the base's
+            model.get_parameter(name).copy_(t)
         for module_path, parts in plan:
             wrapper = _wrap(model, module_path, dropout)
             for name, A, B, alpha, slot in parts:

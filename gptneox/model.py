@@ -224,13 +224,18 @@ class GPTNeoX(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, backend=None,
-                        progress=False) -> "GPTNeoX":
+                        progress=False, adapter=None) -> "GPTNeoX":
         """Load an HF-layout checkpoint (safetensors or .bin, single or sharded; see checkpoint.py) from a directory,
         or from a model name found locally or fetched like sample.py --ckpt: "EleutherAI/pythia-70m@step3000", or
-        the name with revision="step3000" (see hub.py)."""
+        the name with revision="step3000" (see hub.py). adapter: a LoRA adapter directory (ours or PEFT's) to
+        attach, the embeddings resized to the vocabulary it was trained with (lora.load_adapter)."""
         from .checkpoint import load_pretrained
-        return load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype, backend=backend,
-                               progress=progress)
+        model = load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype, backend=backend,
+                                progress=progress)
+        if adapter is not None:
+            from .lora import load_adapter
+            load_adapter(model, adapter, resize_embeddings=True)
+        return model
 
     def generate(self, input_ids, **kwargs):
         """Generated token ids for prompts input_ids; the options are gptneox.generation.generate's."""

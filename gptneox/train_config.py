@@ -16,9 +16,17 @@ DOLLY_EPOCHS = 2  # databrickslabs/dolly train_dolly.py
 DOLLY_BATCH = 48  # 6 per A100 x 8 GPUs
 DOLLY_MICRO_BATCH = 6  # per-device batch on an A100 (train_dolly.py)
 DOLLY_WARMUP = 50  # warmup steps of Dolly's DeepSpeed WarmupLR (train_dolly.py), 8% of its ~620-step 2-epoch run
+DOLLY_LR = 5e-6  # full fine-tuning (train_dolly.py)
+# LoRA runs (docs/training.md, "LoRA and QLoRA"): QLoRA's lr for models up to 13B (Dettmers et al. 2023, appendix
+# B.2: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B); alpha = 2 r and dropout 0.05, litgpt's LoRA defaults (r 8,
+# alpha 16, dropout 0.05)
+LORA_LR, LORA_DROPOUT, LORA_TARGETS = 2e-4, 0.05, "query,key,value"
+QUANTIZE_MODES = ("int8", "int4")
 # the settings that define a run: a resumed run must repeat them, and an --out holding other values is refused
 RUN_KEYS = ("init", "config", "tokenizer", "data", "epochs", "max_steps", "val_size", "batch_size", "lr",
             "warmup_steps", "schedule", "weight_decay", "grad_clip", "seq_len", "seed", "dtype", "skip_bad_lines")
+LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize_base")  # in run.json of LoRA runs
+LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged", "quantize_base")  # need --lora-r
 
 
 def flag(name: str) -> str:
@@ -37,7 +45,7 @@ class TrainConfig:
     val_size: int | None = None  # default data.default_val_size
     batch_size: int | None = None  # global, in examples; default DOLLY_BATCH
     micro_batch_size: int | None = None  # per forward and process; default: the largest divisor <= 6 that fits
-    lr: float = 5e-6
+    lr: float | None = None  # default DOLLY_LR, or LORA_LR with lora_r
     warmup_steps: int | None = None  # default DOLLY_WARMUP, at most a tenth of the run
     schedule: str = "constant"
     weight_decay: float = 0.0
@@ -55,8 +63,16 @@ class TrainConfig:
     grad_checkpointing: bool = False
     skip_bad_lines: bool = False
     progress: bool = True
+    lora_r: int = 0  # 0: full fine-tuning; else the rank of LoRA adapters on a frozen base
+    lora_alpha: float | None = None  # default 2 * lora_r
+    lora_dropout: float | None = None  # default LORA_DROPOUT
+    lora_targets: str | None = None  # comma-separated lora.TARGETS; default LORA_TARGETS
+    export_merged: bool = False  # LoRA: also write the merged model (HF layout) to OUT/merged
+    quantize_base: str | None = None  # QLoRA: hold the frozen base in int8 or int4 (gptneox.quantize)
 
     def __post_init__(self):
+        if self.lr is None:  # the one default resolved here: a LoRA run's differs (run.json records the value)
+            object.__setattr__(self, "lr", LORA_LR if self.lora_r else DOLLY_LR)
         for problem in self._problems():
             raise UsageError(problem)
 
@@ -82,6 +98,32 @@ class TrainConfig:
                    "would need loss scaling")
         if not isinstance(self.seed, int):
             yield f"--seed must be an integer, got {self.seed!r}"
+        yield from self._lora_problems()
+
+    def _lora_problems(self):
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
+            yield f"--lora-r must be an integer >= 0 (0 = full fine-tuning), got {self.lora_r!r}"
+            return
+        given = [flag(k) for k in LORA_FLAGS if getattr(self, k) not in (None, False)]
+        if not self.lora_r and given:
+            yield f"{', '.join(given)} need(s) LoRA: add --lora-r R (R > 0; 0, the default, is full fine-tuning)"
+        if self.quantize_base not in (None, *QUANTIZE_MODES):
+            yield f"--quantize-base {self.quantize_base!r}: choose one of {', '.join(QUANTIZE_MODES)}"
+        if self.lora_r:
+            try:
+                self.lora
+            except ValueError as e:
+                yield f"--lora-*: {e}"
+
+    @property
+    def lora(self):
+        """The run's lora.LoRAConfig (defaults resolved), or None for full fine-tuning."""
+        if not self.lora_r:
+            return None
+        from .lora import LoRAConfig
+        return LoRAConfig(self.lora_r, 2 * self.lora_r if self.lora_alpha is None else self.lora_alpha,
+                          LORA_DROPOUT if self.lora_dropout is None else self.lora_dropout,
+                          self.lora_targets or LORA_TARGETS)
 
     @property
     def run_length(self) -> tuple[int | None, int | None]:
@@ -118,4 +160,7 @@ class TrainConfig:
         """The settings that define the run (RUN_KEYS), as resolved: what run.json holds and a resume must repeat."""
         epochs, max_steps = self.run_length
         settings = {**asdict(self), "epochs": epochs, "max_steps": max_steps, "dtype": dtype, "batch_size": batch_size}
-        return {k: settings[k] for k in RUN_KEYS}
+        lora = self.lora
+        if lora:  # resolved; a full fine-tuning run's run.json has none of these keys (as before LoRA existed)
+            settings.update(lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=",".join(lora.targets))
+        return {k: settings[k] for k in RUN_KEYS + (LORA_KEYS if lora else ())}

@@ -39,10 +39,11 @@ def check_out(out: Path, run: dict, resume: bool) -> Path | None:
                            "choose an empty or new directory")
         return None
     states = state_files(out / "checkpoints")
-    if not states and not (out / "config.json").exists():
+    if not states and not (out / "config.json").exists() and not (out / "adapter_config.json").exists():
         return None
     saved = json.loads(run_file.read_text())
-    diff = [f"{k}: {saved.get(k)!r} there, {v!r} now" for k, v in run.items() if saved.get(k) != v]
+    diff = [f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now" for k in dict.fromkeys([*run, *saved])
+            if saved.get(k) != run.get(k)]  # both ways: a LoRA run's keys are absent from a full fine-tuning run's
     if diff:
         raise RunError(f"--out {out} holds a different run ({'; '.join(diff)}); use another --out")
     if states and not resume:
@@ -133,27 +134,34 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- gather and restore
-def full_state(model, optimizer=None):
-    """(model, optimizer) state dicts gathered whole on the CPU of process 0 (other processes get empty dicts)."""
+def full_state(model, optimizer=None, *, trainable_only=False):
+    """(model, optimizer) state dicts gathered whole on the CPU of process 0 (other processes get empty dicts).
+    trainable_only: only the parameters that train (LoRA's adapters; the frozen base is the run's --init)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     if optimizer is None:
         return get_model_state_dict(model, options=options), None
     return get_state_dict(model, optimizer, options=options)
 
 
-def restore(model, optimizer, state) -> None:
+def restore(model, optimizer, state, *, trainable_only=False) -> None:
     """Load a whole saved state (model, optimizer, RNG); under FSDP each process keeps its own shard of every tensor.
-    The RNG is process 0's stream; the others' only drive dropout, which Pythia and Dolly do not use."""
+    The RNG is process 0's stream; the others' only drive dropout, which Pythia and Dolly do not use.
+    trainable_only: the state holds exactly the parameters that train (see full_state), the rest is kept."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    if trainable_only:
+        wanted = {n for n, p in model.named_parameters() if p.requires_grad}
+        if set(state["model"]) != wanted:
+            odd = sorted(set(state["model"]) ^ wanted)
+            raise RunError(f"the saved state's trainable tensors differ from this run's ({', '.join(odd[:3])}...)")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                   options=StateDictOptions(full_state_dict=True))
+                   options=StateDictOptions(full_state_dict=True, strict=not trainable_only))
     set_rng_state(state["rng"])
 
 
-def save(model, optimizer, out: Path, step: int, rank: int, keep: int, device) -> None:
+def save(model, optimizer, out: Path, step: int, rank: int, keep: int, device, *, trainable_only=False) -> None:
     """The full training state of `step`, gathered and written by process 0; every process raises if that fails."""
-    model_state, optim_state = full_state(model, optimizer)
+    model_state, optim_state = full_state(model, optimizer, trainable_only=trainable_only)
     error = None
     if rank == 0:
         try:
