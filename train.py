@@ -254,13 +254,16 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
 
 
 def attach_lora(run: Run) -> None:
-    """LoRA: the base quantized if asked (QLoRA), frozen, and fresh adapters on --lora-targets (seeded init)."""
+    """LoRA: the frozen base in bf16 for a bf16 run (it needs no fp32 master copy; one process: FSDP wants one dtype
+    per shard unit), quantized if asked (QLoRA); fresh fp32 adapters on --lora-targets (seeded init)."""
     cfg = run.cfg
+    if run.dtype == "bf16" and run.world == 1:
+        run.model.to(torch.bfloat16)
     if cfg.quantize_base:
         from gptneox.quantize import quantize  # checked in setup
         quantize(run.model, cfg.quantize_base, group_size=128)
     torch.manual_seed(cfg.seed)
-    add_lora(run.model, cfg.lora)
+    add_lora(run.model, cfg.lora, dtype=torch.float32)
     n = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     run.log(f"LoRA r={cfg.lora.r} alpha={cfg.lora.alpha:g} dropout={cfg.lora.dropout:g} on {','.join(cfg.lora.targets)}"
             f"{f', base in {cfg.quantize_base}' if cfg.quantize_base else ''}: {n:,} trainable parameters")

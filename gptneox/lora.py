@@ -89,11 +89,13 @@ class LoRALinear(nn.Module):
         self.alpha, self.slot = {}, {}  # name -> alpha; name -> None (every row) or 0 / 1 / 2 (q / k / v rows)
         self.unmerged = None  # while merged: the base weight as it was (merge_lora / unmerge_lora)
 
-    def add(self, name: str, r: int, alpha: float, slot: int | None = None):
-        """A fresh adapter (A kaiming-uniform as nn.Linear and PEFT, B zero), in the base weight's float dtype."""
+    def add(self, name: str, r: int, alpha: float, slot: int | None = None, dtype: torch.dtype | None = None):
+        """A fresh adapter (A kaiming-uniform as nn.Linear and PEFT, B zero), in dtype (default: the base weight's
+        float dtype, else fp32)."""
         rows = self.out_features if slot is None else self.out_features // 3
         like = _float_tensor(self.base_layer)
-        kw = dict(dtype=like.dtype if like is not None else torch.float32, device=_device(self.base_layer))
+        dtype = dtype or (like.dtype if like is not None else torch.float32)
+        kw = dict(dtype=dtype, device=_device(self.base_layer))
         self.lora_A[name] = nn.Parameter(torch.empty(r, self.in_features, **kw))  # [r, in]
         self.lora_B[name] = nn.Parameter(torch.zeros(rows, r, **kw))  # [rows, r]
         nn.init.kaiming_uniform_(self.lora_A[name], a=math.sqrt(5))
@@ -174,8 +176,9 @@ def _wrap(model, path: str, dropout: float) -> LoRALinear:
     return wrapper
 
 
-def add_lora(model, config: LoRAConfig):
-    """Attach fresh adapters to config.targets of every layer, freeze every other parameter; returns model."""
+def add_lora(model, config: LoRAConfig, *, dtype: torch.dtype | None = None):
+    """Attach fresh adapters to config.targets of every layer, freeze every other parameter; returns model.
+    dtype: the adapters' (default: each base weight's float dtype, else fp32), e.g. fp32 beside a bf16 base."""
     _refuse_attached(model)
     if "embed_out" in config.targets and model.config.tie_word_embeddings:
         raise ValueError("LoRA target embed_out: this model ties embed_out to embed_in; choose other targets")
@@ -184,7 +187,7 @@ def add_lora(model, config: LoRAConfig):
     for path, targets in target_paths(model, config.targets).items():
         wrapper = _wrap(model, path, config.dropout)
         for t in targets:
-            wrapper.add(t if t in QKV else FULL, config.r, config.alpha, QKV.index(t) if t in QKV else None)
+            wrapper.add(t if t in QKV else FULL, config.r, config.alpha, QKV.index(t) if t in QKV else None, dtype)
     return model
 
 

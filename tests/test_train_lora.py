@@ -170,3 +170,17 @@ def test_train_lora_defaults_and_a_different_run_in_the_same_out(ckpt, data, tmp
     out = run(ckpt, data, tmp_path / "out", max_steps=2, **LORA)
     with pytest.raises(train.RunError, match=r"holds a different run \(.*lora_r: 8 there, None now"):
         run(ckpt, data, out, max_steps=2, lr=1e-2)
+
+
+def test_train_lora_in_bf16_holds_the_frozen_base_in_bf16_and_the_adapters_in_fp32(ckpt, data, tmp_path):
+    args = dict(init=str(ckpt), data=str(data), out=str(tmp_path / "out"), max_steps=3, batch_size=4,
+                micro_batch_size=2, warmup_steps=0, val_size=2, save_every=3, eval_every=3, sample_every=0,
+                progress=False, dtype="bf16", **LORA)
+    run_, resume_file = train.setup(TrainConfig(**args))
+    train.prepare(run_, resume_file)
+    dtypes = {n: p.dtype for n, p in run_.model.named_parameters()}
+    assert {dtypes[n] for n in lora_state_dict(run_.model)} == {torch.float32}
+    assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
+    train.train_loop(run_)
+    rows = metrics(tmp_path / "out")
+    assert rows[-1]["loss"] < rows[0]["loss"]
