@@ -24,7 +24,7 @@ setup(
     extras_require={
         # everything the test suite uses, so `pip install -e ".[test]" && python -m pytest -q` passes as written
         "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml", "transformer-lens",
-                 "lm_eval"],
+                 "lm_eval", "peft"],
         "eval": ["lm_eval>=0.4.13"],  # gptneox.eval: the lm-evaluation-harness model "gptneox"
         "tools": ["tqdm", "matplotlib", "huggingface_hub", "pyyaml"],
     },

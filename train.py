@@ -11,8 +11,9 @@ text, from one CPU to many GPUs (torchrun + FSDP full sharding). A guide: docs/t
 OUT receives the model in the Hugging Face layout (config.json, model.safetensors, tokenizer.json), metrics.jsonl
 (one JSON object per step), loss.png, run.json (the settings that define the run) and checkpoints/step-*.pt (the
 full training state). With --lora-r, OUT receives the adapter instead (adapter_config.json,
-adapter_model.safetensors: PEFT's format) and, with --export-merged, the merged model in OUT/merged. Exit status: 0 done, 2 a usage error, 1 a runtime error (bad data, a failed save, a NaN
-loss), 130 Ctrl-C. Shapes: B micro-batch, T padded length, V vocab.
+adapter_model.safetensors: PEFT's format) and, with --export-merged, the merged model in OUT/merged. Exit status:
+0 done, 2 a usage error, 1 a runtime error (bad data, a failed save, a NaN loss), 130 Ctrl-C. Shapes: B micro-batch,
+T padded length, V vocab.
 """
 
 import importlib.util

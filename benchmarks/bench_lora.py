@@ -124,7 +124,8 @@ def run_mode(args, mode) -> dict:
         return dict(mode=mode, missing="gptneox.quantize is not in this tree (the quantization issue's branch)")
     argv = [sys.executable, __file__, "--child", "--mode", mode, "--shape", args.shape, "--seq-len", str(args.seq_len),
             "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--warmup",
-            str(args.warmup), "--iters", str(args.iters)] + (["--grad-checkpointing"] if args.grad_checkpointing else [])
+            str(args.warmup), "--iters", str(args.iters)]
+    argv += ["--grad-checkpointing"] if args.grad_checkpointing else []
     r = subprocess.run(argv, capture_output=True, text=True)
     if r.returncode:
         return dict(mode=mode, error=r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}")
@@ -155,7 +156,7 @@ def report(args, rows):
 
 def table(T=2048, B=1):
     """docs/training.md's table: GB per pythia / Dolly size, bf16 compute, micro-batch B, sequence T, checkpointing."""
-    print(f"| model | full (16 B/param) | LoRA r=8 q,k,v (bf16 base) | QLoRA int4 |")
+    print("| model | full (16 B/param) | LoRA r=8 q,k,v (bf16 base) | QLoRA int4 |")
     print("| --- | --- | --- | --- |")
     for name in ("pythia-410m", "pythia-1b", "pythia-1.4b", "pythia-2.8b", "pythia-6.9b", "pythia-12b"):
         c = Config.from_name(name)

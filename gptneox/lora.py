@@ -70,8 +70,8 @@ class LoRAConfig:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
         unknown = [t for t in self.targets if t not in TARGETS]
         if unknown or not self.targets or len(set(self.targets)) < len(self.targets):
-            raise ValueError(f"LoRA targets {','.join(self.targets)!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty or repeated'}"
-                             f"; choose from {', '.join(TARGETS)}")
+            problem = f"unknown {', '.join(unknown)}" if unknown else "empty or repeated"
+            raise ValueError(f"LoRA targets {','.join(self.targets)!r}: {problem}; choose from {', '.join(TARGETS)}")
 
 
 class LoRALinear(nn.Module):
@@ -269,6 +269,16 @@ def _hf_name(path: str) -> str:
     return HF_NAMES.get(path, path)
 
 
+def _patterns(shapes: dict) -> dict:
+    """PEFT's rank_pattern / alpha_pattern keys for {module: (rank, alpha)}: the kind of layer ("query_key_value")
+    where all of its kind agree, else the module's own path (a regex, escaped)."""
+    kinds = {}
+    for name, shape in shapes.items():
+        kinds.setdefault(_kind(name), set()).add(shape)
+    return {**{kind: next(iter(s)) for kind, s in kinds.items() if len(s) == 1},
+            **{re.escape(name): shape for name, shape in shapes.items() if len(kinds[_kind(name)]) > 1}}
+
+
 def save_adapter(model, path, *, state: dict | None = None, tokenizer=None, base_model_name_or_path=None) -> None:
     """Write the adapters as PEFT does: adapter_config.json and adapter_model.safetensors, which
     peft.PeftModel.from_pretrained(GPTNeoXForCausalLM..., path) loads with the same logits; and tokenizer.json if a
@@ -277,24 +287,23 @@ def save_adapter(model, path, *, state: dict | None = None, tokenizer=None, base
     modules, state = lora_modules(model), state or {}
     if not modules:
         raise ValueError("save_adapter: the model has no LoRA adapters (add_lora or load_adapter first)")
-    tensors, ranks, alphas, layout = {}, {}, {}, {}
+    tensors, shapes, layout = {}, {}, {}  # shapes: HF module name -> (rank, alpha)
     for path_, m in modules.items():
         A, B, r, alpha = _fused(m, state, f"{path_}.")
-        name, kind = _hf_name(path_), _kind(_hf_name(path_))
+        name = _hf_name(path_)
         tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = A.contiguous()
         tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = B.contiguous()
-        ranks.setdefault(kind, r)
-        alphas.setdefault(kind, alpha)
-        assert (ranks[kind], alphas[kind]) == (r, alpha), "one rank and alpha per kind of layer"
+        shapes[name] = (r, alpha)
         layout[path_] = {n: m.lora_A[n].shape[0] for n in m.lora_A}  # how to split the fused form back
     dropout = next(iter(modules.values())).lora_dropout
-    r0, a0 = next(iter(ranks.values())), next(iter(alphas.values()))
+    r0, a0 = next(iter(shapes.values()))
+    patterns = _patterns(shapes)
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name_or_path,
                   r=r0, lora_alpha=a0, lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                  target_modules=sorted(ranks), bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
-                  modules_to_save=None, init_lora_weights=True, inference_mode=True,
-                  rank_pattern={k: v for k, v in ranks.items() if v != r0},
-                  alpha_pattern={k: v for k, v in alphas.items() if v != a0})
+                  target_modules=sorted({_kind(n) for n in shapes}), bias="none", fan_in_fan_out=False,
+                  use_rslora=False, use_dora=False, modules_to_save=None, init_lora_weights=True, inference_mode=True,
+                  rank_pattern={k: r for k, (r, _) in patterns.items() if r != r0},
+                  alpha_pattern={k: a for k, (_, a) in patterns.items() if a != a0})
     metadata = {"format": "pt", META_LAYOUT: json.dumps(layout), META_VOCAB: str(model.config.vocab_size)}
     with atomic_dir(Path(path), keep=lambda name: name != ADAPTER_BIN) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -336,7 +345,8 @@ def adapter_vocab_size(path) -> int | None:
 
 def _check_config(config: dict, file: Path):
     checks = [("peft_type", "LORA", config.get("peft_type")), ("use_dora", False, bool(config.get("use_dora"))),
-              ("bias", "none", config.get("bias", "none")), ("fan_in_fan_out", False, bool(config.get("fan_in_fan_out"))),
+              ("bias", "none", config.get("bias", "none")),
+              ("fan_in_fan_out", False, bool(config.get("fan_in_fan_out"))),
               ("modules_to_save", None, config.get("modules_to_save") or None),
               ("lora_bias", False, bool(config.get("lora_bias")))]
     for field, wanted, got in checks:

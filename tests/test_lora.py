@@ -81,7 +81,8 @@ def test_lora_matches_peft_logits_loss_and_grads(tmp_path, targets, parallel):
 def test_lora_adapter_peft_wrote_loads_into_ours(tmp_path):
     hf, ours = pair()
     config = peft.LoraConfig(r=4, lora_alpha=12, target_modules=["query_key_value", "dense_4h_to_h", "lm_head"],
-                             rank_pattern={"dense_4h_to_h": 2}, alpha_pattern={"lm_head": 3}, lora_dropout=0.1)
+                             rank_pattern={"dense_4h_to_h": 2, "gpt_neox.layers.1.attention.query_key_value": 3},
+                             alpha_pattern={"lm_head": 3}, lora_dropout=0.1)
     peft_model = peft.get_peft_model(hf, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -95,8 +96,12 @@ def test_lora_adapter_peft_wrote_loads_into_ours(tmp_path):
         [f"gpt_neox.layers.{i}.{m}" for i in range(2) for m in ("attention.query_key_value", "mlp.dense_4h_to_h")]
         + ["embed_out"])
     assert ours.gpt_neox.layers[0].mlp.dense_4h_to_h.lora_A["all"].shape[0] == 2  # rank_pattern
+    assert ours.gpt_neox.layers[1].attention.query_key_value.lora_A["all"].shape[0] == 3  # one layer's own rank
     assert ours.embed_out.scaling("all") == 3 / 4  # alpha_pattern
     assert_rel_close(ours(ids), expected, FP32_LOGITS_REL, "logits of a PEFT-trained adapter")
+    save_adapter(ours, tmp_path / "again")  # and back: ranks that differ between layers of one kind
+    again = peft.PeftModel.from_pretrained(pair()[0], tmp_path / "again").eval()
+    assert_rel_close(again(ids).logits, expected, FP32_LOGITS_REL, "PEFT's adapter through ours, back into PEFT")
 
 
 def test_lora_adapter_peft_wrote_with_rslora_loads_with_its_scale(tmp_path):
@@ -411,5 +416,6 @@ def test_lora_wrapper_keeps_the_base_interface():
     _, ours = pair()
     add_lora(ours, LoRAConfig(4, 8, targets="embed_out,query"))
     m = ours.embed_out
-    assert isinstance(m, LoRALinear) and m.weight is m.base_layer.weight and (m.in_features, m.out_features) == (64, 101)
+    assert isinstance(m, LoRALinear) and m.weight is m.base_layer.weight
+    assert (m.in_features, m.out_features) == (64, 101)
     assert ours.new_cache(1, 4)[0].k_cache.dtype == torch.float32  # reads model.embed_out.weight

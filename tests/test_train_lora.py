@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_fsdp import finish, one_process, torchrun
 from test_train import RECORDS, ROOT, cli, metrics, run, train, write_jsonl
-from test_train import ckpt, data, one_thread  # noqa: F401 (fixtures)
+from test_train import ckpt, data, one_thread  # noqa: F401, F811 (fixtures, used by name)
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox.lora import base_state_dict, lora_modules, lora_state_dict
