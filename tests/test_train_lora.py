@@ -184,3 +184,13 @@ def test_train_lora_in_bf16_holds_the_frozen_base_in_bf16_and_the_adapters_in_fp
     train.train_loop(run_)
     rows = metrics(tmp_path / "out")
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_sample_py_refuses_an_adapter_directory_that_is_not_one(ckpt, tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")
+    sample = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample)
+    status = sample.cli.run(sample.main, sample.build_parser(), ["--ckpt", str(ckpt), "--adapter", str(tmp_path),
+                                                                  "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert status == 2 and f"--adapter {tmp_path}: no adapter_config.json there" in err
