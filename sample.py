@@ -27,7 +27,7 @@ from gptneox.config import Config
 from gptneox.dolly import format_prompt
 from gptneox.generation import GenerationConfig, Generator, stop_ids
 from gptneox.hub import resolve_checkpoint
-from gptneox.lora import ADAPTER_CONFIG
+from gptneox.adapter import ADAPTER_CONFIG
 from gptneox.model import GPTNeoX
 from gptneox.streaming import completion_text
 from gptneox.tokenizer import Tokenizer

@@ -13,8 +13,9 @@ from tiny import hf_model, hf_state_dict
 from tolerances import FP32_GRAD_REL, FP32_LOGITS_REL, FP32_LOSS_ABS, assert_rel_close
 
 from gptneox import Config, GPTNeoX, causal_lm_loss
-from gptneox.lora import (QKV, AdapterError, LoRAConfig, LoRALinear, _fused, add_lora, base_state_dict,
-                          load_adapter, lora_modules, lora_state_dict, merge_lora, save_adapter, unmerge_lora)
+from gptneox.adapter import _fused
+from gptneox.lora import (QKV, AdapterError, LoRAConfig, LoRALinear, add_lora, base_state_dict, load_adapter,
+                          lora_modules, lora_state_dict, merge_lora, save_adapter, unmerge_lora)
 
 warnings.filterwarnings("ignore", module="peft")
 peft = pytest.importorskip("peft")  # the test extra (setup.py); pinned in .ci/run
