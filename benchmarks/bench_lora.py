@@ -71,12 +71,15 @@ def predicted_bytes(c: Config, mode: str, T: int, B: int, dtype: str, checkpoint
 
 # -------------------------------------------------------------------------------------------------- measuring
 def build(mode: str, config: Config, device, dtype: str):
+    """The model as train.py holds it: fp32 for full fine-tuning; for LoRA a frozen base (bf16 in a bf16 run, built
+    in bf16 directly so a 12b shape never exists in fp32), quantized for QLoRA, and fp32 adapters."""
     torch.manual_seed(0)
-    with torch.device(device):
-        model = GPTNeoX(config)  # nn's default init: the values do not change time or memory
+    with torch.device("meta"):
+        model = GPTNeoX(config)
+    base_dtype = torch.bfloat16 if mode != "full" and dtype == "bf16" else torch.float32
+    model.to(base_dtype).to_empty(device=device)
+    model.init_weights()  # random; the values do not change time or memory
     if mode != "full":
-        if dtype == "bf16":
-            model.to(torch.bfloat16)
         if mode == "qlora-int4":
             from gptneox.quantize import quantize  # the quantization issue's module
             quantize(model, "int4", group_size=128)
@@ -95,6 +98,8 @@ def child(args) -> dict:
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else nullcontext()
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # the step's peak, the model's weights included
     times = []
     for i in range(args.warmup + args.iters):
         if device.type == "cuda":
@@ -114,8 +119,10 @@ def child(args) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
-    return dict(mode=args.mode, peak_gb=peak / 1e9, step_s=statistics.median(times), times=times,
-                trainable=sum(p.numel() for p in params))
+    step = statistics.median(times)
+    return dict(mode=args.mode, peak_gb=peak / 1e9, step_s=step, tokens_per_s=args.batch_size * args.seq_len / step,
+                times=times, trainable=sum(p.numel() for p in params),
+                device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor())
 
 
 def run_mode(args, mode) -> dict:
@@ -139,19 +146,19 @@ def report(args, rows):
           f"checkpointing {'on' if args.grad_checkpointing else 'off'}; {versions}; "
           f"{time.strftime('%Y-%m-%d', time.gmtime())}")
     print("| mode | trainable params | predicted GB (weights + states + activations) | measured peak GB | "
-          "vs full | step s (median) | vs full |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "vs full | step s (median) | vs full | tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     full = next((r for r in rows if r["mode"] == "full" and "peak_gb" in r), None)
     for r in rows:
         p = predicted_bytes(c, r["mode"], args.seq_len, args.batch_size, args.dtype, args.grad_checkpointing)
         pred = f"{sum(p.values()) / 1e9:.2f} ({' + '.join(f'{v / 1e9:.2f}' for v in p.values())})"
         if "peak_gb" not in r:
-            print(f"| {r['mode']} | | {pred} | not measured: {r.get('missing') or r.get('error')} | | | |")
+            print(f"| {r['mode']} | | {pred} | not measured: {r.get('missing') or r.get('error')} | | | | |")
             continue
         mem = f"{r['peak_gb'] / full['peak_gb']:.0%}" if full else ""
         speed = f"{r['step_s'] / full['step_s']:.2f}x" if full else ""
         print(f"| {r['mode']} | {r['trainable']:,} | {pred} | {r['peak_gb']:.2f} | {mem} | {r['step_s']:.2f} | "
-              f"{speed} |")
+              f"{speed} | {r['tokens_per_s']:.0f} |")
 
 
 def table(T=2048, B=1):

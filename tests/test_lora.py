@@ -420,3 +420,27 @@ def test_lora_wrapper_keeps_the_base_interface():
     assert isinstance(m, LoRALinear) and m.weight is m.base_layer.weight
     assert (m.in_features, m.out_features) == (64, 101)
     assert ours.new_cache(1, 4)[0].k_cache.dtype == torch.float32  # reads model.embed_out.weight
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 Triton kernels need CUDA")
+def test_lora_bf16_on_cuda_with_triton_kernels_within_twice_the_torch_path_error():
+    """bf16 base with fp32 adapters (train.py's LoRA layout) on CUDA: the triton backend's logits are within the
+    half-precision rule of the fp32 reference, as the sdpa path's are, and the adapters' gradients flow."""
+    from tolerances import assert_within_2x
+    _, ours = pair()
+    with_random_adapters(ours, ALL_LINEAR)
+    ids, labels = ids_and_labels(B=2, T=32)
+    ref = ours.cuda()(ids.cuda())  # fp32
+    ours.to(torch.bfloat16)
+    for name, p in ours.named_parameters():
+        if ".lora_" in name:
+            p.data = p.data.float()
+    ours.backend = "sdpa"
+    base = ours(ids.cuda())
+    ours.backend = "triton"
+    assert_within_2x(ours(ids.cuda()), base, ref, "bf16 triton logits with adapters")
+    ours.train()
+    causal_lm_loss(ours(ids.cuda()), labels.cuda()).backward()
+    grads = [p.grad for n, p in ours.named_parameters() if ".lora_B." in n]
+    assert grads and all(g is not None and g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)
