@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -43,9 +44,9 @@ from .tokenizer import Tokenizer
 
 MODEL_NAME = "gptneox"
 MAX_GEN_TOKS = 256  # HFLM.max_gen_toks: the default when a task's generation_kwargs give none
-MODEL_ARGS = ("pretrained", "revision", "tokenizer", "dtype", "device", "batch_size", "max_batch_size", "backend",
-              "max_length", "dolly_template")
-NOT_YET = {"adapter": "LoRA adapters", "quantize": "quantization"}  # model_args of issues that have not landed
+MODEL_ARGS = ("pretrained", "revision", "tokenizer", "adapter", "dtype", "device", "batch_size", "max_batch_size",
+              "backend", "max_length", "dolly_template")
+NOT_YET = {"quantize": "quantization"}  # model_args of features that have not landed
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")  # generation kwargs passed through
 log = logging.getLogger(__name__)
 
@@ -105,22 +106,23 @@ class GPTNeoXLM(TemplateLM):
     pretrained: a checkpoint directory, a model name resolved as GPTNeoX.from_pretrained does ("pythia-160m",
         "EleutherAI/pythia-1.4b@step3000", downloaded when the network allows), or a GPTNeoX (then give tokenizer).
     revision: a hub revision of a named model; tokenizer: a tokenizer.json, a directory holding one, or a Tokenizer
-        (default: pretrained's). dtype: auto (the checkpoint's own, as HFLM), float32, bfloat16, float16.
+        (default: the adapter's if it holds one, else pretrained's). adapter: a LoRA adapter directory, ours or
+        PEFT's (gptneox.lora.load_adapter), attached to pretrained. dtype: auto (the checkpoint's own, as HFLM), float32, bfloat16, float16.
     device: auto, cpu, cuda, cuda:N. batch_size: requests per forward (max_batch_size is accepted and unused).
     backend: the attention backend, eager / sdpa / triton (default: ops.default_backend).
     max_length: the context window in tokens (default and at most: the model's max_position_embeddings).
     dolly_template: wrap generation prompts in Dolly v2's instruction template and end them at "### End".
     """
 
-    def __init__(self, pretrained=None, *, revision=None, tokenizer=None, dtype="auto", device=None, batch_size=1,
-                 max_batch_size=None, backend=None, max_length=None, dolly_template=False, **unknown):
+    def __init__(self, pretrained=None, *, revision=None, tokenizer=None, adapter=None, dtype="auto", device=None,
+                 batch_size=1, max_batch_size=None, backend=None, max_length=None, dolly_template=False, **unknown):
         super().__init__()
         check_model_args(unknown)
         if pretrained is None:
             raise ValueError("model_args pretrained is required: a checkpoint directory or a model name "
                              "(pretrained=pythia-160m, pretrained=EleutherAI/pythia-1.4b@step3000)")
         self._device = resolve_device(device)
-        self.model, self.tokenizer = self._load(pretrained, revision, tokenizer, dtype, backend)
+        self.model, self.tokenizer = self._load(pretrained, revision, tokenizer, adapter, dtype, backend)
         self.revision, self.dolly_template = revision, bool(dolly_template)
         self._batch_size = positive_int(batch_size, "batch_size")
         limit = self.model.config.max_position_embeddings
@@ -133,17 +135,21 @@ class GPTNeoXLM(TemplateLM):
         self.generator = Generator(self.model)  # holds the KV cache across generate_until batches
         self.truncated = Counter()  # requests cut from the left to fit the window, by request type
 
-    def _load(self, pretrained, revision, tokenizer, dtype, backend):
+    def _load(self, pretrained, revision, tokenizer, adapter, dtype, backend):
         dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
         if isinstance(pretrained, GPTNeoX):
             if tokenizer is None:
                 raise ValueError("pretrained is a GPTNeoX instance: give its tokenizer too (tokenizer=...)")
+            if adapter is not None:
+                raise ValueError("pretrained is a GPTNeoX instance: attach the adapter to it first (gptneox.lora)")
             model = pretrained.to(device=self._device, dtype=dtype).eval()
             if backend is not None:
                 model.backend = backend
         else:
             model = GPTNeoX.from_pretrained(pretrained, revision=revision, device=self._device, dtype=dtype,
-                                            backend=backend)
+                                            backend=backend, adapter=adapter)
+        if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer.json").is_file():
+            tokenizer = adapter  # a Dolly-style run resizes the vocabulary: its adapter carries the tokenizer
         if not isinstance(tokenizer, Tokenizer):
             tokenizer = Tokenizer.from_pretrained(pretrained if tokenizer is None else tokenizer, revision=revision)
         return model, tokenizer
@@ -218,7 +224,8 @@ class GPTNeoXLM(TemplateLM):
 
     # --------------------------------------------------------------------------------------- loglikelihood
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """(logprob, is_greedy) of each (context, continuation); tokenized by TemplateLM.loglikelihood (HFLM's rules)."""
+        """(logprob, is_greedy) of each (context, continuation), tokenized by TemplateLM.loglikelihood (HFLM's
+        rules)."""
         empty = sorted({str(req.task_name) for req in requests if req.args[1] == ""})
         if empty:
             raise ValueError(f"task(s) {', '.join(empty)} send loglikelihood requests with an empty continuation: "

@@ -156,6 +156,29 @@ def test_requests_longer_than_the_context_are_cut_from_the_left_as_hflm_and_coun
     assert lm.get_model_info()["truncated_requests"] == {"loglikelihood": 2, "generate_until": 1}
 
 
+def test_adapter_matches_hflm_with_peft(ckpt, tmp_path):
+    """model_args adapter= (ours, in PEFT's format) against HFLM's peft= on the same files."""
+    from lm_eval.models.huggingface import HFLM
+    from gptneox import GPTNeoX, LoRAConfig, add_lora, save_adapter
+    model = GPTNeoX.from_pretrained(ckpt, dtype=torch.float32)
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets=("query", "value", "dense_h_to_4h")))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:  # B starts at zero: a fresh adapter would not change the numbers
+                p.copy_(torch.randn_like(p) * 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    requests = REQUESTS[:6]
+    base = GPTNeoXLM(pretrained=ckpt, device="cpu", dtype="float32", batch_size=4)
+    plain = base.loglikelihood(instances("loglikelihood", requests), disable_tqdm=True)
+    lm = GPTNeoXLM(pretrained=ckpt, adapter=str(tmp_path / "adapter"), device="cpu", dtype="float32", batch_size=4)
+    got = lm.loglikelihood(instances("loglikelihood", requests), disable_tqdm=True)
+    hf = HFLM(pretrained=ckpt, peft=str(tmp_path / "adapter"), device="cpu", dtype="float32", batch_size=4)
+    want = hf.loglikelihood(instances("loglikelihood", requests), disable_tqdm=True)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, plain)) > 1e-2, "the adapter changed nothing"
+    assert_loglikelihoods_match(got, want, LL_TOL, "adapter vs HFLM peft=")
+
+
 # ---------------------------------------------------------------------------------- what HFLM does not do
 def test_logits_are_cut_to_the_real_vocabulary(shared_data, tmp_path):
     """Padding rows that would win every argmax: HFLM's numbers include them, ours are over the real tokens."""
@@ -199,7 +222,7 @@ def test_dolly_template_wraps_prompts_and_stops_at_end(shared_data, tmp_path):
 def test_model_args_unknown_keys_list_the_valid_ones(ckpt):
     with pytest.raises(ValueError, match="unknown model_args tempreature.*valid: pretrained, revision"):
         GPTNeoXLM(pretrained=ckpt, tempreature=1)
-    for key in ("adapter", "quantize"):
+    for key in ("quantize",):
         with pytest.raises(ValueError, match=f"model_args {key}: .* have not landed"):
             GPTNeoXLM(pretrained=ckpt, **{key: "x"})
     with pytest.raises(ValueError, match="batch_size=auto"):
