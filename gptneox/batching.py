@@ -111,7 +111,8 @@ class SlotView:
 class Engine:
     """The model loop of a server: max_batch_size slots on one static KV cache (max_len columns each; default the
     context window), a wait queue of at most max_queue requests beyond them. Thread-safe: submit and cancel from any
-    thread; the model runs on the engine's own thread (start / stop). stats counts requests by outcome."""
+    thread; the model runs on the engine's own thread (start / stop). stats counts requests by outcome,
+    decode_steps[n] the decode steps that carried n requests."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int | None = None,
                  max_len: int | None = None):
@@ -130,6 +131,7 @@ class Engine:
         self.rows: list[Request | None] = [None] * max_batch_size
         self.waiting: deque[Request] = deque()
         self.stats = dict(completed=0, cancelled=0, failed=0, rejected=0)
+        self.decode_steps = [0] * (max_batch_size + 1)  # decode steps by how many requests they carried
         self._state: dict[int, _RowState] = {}  # id(request) -> what the engine keeps for it while it runs
         self._cond = threading.Condition()
         self._stopping = False
@@ -226,6 +228,7 @@ class Engine:
         """One token for every busy row: rows 0..B-1 (the lowest slots, free ones among them fed a dummy token)."""
         B = max(i for i, r in enumerate(self.rows) if r is not None) + 1
         rows = self.rows[:B]
+        self.decode_steps[self.busy] += 1
         last = [r.tokens[-1] if r else 0 for r in rows]
         column = [len(r.prompt) + len(r.tokens) - 1 if r else 0 for r in rows]  # where each fed token goes
         x = torch.tensor(last, device=self.device)[:, None]  # [B, 1]

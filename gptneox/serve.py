@@ -249,8 +249,9 @@ class Service:
 
     def health(self) -> dict:
         e = self.engine
+        steps = {str(n): k for n, k in enumerate(e.decode_steps) if k}  # requests per step -> steps
         return {"status": "ok", "model": self.model_name, "slots": {"busy": e.busy, "total": e.max_batch_size},
-                "waiting": len(e.waiting), "requests": dict(e.stats)}
+                "waiting": len(e.waiting), "decode_steps": steps, "requests": dict(e.stats)}
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
@@ -381,7 +382,8 @@ def main(*, ckpt, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None,
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as e:
-        raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): pip install -e \".[serve]\"") from None
+        raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
+                           "pip install -e \".[serve]\"") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     dev = pick_device(device)
     model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev))
