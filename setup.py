@@ -23,7 +23,10 @@ setup(
     ],
     extras_require={
         # everything the test suite uses, so `pip install -e ".[test]" && python -m pytest -q` passes as written
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml", "transformer-lens"],
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml", "transformer-lens",
+                 "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "httpx"],
+        # python -m gptneox.serve: the OpenAI-compatible server (docs/serving.md)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "tools": ["tqdm", "matplotlib", "huggingface_hub", "pyyaml"],
     },
 )

@@ -371,3 +371,29 @@ def test_serve_model_failure_is_a_500_and_the_server_recovers(pythia, monkeypatc
         r = c.completions.create(model="tiny-pythia", prompt="Hello", max_tokens=5, temperature=0)
         assert r.choices[0].text == greedy(model, tok, "Hello", 5)[0]
         assert httpx.get(f"{s.url}/health", timeout=10).json()["requests"]["failed"] == 1
+
+
+# --------------------------------------------------------------------------------- the same templates for vLLM
+CONVERSATIONS = [[("user", "Hi")], [("system", "Be brief."), ("user", " What? ")],
+                 [("system", "S"), ("user", "a"), ("assistant", "b"), ("user", "c")],
+                 [("user", "a"), ("assistant", "b"), ("user", "c")]]
+
+
+@pytest.mark.parametrize("name, template", [("dolly", dolly_prompt), ("plain", plain_prompt)])
+def test_vllm_chat_templates_render_as_the_server_does(shared_data, name, template):
+    """examples/vllm/*.jinja (docs/serving.md) rendered by transformers' chat-template renderer, which vLLM uses,
+    give the server's prompt character for character."""
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(shared_data, "dolly-tokenizer.json"))
+    jinja = (ROOT / "examples" / "vllm" / f"{name}.jinja").read_text()
+    for conversation in CONVERSATIONS:
+        messages = [{"role": role, "content": content} for role, content in conversation]
+        assert tok.apply_chat_template(messages, chat_template=jinja, tokenize=False) == template(conversation)
+
+
+def test_import_gptneox_needs_no_server_packages():
+    code = ("import sys, gptneox, gptneox.batching, gptneox.chat; "
+            "assert not {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules), sorted(sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
