@@ -103,6 +103,8 @@ def serve(ckpt, args, port, log):
            "--dtype", args.dtype, "--max-batch-size", str(max(args.clients)), "--max-model-len",
            str(args.prompt_tokens + args.new_tokens), "--model-name", "bench", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    if args.threads:  # torch reads these at start-up
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -131,6 +133,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--requests-per-client", type=int, default=3, help="at most this many requests per client")
     p.add_argument("--seconds", type=float, default=90, help="a level's clients start no new request after this")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of the server's torch (default: torch's "
+                   "choice); 1 on a machine whose cores other work keeps busy (OpenMP's spinning threads then wait "
+                   "for each other: 4x slower decode steps measured on 2 shared cores)")
     args = p.parse_args()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 50000, (args.prompt_tokens,), generator=g).tolist() for _ in range(256)]
@@ -149,7 +154,8 @@ def main():
             proc.wait()
     base = rows[0]["tok_s"]
     print(f"{args.model} shape, {args.dtype}, {args.device}, prompt {args.prompt_tokens} + {args.new_tokens} new "
-          f"tokens, max-batch-size {max(args.clients)}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"tokens, max-batch-size {max(args.clients)}, torch {torch.__version__}, server threads "
+          f"{args.threads or torch.get_num_threads()}")
     print("| clients | requests | wall s | requests/s | generated tok/s | x 1 client | TTFT p50 / p99 s | "
           "latency p50 / p99 s |")
     for r in rows:

@@ -32,6 +32,7 @@ log = logging.getLogger("gptneox.serve")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DOLLY_CHAT = dict(top_p=0.92, max_tokens=256)  # Dolly's pipeline defaults (docs/architecture.md, "Dolly v2")
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
+GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
 
 
 class ClientGone(Exception):
@@ -394,7 +395,8 @@ def main(*, ckpt, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None,
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len)
     template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
     service = Service(engine, tokenizer, model_name=model_name or path.name, template=template)
-    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=GRACE_S)
     return 0
 
 
