@@ -27,7 +27,7 @@ from gptneox import GPTNeoX, Tokenizer  # noqa: E402
 from gptneox.batching import Engine  # noqa: E402
 from gptneox.chat import PLAIN_STOP, dolly_prompt, plain_prompt  # noqa: E402
 from gptneox.generation import generate, stop_ids  # noqa: E402
-from gptneox.serve import Service, create_app  # noqa: E402
+from gptneox.serve_app import Service, create_app  # noqa: E402
 from gptneox.streaming import completion_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
