@@ -246,21 +246,23 @@ class Engine:
             for r in filter(None, rows):
                 self._fail(r, f"the model failed on this batch: {type(e).__name__}: {e}")
             return
+        greedy = logits.argmax(-1).tolist()  # [B]: one sync for every greedy row (what sample() picks at 0)
         for b, r in enumerate(rows):
             if r is not None:
                 try:
-                    self._advance(r, logits[b:b + 1])
+                    self._advance(r, logits[b:b + 1], greedy[b] if r.config.temperature == 0 else None)
                 except Exception as e:  # noqa: BLE001
                     log.exception("sampling failed")
                     self._fail(r, f"sampling failed for this request: {type(e).__name__}: {e}")
 
     # ------------------------------------------------------------------------------------------ one row
-    def _advance(self, r: Request, logits: torch.Tensor) -> None:
-        """Choose r's next token from its fp32 logits [1, V], report it, and release r if it stopped."""
-        c = r.config
-        scores = process_logits(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
-        state = self._state[id(r)]
-        token = int(sample(scores, c.temperature, state.generator)[0])
+    def _advance(self, r: Request, logits: torch.Tensor, token: int | None = None) -> None:
+        """Choose r's next token from its fp32 logits [1, V] (token: already chosen, greedy), report it, and release
+        r if it stopped."""
+        c, state = r.config, self._state[id(r)]
+        if token is None:
+            scores = process_logits(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+            token = int(sample(scores, c.temperature, state.generator)[0])
         r.tokens.append(token)
         event = Event("token", token=token)
         if r.top_logprobs is not None:
