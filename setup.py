@@ -24,8 +24,10 @@ setup(
     extras_require={
         # everything the test suite uses, so `pip install -e ".[test]" && python -m pytest -q` passes as written
         "test": ["pytest", "hypothesis", "transformers>=4.40", "tqdm", "matplotlib", "pyyaml", "transformer-lens",
-                 "lm_eval", "peft"],
+                 "lm_eval", "peft", "fastapi>=0.110", "uvicorn>=0.29", "openai>=1.0", "httpx"],
         "eval": ["lm_eval>=0.4.13"],  # gptneox.eval: the lm-evaluation-harness model "gptneox"
+        # python -m gptneox.serve: the OpenAI-compatible server (docs/serving.md)
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29"],
         "tools": ["tqdm", "matplotlib", "huggingface_hub", "pyyaml"],
     },
 )

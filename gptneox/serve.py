@@ -1,0 +1,114 @@
+"""An OpenAI-compatible server with continuous batching, for a Pythia or Dolly v2 checkpoint.
+
+    python -m gptneox.serve --ckpt dolly-v2-3b                        # http://127.0.0.1:8000/v1, 8 requests at once
+    python -m gptneox.serve --ckpt pythia-1.4b --max-batch-size 32 --api-key "$KEY" --host 0.0.0.0
+
+Endpoints (OpenAI's shapes): GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
+"stream": true as server-sent events), GET /health. Concurrent requests decode together in one batch
+(gptneox.batching); beyond --max-batch-size they wait in a queue of --max-queue, and past that get 503 at once. With
+a Dolly checkpoint the chat endpoint wraps the conversation in Dolly's instruction template and the answer ends at
+"### End"; a base model gets a plain "User: / Assistant:" transcript (gptneox.chat). The endpoints are
+gptneox.serve_app's; this file is the command line. Needs the serve extra: pip install -e ".[serve]". Exit status:
+0 after Ctrl-C, 2 a usage error, 1 a runtime error. Guide: docs/serving.md.
+"""
+
+import logging
+import os
+import sys
+
+import torch
+
+from . import cli
+
+GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
+
+
+def pick_device(device: str) -> torch.device:
+    """auto: cuda when available, else cpu (sample.py's rule)."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise cli.UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU (sample.py's rule)."""
+    if dtype != "auto":
+        return cli.parse_dtype(dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load(ckpt: str, device: torch.device, dtype: torch.dtype):
+    """The model and tokenizer of --ckpt. Transforms of a loaded model go here, in this order, as they land:
+    --quantize (gptneox.quantize) and then --adapter (gptneox.lora; a merged adapter needs nothing)."""
+    from .hub import resolve_checkpoint
+    from .model import GPTNeoX
+    from .tokenizer import Tokenizer
+    try:
+        path = resolve_checkpoint(ckpt)
+    except (ValueError, FileNotFoundError) as e:
+        raise cli.UsageError(str(e)) from None
+    tokenizer = Tokenizer.from_pretrained(path)
+    return GPTNeoX.from_pretrained(path, device=device, dtype=dtype), tokenizer, path
+
+
+def main(*, ckpt, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None, max_model_len=None, device="auto",
+         dtype="auto", api_key=None, model_name=None, template="auto", log_level="info") -> int:
+    try:
+        import fastapi  # noqa: F401 (checked here, imported by serve_app)
+        import uvicorn
+    except ImportError as e:
+        raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
+                           "pip install -e \".[serve]\"") from None
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    dev = pick_device(device)
+    model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev))
+    window = model.config.max_position_embeddings
+    if max_model_len is not None and not 2 <= max_model_len <= window:
+        raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
+                             f"got {max_model_len}")
+    from .batching import Engine
+    from .serve_app import Service, create_app
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len)
+    template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
+    service = Service(engine, tokenizer, model_name=model_name or path.name, template=template)
+    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=GRACE_S)
+    return 0
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(__doc__, prog="python -m gptneox.serve")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory or model name, as sample.py --ckpt takes it "
+                   "(dolly-v2-3b, EleutherAI/pythia-1.4b, a training run's output directory)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; "
+                   "0.0.0.0 serves the network: use --api-key then)")
+    p.add_argument("--port", type=cli.non_negative_int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--max-batch-size", type=cli.positive_int, default=8,
+                   help="requests decoded together, each in its own KV-cache slot (default 8)")
+    p.add_argument("--max-queue", type=cli.non_negative_int,
+                   help="requests that may wait for a slot; past that a request gets 503 at once (default 4 x "
+                   "--max-batch-size)")
+    p.add_argument("--max-model-len", type=cli.positive_int, help="tokens per slot, prompt + completion (default: "
+                   "the model's context window); a shorter one shrinks the KV cache")
+    p.add_argument("--device", type=cli.device_arg, default="auto",
+                   help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",)), default="auto",
+                   help="bf16, fp16, fp32; auto (default): bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU")
+    p.add_argument("--api-key", default=os.environ.get("GPTNEOX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (401 without it); default: the "
+                   "GPTNEOX_API_KEY environment variable, which other users' ps does not show")
+    p.add_argument("--model-name", help="the model id clients send and /v1/models lists (default: the checkpoint "
+                   "directory's name)")
+    p.add_argument("--template", default="auto", choices=["auto", "dolly", "plain"],
+                   help="chat template: dolly (Dolly's instruction prompt, answers end at '### End'), plain "
+                   "('User: / Assistant:' transcript); auto (default): dolly when the tokenizer has Dolly's tokens")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server log level (default info: one line per request)")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, build_parser()))
