@@ -194,8 +194,20 @@ class ShardWriter:
         return names
 
 
+def _base_state(model) -> dict:
+    """The tensors of a checkpoint under HF's names; with LoRA adapters merged (gptneox.lora), the merged weights."""
+    from .lora import base_state_dict, lora_modules
+    modules = lora_modules(model)
+    if not modules:
+        return model.state_dict()
+    if any(m.unmerged is None for m in modules.values()):
+        raise ValueError("the model has LoRA adapters that are not merged: save_adapter(model, dir) writes the "
+                         "adapter, or merge_lora(model) first for a merged checkpoint that transformers loads")
+    return base_state_dict(model)
+
+
 def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progress=False) -> None:
-    state = model.state_dict()
+    state = _base_state(model)
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
     dtype = next(iter(state.values())).dtype

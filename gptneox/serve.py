@@ -15,6 +15,7 @@ gptneox.serve_app's; this file is the command line. Needs the serve extra: pip i
 import logging
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -40,22 +41,32 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load(ckpt: str, device: torch.device, dtype: torch.dtype):
-    """The model and tokenizer of --ckpt. Transforms of a loaded model go here, in this order, as they land:
-    --quantize (gptneox.quantize) and then --adapter (gptneox.lora; a merged adapter needs nothing)."""
+def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | None = None):
+    """The model and tokenizer of --ckpt, with the LoRA --adapter (ours or PEFT's) attached and merged into the
+    weights, so that serving costs what the base costs; the adapter's tokenizer.json wins when it has one (a Dolly
+    run resizes the vocabulary). Transforms of a loaded model go here: --quantize (gptneox.quantize) as it lands."""
     from .hub import resolve_checkpoint
+    from .adapter import ADAPTER_CONFIG
+    from .lora import merge_lora
     from .model import GPTNeoX
     from .tokenizer import Tokenizer
     try:
         path = resolve_checkpoint(ckpt)
     except (ValueError, FileNotFoundError) as e:
         raise cli.UsageError(str(e)) from None
-    tokenizer = Tokenizer.from_pretrained(path)
-    return GPTNeoX.from_pretrained(path, device=device, dtype=dtype), tokenizer, path
+    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        raise cli.UsageError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, ours or "
+                             "PEFT's)")
+    own = Path(adapter) / "tokenizer.json" if adapter is not None else None
+    tokenizer = Tokenizer.from_pretrained(own if own is not None and own.is_file() else path)
+    model = GPTNeoX.from_pretrained(path, device=device, dtype=dtype, adapter=adapter)
+    if adapter is not None:
+        merge_lora(model)
+    return model, tokenizer, path
 
 
-def main(*, ckpt, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None, max_model_len=None, device="auto",
-         dtype="auto", api_key=None, model_name=None, template="auto", log_level="info") -> int:
+def main(*, ckpt, adapter=None, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None, max_model_len=None,
+         device="auto", dtype="auto", api_key=None, model_name=None, template="auto", log_level="info") -> int:
     try:
         import fastapi  # noqa: F401 (checked here, imported by serve_app)
         import uvicorn
@@ -64,7 +75,7 @@ def main(*, ckpt, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None,
                            "pip install -e \".[serve]\"") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     dev = pick_device(device)
-    model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev))
+    model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev), adapter)
     window = model.config.max_position_embeddings
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
@@ -83,6 +94,8 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(__doc__, prog="python -m gptneox.serve")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or model name, as sample.py --ckpt takes it "
                    "(dolly-v2-3b, EleutherAI/pythia-1.4b, a training run's output directory)")
+    p.add_argument("--adapter", help="a LoRA adapter directory (train.py --lora-r's output, or PEFT's) to serve on "
+                   "--ckpt as its base, merged into the weights at load; its tokenizer.json is used when present")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; "
                    "0.0.0.0 serves the network: use --api-key then)")
     p.add_argument("--port", type=cli.non_negative_int, default=8000, help="TCP port (default 8000)")

@@ -203,6 +203,21 @@ def test_lora_merge_folds_the_adapters_and_unmerge_restores_bit_for_bit():
         unmerge_lora(ours)
 
 
+def test_lora_save_pretrained_writes_a_merged_model_and_refuses_unmerged_adapters(tmp_path):
+    from transformers import GPTNeoXForCausalLM
+    _, ours = pair()
+    with_random_adapters(ours, ("query", "value", "dense_h_to_4h"))
+    ids, _ = ids_and_labels()
+    with pytest.raises(ValueError, match="LoRA adapters that are not merged: save_adapter"):
+        ours.save_pretrained(tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
+    merge_lora(ours)
+    ours.save_pretrained(tmp_path / "merged")
+    hf = GPTNeoXForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert_rel_close(hf(ids).logits, ours(ids), FP32_LOGITS_REL, "merged checkpoint in transformers")
+
+
 def test_lora_save_and_load_round_trip_is_exact(tmp_path):
     _, ours = pair()
     with_random_adapters(ours, "query,value,dense_4h_to_h", r=3, alpha=7.0, dropout=0.1)

@@ -397,3 +397,32 @@ def test_import_gptneox_needs_no_server_packages():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr
+
+
+def test_serve_adapter_is_attached_merged_and_served(dolly_dir, tmp_path):
+    """--adapter: the LoRA adapter on --ckpt, merged at load (serve.load), answers as the unmerged adapter does."""
+    from gptneox import LoRAConfig, add_lora, save_adapter
+    from gptneox.cli import UsageError
+    from gptneox.serve import load
+    model = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32)
+    add_lora(model, LoRAConfig(r=4, alpha=8, targets=("query", "value", "dense_4h_to_h")))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:  # B starts at zero: a fresh adapter changes nothing
+                p.copy_(torch.randn_like(p) * 0.3)
+    save_adapter(model, tmp_path / "adapter")
+    served, tok, _ = load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path / "adapter"))
+    want = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32, adapter=tmp_path / "adapter")
+    base = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32)
+    ids = torch.tensor([tok.encode("Name three colors.")])
+    with torch.no_grad():
+        got, ref, plain = served(ids), want(ids), base(ids)
+    assert (ref - plain).abs().max() > 1e-2, "the adapter changed nothing"
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    with InProcess(served, tok, "dolly", "tiny-dolly") as s:
+        r = openai.OpenAI(base_url=f"{s.url}/v1", api_key="none", max_retries=0, timeout=60).completions.create(
+            model="tiny-dolly", prompt="Name three colors.", max_tokens=8, temperature=0)
+    assert r.choices[0].text == greedy(want, tok, "Name three colors.", 8)[0]
+    with pytest.raises(UsageError, match="no adapter_config.json"):
+        load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path))
