@@ -64,6 +64,14 @@ class Call:
             if await self.http.is_disconnected():
                 raise ClientGone
 
+    async def first(self) -> Event:
+        """The first event (the request admitted and prefilled); on any failure the request is cancelled."""
+        try:
+            return await self.next()
+        except BaseException:
+            self.close()
+            raise
+
     def close(self) -> None:
         if self._get is not None:
             self._get.cancel()
@@ -126,11 +134,7 @@ class Service:
         call = Call(self.engine, http, ids, config, top_logprobs=body.logprobs,
                     prompt_logprobs=body.echo and body.logprobs is not None)
         rid, created = new_id("cmpl"), int(time.time())
-        try:
-            first = await call.next()
-        except BaseException:
-            call.close()
-            raise
+        first = await call.first()
         if body.stream:
             return self.stream(self.completion_chunks(call, first, body, rid, created, echo, len(ids)), call)
         try:
@@ -188,11 +192,7 @@ class Service:
         top = (body.top_logprobs or 0) if body.logprobs else None
         call = Call(self.engine, http, ids, self.config(body, len(ids), max_tokens, top_p, stops), top_logprobs=top)
         rid, created = new_id("chatcmpl"), int(time.time())
-        try:
-            first = await call.next()
-        except BaseException:
-            call.close()
-            raise
+        first = await call.first()
         if body.stream:
             return self.stream(self.chat_chunks(call, first, body, rid, created, len(ids)), call)
         answer, event = Stripped(), first

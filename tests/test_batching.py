@@ -2,33 +2,28 @@
 greedy and seeded sampling token for token alone or beside others, stops, logprobs, the bounded queue, cancelling,
 and a failing model step that fails only the requests it touched."""
 
-import shutil
+import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
-from tiny import hf_model, save_checkpoint
+from tiny import checkpoint_with_tokenizer
 
 from gptneox import Config, GPTNeoX, Tokenizer
 from gptneox.batching import Engine, Request
 from gptneox.generation import GenerationConfig, generate, stop_ids
 from gptneox.streaming import completion_text
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["Hello there, how", "The capital of France is", "a", "Once upon a time in a land far far away there lived",
            "1 2 3 4", "Dear colleagues,"]
 TIMEOUT = 60  # seconds any one request may take before the test calls it lost
 
 
 @pytest.fixture(scope="module")
-def dolly(tmp_path_factory):
-    shared = ROOT.parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.skip(f"shared test data not found at {shared}")
-    path = save_checkpoint(hf_model(0, vocab_size=50280, max_position_embeddings=256),
-                           tmp_path_factory.mktemp("dolly") / "dolly", "safetensors")
-    shutil.copy(shared / "dolly-tokenizer.json", path / "tokenizer.json")
+def dolly(tmp_path_factory, shared_data):
+    path = checkpoint_with_tokenizer(tmp_path_factory.mktemp("dolly") / "dolly",
+                                     os.path.join(shared_data, "dolly-tokenizer.json"), vocab_size=50280,
+                                     max_position_embeddings=256)
     return GPTNeoX.from_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
 
 

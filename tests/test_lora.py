@@ -41,6 +41,14 @@ def with_random_adapters(model, targets, r=4, alpha=8.0, dropout=0.0, seed=0):
     return model
 
 
+def randomize_lora_b(peft_model):
+    """PEFT's B matrices start at zero; random ones make its adapter change the logits."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+
+
 def ids_and_labels(B=3, T=11, vocab=101, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (B, T), generator=g)
@@ -85,10 +93,7 @@ def test_lora_adapter_peft_wrote_loads_into_ours(tmp_path):
                              rank_pattern={"dense_4h_to_h": 2, "gpt_neox.layers.1.attention.query_key_value": 3},
                              alpha_pattern={"lm_head": 3}, lora_dropout=0.1)
     peft_model = peft.get_peft_model(hf, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
+    randomize_lora_b(peft_model)
     peft_model.save_pretrained(tmp_path)
     ids, _ = ids_and_labels()
     expected = peft_model.eval()(ids).logits
@@ -109,10 +114,7 @@ def test_lora_adapter_peft_wrote_with_rslora_loads_with_its_scale(tmp_path):
     hf, ours = pair()
     peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query_key_value"],
                                                          use_rslora=True))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn_like(p) * 0.1)
+    randomize_lora_b(peft_model)
     peft_model.save_pretrained(tmp_path)
     ids, _ = ids_and_labels()
     expected = peft_model.eval()(ids).logits

@@ -7,7 +7,6 @@ the plain chat template of a base model and a model failure (500, then recovery)
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import hf_model, save_checkpoint
+from tiny import checkpoint_with_tokenizer
 
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 httpx = pytest.importorskip("httpx")
@@ -58,14 +57,10 @@ def wait_healthy(url, proc=None, log=None, timeout=START_S):
 
 
 @pytest.fixture(scope="module")
-def dolly_dir(tmp_path_factory):
-    shared = ROOT.parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.skip(f"shared test data not found at {shared}")
-    path = save_checkpoint(hf_model(0, vocab_size=50280, max_position_embeddings=2048),
-                           tmp_path_factory.mktemp("serve") / "tiny-dolly", "safetensors")
-    shutil.copy(shared / "dolly-tokenizer.json", path / "tokenizer.json")
-    return path
+def dolly_dir(tmp_path_factory, shared_data):
+    return checkpoint_with_tokenizer(tmp_path_factory.mktemp("serve") / "tiny-dolly",
+                                     os.path.join(shared_data, "dolly-tokenizer.json"), vocab_size=50280,
+                                     max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")
@@ -329,13 +324,10 @@ class InProcess:
 
 
 @pytest.fixture(scope="module")
-def pythia(tmp_path_factory):
-    shared = ROOT.parent / "shared" / "data"
-    if not shared.is_dir():
-        pytest.skip(f"shared test data not found at {shared}")
-    path = save_checkpoint(hf_model(1, vocab_size=50304, max_position_embeddings=256),
-                           tmp_path_factory.mktemp("serve") / "tiny-pythia", "safetensors")
-    shutil.copy(shared / "pythia-tokenizer.json", path / "tokenizer.json")
+def pythia(tmp_path_factory, shared_data):
+    path = checkpoint_with_tokenizer(tmp_path_factory.mktemp("serve") / "tiny-pythia",
+                                     os.path.join(shared_data, "pythia-tokenizer.json"), seed=1, vocab_size=50304,
+                                     max_position_embeddings=256)
     return GPTNeoX.from_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
 
 

@@ -6,6 +6,7 @@ the way transformers 4.x wrote them: torch.save of the state dict, HF's shard na
 """
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,13 @@ def hf_state_dict(model) -> dict:
     """The state dict as transformers 4.x names it on disk (embed_out.weight, not lm_head.weight)."""
     return {("embed_out.weight" if k == "lm_head.weight" else k): v.detach().clone()
             for k, v in model.state_dict().items()}
+
+
+def checkpoint_with_tokenizer(path, tokenizer_file, seed: int = 0, **config) -> Path:
+    """A tiny random checkpoint (safetensors) in directory path with a real tokenizer.json copied beside it."""
+    path = save_checkpoint(hf_model(seed, **config), path, "safetensors")
+    shutil.copy(tokenizer_file, Path(path) / "tokenizer.json")
+    return path
 
 
 def save_checkpoint(model, path, form: str) -> Path:
