@@ -6,9 +6,10 @@ from .dolly import extract_response, format_prompt
 from .generation import GenerationConfig, Generator, generate, stream
 from .hub import pythia_steps, resolve_checkpoint
 from .model import GPTNeoX, KVCache, causal_lm_loss
+from .quantize import QuantizedLinear, quantize
 from .tokenizer import Tokenizer
 
 __all__ = ["Config", "PRESETS", "GPTNeoX", "KVCache", "causal_lm_loss", "Tokenizer", "CheckpointError",
            "GenerationConfig", "Generator", "generate", "stream", "format_prompt", "extract_response",
-           "resolve_checkpoint", "pythia_steps"]
+           "resolve_checkpoint", "pythia_steps", "quantize", "QuantizedLinear"]
 __version__ = "0.1.0"
