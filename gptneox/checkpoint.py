@@ -142,7 +142,8 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
         expected.pop("embed_out.weight")
     # float weights to quantize on arrival: name -> the float shape [out, in] the checkpoint holds
     fresh = {} if saved is not None or settings is None else _float_shapes(model)
-    state, what = {}, f"config.json implies" if settings is None else f"config.json with quantization {settings} implies"
+    state = {}
+    what = "config.json implies" if settings is None else f"config.json with quantization {settings} implies"
     for file, name, tensor in progress_bars.bar(_stream(files), total=len(expected), desc="loading", unit="tensor",
                                                 enabled=progress):
         ours = checkpoint_name(name)
@@ -156,15 +157,14 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
                                   f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings}, "
                                   f"quantization={saved})")
         shape, want = fresh[ours] if ours in fresh else expected[ours]
-        if tensor.shape != shape or tensor.is_floating_point() != want.is_floating_point() or (
-                not want.is_floating_point() and tensor.dtype != want):
+        if tensor.shape != shape or tensor.is_floating_point() != want.is_floating_point or (
+                not want.is_floating_point and tensor.dtype != want):
             raise CheckpointError(f"{file}: tensor {name!r} is {str(tensor.dtype)[6:]} {list(tensor.shape)}, but "
-                                  f"{what} {str(want)[6:] if not want.is_floating_point() else 'float'} {list(shape)}")
+                                  f"{what} {'float' if want.is_floating_point else str(want)[6:]} {list(shape)}")
         if not tensor.is_floating_point():
             state[ours] = tensor.to(device=device)
             continue
-        # one dtype for the whole model: the caller's, else the checkpoint's (its first float tensor's: fp16 Pythia,
-        # bf16 Dolly)
+        # one dtype for the whole model: the caller's, else the checkpoint's first float tensor's (fp16 Pythia)
         dtype = dtype or tensor.dtype
         if ours in fresh:
             prefix = ours.removesuffix("weight")

@@ -248,7 +248,8 @@ def _triton_ok() -> bool:
 def targets(model) -> list[str]:
     """Names of the modules quantize() replaces: every nn.Linear of the blocks, and embed_out unless it is tied to
     the input embedding (then it is the embedding table, which stays float)."""
-    names = [f"gpt_neox.layers.{n}" for n, m in model.gpt_neox.layers.named_modules() if isinstance(m, nn.Linear)]
+    names = [f"gpt_neox.layers.{n}" for n, m in model.gpt_neox.layers.named_modules()
+             if isinstance(m, (nn.Linear, QuantizedLinear))]
     return names + ([] if model.config.tie_word_embeddings else ["embed_out"])
 
 
@@ -290,3 +291,22 @@ def weight_bytes(model) -> int:
     """Bytes a decode step reads: every parameter and buffer except the input embedding (one row per token)."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     return sum(t.numel() * t.element_size() for n, t in tensors.items() if "embed_in" not in n)
+
+
+def describe(settings: dict | None, dtype: torch.dtype) -> str:
+    """"int4 g128", "int8", or the float dtype's name ("bfloat16"): how a report names the weights."""
+    if settings is None:
+        return str(dtype).removeprefix("torch.")
+    return settings["mode"] + (f" g{settings['group_size']}" if settings["mode"] == "int4" else "")
+
+
+def model_bytes(config, dtype: torch.dtype, settings: dict | None = None) -> int:
+    """Bytes of all weights of a model of this config in dtype, quantized with settings (None: not), input
+    embedding included; computed on the meta device, so nothing is allocated."""
+    from .model import GPTNeoX
+    with torch.device("meta"):
+        model = GPTNeoX(config).to(dtype)
+        if settings is not None:
+            quantize(model, settings["mode"], group_size=settings.get("group_size") or 128)
+    embed = model.gpt_neox.embed_in.weight
+    return weight_bytes(model) + embed.numel() * embed.element_size()
