@@ -97,14 +97,21 @@ def quantization_settings(path: Path) -> dict | None:
     """config.json's "quantization" ({"mode": "int8"} or {"mode": "int4", "group_size": g}), validated; None if the
     checkpoint is not quantized."""
     from .quantize import check_settings
-    settings = json.loads((path / "config.json").read_text()).get("quantization")
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None  # nothing to read: the loader reports the missing config its own way
+    try:
+        settings = json.loads(file.read_text()).get("quantization")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # Config.from_hf_config names what is wrong with the file
     if settings is None:
         return None
     try:
         check_settings(settings["mode"], settings.get("group_size"))
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: field 'quantization' is {settings!r}: {e}") from None
-    return settings
+    mode = settings["mode"]  # in the canonical order (config.json sorts its keys)
+    return {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": settings["group_size"]}
 
 
 def _quantization(path: Path, saved: dict | None, mode: str | None, group_size: int) -> dict | None:
@@ -261,13 +268,13 @@ def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progre
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
-    from .quantize import settings_of
+    from .quantize import config_entries, settings_of
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     quantization = settings_of(model)  # int8 / int4 tensors (weight, scales, zeros): gptneox/quantize.py
     with atomic_dir(path, keep=is_user_file) as tmp:
         config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
         if quantization is not None:
-            config["quantization"] = quantization
+            config.update(config_entries(quantization))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         for name, t in progress_bars.bar(state.items(), total=len(state), desc="saving", unit="tensor",

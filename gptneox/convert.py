@@ -346,7 +346,7 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verif
     """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files).
     quantize: "int8" / "int4" writes the weight-only quantized tensors instead (gptneox/quantize.py)."""
     from .checkpoint import quantization_settings
-    from .quantize import check_settings
+    from .quantize import check_settings, config_entries
     src, dst = Path(src), check_destination(dst, src=src, force=force, to="hf")
     if (src / "config.json").is_file() and quantization_settings(src) is not None:
         raise CheckpointError(f"{src} is a quantized checkpoint ({quantization_settings(src)}); convert_weights.py "
@@ -363,7 +363,7 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verif
                         logits_max_params=logits_max_params) if verify else None
     else:
         tensors = quantized_tensors(ckpt.tensors(), ckpt.config, settings, dtype)
-        raw = {**ckpt.raw_config, "quantization": settings}
+        raw = {**ckpt.raw_config, **config_entries(settings)}
         check = partial(_verify_quantized_output, src=src, settings=settings, dtype=dtype,
                         logits_max_params=logits_max_params) if verify else None
     try:

@@ -287,6 +287,23 @@ def quantize(model, mode: str, *, group_size: int = 128):
     return model
 
 
+def config_entries(settings: dict) -> dict:
+    """What config.json gets for a quantized model: "quantization" (ours, read back by checkpoint.py) and a
+    "quantization_config" naming an unknown quant_method, so that transformers, which would otherwise cast int8
+    weights to float without a word, at least warns that it skips a quantization (docs/quantization.md, "Files")."""
+    return {"quantization": settings,
+            "quantization_config": {"quant_method": "gptneox", **settings,
+                                    "note": "weight-only quantization of the gptneox package: load the directory "
+                                            "with gptneox.GPTNeoX.from_pretrained, not transformers"}}
+
+
+def refuse_training(model) -> None:
+    """A ValueError pointing to LoRA if model holds quantized (frozen) weights: train.py calls it before training."""
+    settings = settings_of(model)
+    if settings is not None:
+        raise ValueError(f"the model is quantized ({settings}): {LORA_POINTER}")
+
+
 def weight_bytes(model) -> int:
     """Bytes a decode step reads: every parameter and buffer except the input embedding (one row per token)."""
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}

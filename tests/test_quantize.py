@@ -316,3 +316,22 @@ def test_sample_refuses_contradicting_quantize_flags_with_exit_2(ckpt, flags, me
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--prompt", "x", *flags],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_train_refuses_a_quantized_checkpoint_with_a_pointer_to_lora(ckpt, tmp_path):
+    GPTNeoX.from_pretrained(ckpt, quantize="int4", group_size=32).save_pretrained(tmp_path / "q")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"instruction": "a", "context": "", "response": "b", "category": "x"}) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(tmp_path / "q"), "--data", str(data),
+                        "--out", str(tmp_path / "out"), "--max-steps", "1", "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1, r.stderr
+    assert "a quantized checkpoint ({'mode': 'int4', 'group_size': 32})" in r.stderr and "LoRA" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_saved_config_warns_transformers_off_an_unknown_quantization(ckpt, tmp_path):
+    GPTNeoX.from_pretrained(ckpt, quantize="int8").save_pretrained(tmp_path / "q")
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert config["quantization"] == {"mode": "int8"}
+    assert config["quantization_config"]["quant_method"] == "gptneox"  # not a method transformers knows
