@@ -4,7 +4,9 @@
     python benchmarks/bench_quantize.py --device cuda --dtype bfloat16 --model pythia-1.4b
 
 Rows: ours fp32 (or --dtype), ours int8, ours int4 (--group-size), transformers in the same dtype, and transformers
-with torchao's int8 weight-only where `torchao` imports. Every model holds the same random weights of a real shape
+with torchao's int8 weight-only where `torchao` imports (torchao 0.18.0 declares no torch requirement:
+`pip install --no-deps torchao==0.18.0` leaves torch as it is; on a CPU-only torch it warns that its CUDA extensions
+do not load, and its int8 weight-only still runs). Every model holds the same random weights of a real shape
 (numerics do not change speed). Decoding reads every weight except the input embedding once per token, so
 tokens/s <= bandwidth / bytes_per_token; the bandwidth is measured in the same run (bench_generate.py's
 measured_bandwidth) and each row is set against its own ceiling. Weight bytes are also given for bf16 weights

@@ -164,10 +164,12 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
                                   f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings}, "
                                   f"quantization={saved})")
         shape, want = fresh[ours] if ours in fresh else expected[ours]
-        if tensor.shape != shape or tensor.is_floating_point() != want.is_floating_point or (
-                not want.is_floating_point and tensor.dtype != want):
+        integer = not want.is_floating_point
+        if tensor.is_floating_point() == integer or (integer and tensor.dtype != want):
             raise CheckpointError(f"{file}: tensor {name!r} is {str(tensor.dtype)[6:]} {list(tensor.shape)}, but "
-                                  f"{what} {'float' if want.is_floating_point else str(want)[6:]} {list(shape)}")
+                                  f"{what} {str(want)[6:] if integer else 'float'} {list(shape)}")
+        if tensor.shape != shape:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, but {what} {list(shape)}")
         if not tensor.is_floating_point():
             state[ours] = tensor.to(device=device)
             continue

@@ -228,6 +228,10 @@ class QuantizedLinear(nn.Module):
                                                  self.group_size, dtype)}
         return self._runtime[key]
 
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): the packed CPU form is rebuilt when needed
+        self._runtime = {}
+        return super()._apply(fn, recurse)
+
     def requires_grad_(self, requires_grad: bool = True):
         if requires_grad:
             raise ValueError(LORA_POINTER)
