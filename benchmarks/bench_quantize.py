@@ -50,7 +50,7 @@ def torchao_int8(hf):
     return model
 
 
-def rows(hf, ours, group_size):
+def rows(hf, ours, group_size, skip_hf=False):
     """(name, decode function, model bytes per token or None) for each row."""
     def ours_fn(model):
         gen = Generator(model)
@@ -65,20 +65,24 @@ def rows(hf, ours, group_size):
     for mode in ("int8", "int4"):
         q = quantize(copy.deepcopy(ours), mode, group_size=group_size)
         out.append((f"ours {mode}" + (f" g{group_size}" if mode == "int4" else ""), ours_fn(q), weight_bytes(q)))
+    if skip_hf:
+        return out
     out.append(("transformers fp", hf_fn(hf), weight_bytes(ours)))
     ao = torchao_int8(hf)
     out.append(("transformers + torchao int8", hf_fn(ao) if ao is not None else None, None))
     return out
 
 
-def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, threads):
+def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, threads, skip_hf):
     dev, dt = torch.device(device), DTYPES[dtype]
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     hf, ours = build(model, dev, dt)
     ids = torch.randint(0, 50000, (1, prompt_len), device=dev)
-    table = rows(hf, ours, group_size)
+    table = rows(hf, ours, group_size, skip_hf)
+    if skip_hf:
+        del hf
     for name, fn, _ in table:  # warm-up: packing, first-call allocations, kernel compiles
         if fn is not None:
             fn(ids, 4)
@@ -118,4 +122,5 @@ if __name__ == "__main__":
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="activations and scales (default fp32)")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
+    p.add_argument("--skip-hf", action="store_true", help="only our rows (the GPU shapes of 6.9b / 12b: less memory)")
     main(**vars(p.parse_args()))
