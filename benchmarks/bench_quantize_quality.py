@@ -28,9 +28,9 @@ SHAPE = dict(vocab_size=256, hidden_size=256, num_hidden_layers=4, num_attention
 SCHEMES = [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)]
 
 
-def corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, held-out) byte ids of README.md and docs/*.md: 90% / 10%."""
-    text = b"\n".join(p.read_bytes() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+def corpus(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) byte ids of root's README.md and docs/*.md: 90% / 10%."""
+    text = b"\n".join(p.read_bytes() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
     ids = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
     cut = int(0.9 * len(ids))
     return ids[:cut], ids[cut:]
@@ -88,9 +88,9 @@ def evaluate(ref: GPTNeoX, model: GPTNeoX, held: torch.Tensor, prompts: int, new
     return dict(ppl=ppl, logits_fro=logits_fro, logits_max=logits_max, same=same / prompts, prefix=prefix / prompts)
 
 
-def main(*, steps, prompts, new_tokens, threads):
+def main(*, steps, prompts, new_tokens, threads, schemes, corpus_root):
     torch.set_num_threads(threads)
-    train_ids, held = corpus()
+    train_ids, held = corpus(Path(corpus_root))
     print(f"corpus: {len(train_ids)} training bytes, {len(held)} held out; training {steps} steps")
     t0 = time.perf_counter()
     ref = train(train_ids, steps)
@@ -101,6 +101,8 @@ def main(*, steps, prompts, new_tokens, threads):
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| fp32 | 0 | 0 / 0 | {base['ppl']:.3f} | 100% | {new_tokens:.1f} |")
     for mode, g in SCHEMES:
+        if schemes and (mode if g is None else f"{mode}-g{g}") not in schemes:
+            continue
         q = quantize(copy.deepcopy(ref), mode, group_size=g or 128)
         r = evaluate(ref, q, held, prompts, new_tokens)
         name = mode if g is None else f"{mode} g{g}"
@@ -114,4 +116,9 @@ if __name__ == "__main__":
     p.add_argument("--prompts", type=int, default=20, help="greedy continuations compared (default 20)")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens per continuation (default 32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--corpus-root", default=str(ROOT), help="the directory whose README.md and docs/*.md are the "
+                   "text (default: this checkout; the docs change, so a row names the commit it read, e.g. "
+                   "`git archive COMMIT README.md docs | tar -x -C DIR`)")
+    p.add_argument("--schemes", nargs="*", help="only these rows: int8, int4-g32, int4-g64, int4-g128, int4-g256 "
+                   "(the training is seeded: the same model every run on the same thread count)")
     main(**vars(p.parse_args()))
