@@ -150,7 +150,7 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
     # float weights to quantize on arrival: name -> the float shape [out, in] the checkpoint holds
     fresh = {} if saved is not None or settings is None else _float_shapes(model)
     state = {}
-    what = "config.json implies" if settings is None else f"config.json with quantization {settings} implies"
+    what = "config.json implies" if saved is None else f"config.json with quantization {saved} implies"
     for file, name, tensor in progress_bars.bar(_stream(files), total=len(expected), desc="loading", unit="tensor",
                                                 enabled=progress):
         ours = checkpoint_name(name)
