@@ -4,6 +4,7 @@ HF -> gpt-neox model-states files at a chosen tensor-parallel degree.
     python convert_weights.py pythia-1.4b/ out/pythia-1.4b --dtype bf16 --verify
     python convert_weights.py global_step143000/ out/pythia-6.9b --neox-config 6-9B.yml --tokenizer 20B_tokenizer.json
     python convert_weights.py out/pythia-70m neox/global_step0 --to neox --tp 2 --verify
+    python convert_weights.py dolly-v2-12b/ out/dolly-v2-12b-int4 --quantize int4 --group-size 128 --verify
 
 DST is built beside itself under a hidden temporary name and renamed into place when complete. A DST that is,
 contains or lies inside SRC is refused; an existing DST is replaced only with --force, and only when all it holds is
@@ -36,8 +37,13 @@ def given(**flags) -> list[str]:
     return ["--" + name.replace("_", "-") for name, value in flags.items() if value is not None and value is not False]
 
 
-def check_flags(*, to, tp, no_pipe, max_shard_size, neox_config, tokenizer, trust_pickle, verify, logits_max_params):
+def check_flags(*, to, tp, no_pipe, max_shard_size, neox_config, tokenizer, trust_pickle, verify, logits_max_params,
+                quantize=None, group_size=None):
     """Flags that contradict each other: a usage error (exit 2) before anything is read."""
+    if quantize is not None and to == "neox":
+        raise cli.UsageError("--quantize: only with --to hf (gpt-neox's files hold float weights)")
+    if group_size is not None and quantize != "int4":
+        raise cli.UsageError("--group-size is the int4 group size: give it with --quantize int4")
     if to == "hf" and given(tp=tp, no_pipe=no_pipe):
         raise cli.UsageError(f"{', '.join(given(tp=tp, no_pipe=no_pipe))}: only with --to neox")
     hf_output_flags = given(max_shard_size=max_shard_size, neox_config=neox_config, tokenizer=tokenizer,
@@ -49,8 +55,11 @@ def check_flags(*, to, tp, no_pipe, max_shard_size, neox_config, tokenizer, trus
         raise cli.UsageError("--logits-max-params: only with --verify")
 
 
-def check_source(kind: str, src, *, to, neox_config, tokenizer, trust_pickle):
+def check_source(kind: str, src, *, to, neox_config, tokenizer, trust_pickle, quantize=None):
     """Flags that do not fit the source found at src: a usage error too."""
+    if quantize is not None and kind == "neox":
+        raise cli.UsageError(f"--quantize needs a Hugging Face source, but {src} is a gpt-neox checkpoint; convert it "
+                             "to HF first, then quantize that")
     if to == "neox" and kind == "neox":
         raise cli.UsageError(f"--to neox needs a Hugging Face source, but {src} is a gpt-neox checkpoint; convert it "
                              "to HF first, then back with --to neox --tp N")
@@ -65,12 +74,14 @@ def peak_rss_gb() -> float:
 
 
 def main(*, src, dst, to, dtype, max_shard_size, verify, force, tp, no_pipe, neox_config, tokenizer, trust_pickle,
-         logits_max_params, no_progress):
+         logits_max_params, no_progress, quantize=None, group_size=None):
     check_flags(to=to, tp=tp, no_pipe=no_pipe, max_shard_size=max_shard_size, neox_config=neox_config,
-                tokenizer=tokenizer, trust_pickle=trust_pickle, verify=verify, logits_max_params=logits_max_params)
+                tokenizer=tokenizer, trust_pickle=trust_pickle, verify=verify, logits_max_params=logits_max_params,
+                quantize=quantize, group_size=group_size)
     start = time.perf_counter()
     kind = source_kind(Path(src))
-    check_source(kind, src, to=to, neox_config=neox_config, tokenizer=tokenizer, trust_pickle=trust_pickle)
+    check_source(kind, src, to=to, neox_config=neox_config, tokenizer=tokenizer, trust_pickle=trust_pickle,
+                 quantize=quantize)
     common = dict(dtype=dtype, force=force, verify=verify, progress=not no_progress,
                   logits_max_params=LOGITS_MAX_PARAMS if logits_max_params is None else logits_max_params)
     shard_size = MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
@@ -80,7 +91,8 @@ def main(*, src, dst, to, dtype, max_shard_size, verify, force, tp, no_pipe, neo
         summary = convert_neox(src, dst, config_files=neox_config, tokenizer=tokenizer, trust_pickle=trust_pickle,
                                max_shard_size=shard_size, **common)
     else:
-        summary = convert_hf(src, dst, max_shard_size=shard_size, **common)
+        quantized = dict(quantize=quantize, group_size=group_size or 128) if quantize else {}
+        summary = convert_hf(src, dst, max_shard_size=shard_size, **common, **quantized)
     elapsed = time.perf_counter() - start
     print(f"{src} ({kind}) -> {dst} ({to}): " + ", ".join(f"{k} {v}" for k, v in summary.items()))
     print(f"time {elapsed:.1f} s, peak host memory (max RSS) {peak_rss_gb():.2f} GB")
@@ -125,6 +137,12 @@ if __name__ == "__main__":
                         "engine state); this can run arbitrary code, so only for files you trust")
     parser.add_argument("--logits-max-params", type=cli.non_negative_int, default=None, metavar="N",
                         help=f"--verify: largest model whose logits are compared (default {LOGITS_MAX_PARAMS:,})")
+    parser.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                        help="HF output: weight-only quantized linear weights (int8: one scale per output channel; "
+                        "int4: groups of --group-size), written with \"quantization\" in config.json; the input "
+                        "embedding stays float (docs/quantization.md)")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128, 256), default=None,
+                        help="--quantize int4: input columns per scale and zero (default 128)")
     parser.add_argument("--no-progress", "--quiet", action="store_true",
                         help="no progress bars on stderr (they are drawn by default; --quiet is an alias)")
     sys.exit(cli.run(main, parser))

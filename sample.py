@@ -6,6 +6,7 @@
     python sample.py --ckpt dolly-v2-3b --interactive
     python sample.py --ckpt pythia-2.8b --draft pythia-160m --prompt "Once upon a time"   # speculative decoding
     python sample.py --ckpt pythia-2.8b --adapter out/lora --prompt "What is LoRA?"   # a LoRA adapter (ours or PEFT's)
+    python sample.py --ckpt dolly-v2-12b --quantize int4 --prompt "Name three primary colors."  # 4-bit weights
 
 The generated text streams to stdout; load time, tokens/s, bandwidth and peak memory go to stderr. With a Dolly
 tokenizer (or --template dolly) each prompt is an instruction wrapped in Dolly's generation prompt, and the answer is
@@ -22,13 +23,14 @@ from pathlib import Path
 import torch
 
 from gptneox import cli
-from gptneox.checkpoint import weight_files
+from gptneox.checkpoint import quantization_settings, weight_files
 from gptneox.config import Config
 from gptneox.dolly import format_prompt
 from gptneox.generation import GenerationConfig, Generator, stop_ids
 from gptneox.hub import resolve_checkpoint
 from gptneox.adapter import ADAPTER_CONFIG
 from gptneox.model import GPTNeoX
+from gptneox.quantize import describe, model_bytes, weight_bytes
 from gptneox.streaming import completion_text
 from gptneox.tokenizer import Tokenizer
 
@@ -72,14 +74,14 @@ def free_bytes(device: torch.device) -> int | None:
 
 
 def check_fits(config: Config, dtype: torch.dtype, device: torch.device, batch: int, max_len: int, name: str,
-               draft: Config | None = None):
+               draft: Config | None = None, quantization: dict | None = None):
     """Refuse, with the numbers, a model whose weights and KV cache (and its draft's) exceed the device's memory."""
     size = dtype.itemsize
-    weights = sum(c.num_parameters for c in (config, draft) if c is not None) * size
+    weights = model_bytes(config, dtype, quantization) + (draft.num_parameters * size if draft else 0)
     cache = sum(2 * c.num_hidden_layers * batch * max_len * c.hidden_size for c in (config, draft) if c) * size
     free = free_bytes(device)
     if free is not None and weights + cache > free:
-        raise UsageError(f"{name} needs {weights / 1e9:.1f} GB for its weights in {str(dtype)[6:]} plus "
+        raise UsageError(f"{name} needs {weights / 1e9:.1f} GB for its weights in {describe(quantization, dtype)} plus "
                          f"{cache / 1e9:.2f} GB of KV cache, but {device} has {free / 1e9:.1f} GB free; try a "
                          "smaller --dtype, fewer prompts or --max-new-tokens, or another --device")
 
@@ -119,13 +121,34 @@ def adapter_tokenizer(adapter: str | None, tokenizer: str | None) -> str | None:
     return tokenizer or (str(own) if own.is_file() else None)
 
 
+def check_quantize_flags(quantize: str | None, group_size: int | None) -> None:
+    if quantize is None and group_size is not None:
+        raise UsageError("--group-size is the int4 group size: give it with --quantize int4")
+    if quantize == "int8" and group_size is not None:
+        raise UsageError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
+
+
+def quantization(path, quantize: str | None, group_size: int | None) -> dict | None:
+    """The weights' quantization: --quantize's (a float checkpoint, quantized while it loads) or the checkpoint's."""
+    saved = quantization_settings(path)
+    if quantize is None:
+        return saved
+    asked = {"mode": "int8"} if quantize == "int8" else {"mode": "int4", "group_size": group_size or 128}
+    if saved is not None and saved != asked:
+        raise UsageError(f"--quantize {describe(asked, None)}: {path} is already quantized ({describe(saved, None)}); "
+                         "drop --quantize, or load the unquantized checkpoint")
+    return asked
+
+
 def load_model(path, config: Config, device: torch.device, dtype: torch.dtype, progress: bool,
-               adapter: str | None = None) -> GPTNeoX:
+               quantized: dict | None = None, adapter: str | None = None) -> GPTNeoX:
+    """The model at path, quantized while it loads (QLoRA's order: the adapter goes on the quantized base)."""
+    q = dict(quantize=quantized["mode"], group_size=quantized.get("group_size") or 128) if quantized else {}
     try:
-        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=progress, adapter=adapter)
+        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=progress, adapter=adapter, **q)
     except torch.OutOfMemoryError:
-        raise MemoryError(f"{path} does not fit on {device} in {str(dtype)[6:]} "
-                          f"({config.num_parameters * dtype.itemsize / 1e9:.1f} GB of weights)") from None
+        raise MemoryError(f"{path} does not fit on {device} in {describe(quantized, dtype)} "
+                          f"({model_bytes(config, dtype, quantized) / 1e9:.1f} GB of weights)") from None
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -229,8 +252,10 @@ def interact(gen: Generator, tokenizer, template, context, config: GenerationCon
         run_one(gen, tokenizer, ids, turn, strip=template == "dolly")
 
 
-def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None):
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_in" not in n)
+def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None, quantized=None):
+    weights = weight_bytes(model)  # read once per decode step: everything but the input embedding
+    embed = model.gpt_neox.embed_in.weight
+    total = weights + embed.numel() * embed.element_size()
     steps = new_tokens / max(batch, 1)
     rate = new_tokens / gen_s if gen_s > 0 else float("nan")
     if device.type == "cuda":
@@ -239,14 +264,15 @@ def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None):
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
     source = files[0].name if len(files) == 1 else f"{len(files)} shards of {files[0].suffix}"
     print(f"load {load_s:.1f} s ({source}) | {new_tokens} tokens in {gen_s:.2f} s: {rate:.1f} tokens/s, "
-          f"{weights * steps / gen_s / 1e9 if gen_s > 0 else 0:.1f} GB/s of weights | peak memory {peak}"
+          f"{weights * steps / gen_s / 1e9 if gen_s > 0 else 0:.1f} GB/s of weights | weights "
+          f"{describe(quantized, embed.dtype)}: {total / 1e9:.2f} GB | peak memory {peak}"
           + (f" | speculative: {stats}" if stats is not None else ""), file=sys.stderr)
 
 
 def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=None, temperature=None, top_k=None,
          top_p=None, repetition_penalty=None, seed=None, num_samples=1, device="auto", dtype="auto",
          template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True, draft=None,
-         draft_tokens=4, adapter=None) -> int:
+         draft_tokens=4, adapter=None, quantize=None, group_size=None) -> int:
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), num_draft_tokens=draft_tokens)
     # setup
@@ -254,8 +280,12 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     torch_dtype = pick_dtype(dtype, dev)
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
+    check_quantize_flags(quantize, group_size)
     path, config, files, tok = locate(ckpt, adapter_tokenizer(adapter, tokenizer))
     draft_path, draft_config = locate_draft(draft, tok, compile)
+    quantized = quantization(path, quantize, group_size)
+    if quantized is not None and compile:
+        raise UsageError("--compile does not work with quantized weights yet: choose one")
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
     if context is not None and template != "dolly":
@@ -268,10 +298,13 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     gen_config = generation_config(flags, template, max(map(len, ids), default=1), window)
     # model
     max_len = window if compile or interactive else max(map(len, ids)) + gen_config.max_new_tokens
-    check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt, draft_config)
+    check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt, draft_config, quantized)
     t0 = time.perf_counter()
-    model = load_model(path, config, dev, torch_dtype, progress, adapter)
-    draft_model = load_model(draft_path, draft_config, dev, torch_dtype, progress) if draft_path else None
+    model = load_model(path, config, dev, torch_dtype, progress, quantized, adapter)
+    draft_model = None
+    if draft_path:  # --quantize applies to the draft too; a quantized draft directory loads quantized by itself
+        draft_quantized = quantization(draft_path, quantize, group_size)
+        draft_model = load_model(draft_path, draft_config, dev, torch_dtype, progress, draft_quantized)
     load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile, draft_model=draft_model)
     if interactive:
         try:
@@ -285,7 +318,7 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
                                               strip=template == "dolly")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats)
+    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats, quantized)
     return 0
 
 
@@ -329,6 +362,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--adapter", help="a LoRA adapter directory (train.py --lora-r's output, or PEFT's "
                    "adapter_config.json + adapter_model.safetensors) applied to --ckpt as its base; its tokenizer.json "
                    "is used when present")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization while the checkpoint "
+                   "loads: int8 (one scale per output channel) or int4 (groups of --group-size); a quantized "
+                   "checkpoint directory needs no flag (docs/quantization.md)")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                   help="with --quantize int4: input columns per scale and zero (default 128)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar while the checkpoint loads")
     return p

@@ -30,6 +30,7 @@ import torch
 from gptneox import distributed as dist
 from gptneox import progress
 from gptneox import train_state as disk
+from gptneox.checkpoint import quantization_settings
 from gptneox.cli import ArgumentParser, device_arg, dtype_arg, non_negative_int, positive_int, run as run_cli
 from gptneox.config import Config
 from gptneox.data import (DOLLY_15K, IGNORE_INDEX, add_dolly_tokens, batch_indices, build_datasets, collate,
@@ -38,6 +39,7 @@ from gptneox.dolly import format_prompt
 from gptneox.generation import generate, stop_ids
 from gptneox.lora import add_lora, base_state_dict, load_adapter, merge_lora, save_adapter
 from gptneox.model import GPTNeoX, causal_lm_loss
+from gptneox.quantize import LORA_POINTER
 from gptneox.schedule import SCHEDULES, lr_at
 from gptneox.streaming import completion_text
 from gptneox.tokenizer import Tokenizer
@@ -60,6 +62,9 @@ def load_model(cfg: TrainConfig, meta: bool = False) -> tuple[GPTNeoX, Tokenizer
         if not path.is_dir():
             from gptneox.hub import resolve_checkpoint  # a hub name or a file: resolved like sample.py --ckpt
             path = Path(resolve_checkpoint(cfg.init))
+        if quantization_settings(path) is not None:  # frozen integers (docs/quantization.md)
+            raise ValueError(f"--init {cfg.init}: a quantized checkpoint ({quantization_settings(path)}); "
+                             f"{LORA_POINTER}")
         if meta:
             with torch.device("meta"):
                 model = GPTNeoX(Config.from_hf_config(path))

@@ -126,7 +126,7 @@ class Engine:
             model.backend = "sdpa"
         self.max_batch_size, self.max_len = max_batch_size, max_len or window
         self.max_queue = 4 * max_batch_size if max_queue is None else max_queue
-        self.device = model.embed_out.weight.device
+        self.device = model.gpt_neox.embed_in.weight.device
         self.cache = model.new_cache(max_batch_size, self.max_len)  # per layer [slots, nh, max_len, hs]
         self.rows: list[Request | None] = [None] * max_batch_size
         self.waiting: deque[Request] = deque()

@@ -93,36 +93,96 @@ def checkpoint_name(name: str) -> str | None:
     return name
 
 
-def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, backend=None, progress=False):
+def quantization_settings(path: Path) -> dict | None:
+    """config.json's "quantization" ({"mode": "int8"} or {"mode": "int4", "group_size": g}), validated; None if the
+    checkpoint is not quantized."""
+    from .quantize import check_settings
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return None  # nothing to read: the loader reports the missing config its own way
+    try:
+        settings = json.loads(file.read_text()).get("quantization")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # Config.from_hf_config names what is wrong with the file
+    if settings is None:
+        return None
+    try:
+        check_settings(settings["mode"], settings.get("group_size"))
+    except (TypeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}/config.json: field 'quantization' is {settings!r}: {e}") from None
+    mode = settings["mode"]  # in the canonical order (config.json sorts its keys)
+    return {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": settings["group_size"]}
+
+
+def _quantization(path: Path, saved: dict | None, mode: str | None, group_size: int) -> dict | None:
+    """The settings the loaded model gets: the checkpoint's own, or those asked for (a float checkpoint)."""
+    from .quantize import check_settings
+    if mode is None:
+        return saved
+    check_settings(mode, group_size)
+    asked = {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": group_size}
+    if saved is not None and saved != asked:
+        raise ValueError(f"{path} is already quantized ({saved}); it cannot be requantized to {asked} (that would "
+                         "compound the error): load the unquantized checkpoint with quantize=...")
+    return asked
+
+
+def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, backend=None, progress=False,
+                    quantize=None, group_size=128):
     """cls built on the meta device, its tensors streamed in from a checkpoint directory, or from a model name (and
-    revision) found or fetched by hub.resolve_checkpoint. Holds no reference to the model once it is returned."""
+    revision) found or fetched by hub.resolve_checkpoint. Holds no reference to the model once it is returned.
+    quantize ("int8" / "int4", gptneox/quantize.py): each linear weight is quantized on `device` as it arrives, so
+    no more than one float weight is ever held; a quantized checkpoint (config.json "quantization") loads as it is."""
     from .hub import checkpoint_path  # hub imports this module: a lazy import breaks the cycle
+    from .quantize import quantize_weight
     path = checkpoint_path(name_or_path, revision=revision)
     files = weight_files(path)
     config = Config.from_hf_config(path)
+    saved = quantization_settings(path)
+    settings = _quantization(path, saved, quantize, group_size)
     with torch.device("meta"):
         model = cls(config) if backend is None else cls(config, backend=backend)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
+    if settings is not None:
+        _quantize_module(model, settings)
+    expected = {name: (p.shape, p.dtype) for name, p in model.state_dict().items()}
     if config.tie_word_embeddings:
         expected.pop("embed_out.weight")
+    # float weights to quantize on arrival: name -> the float shape [out, in] the checkpoint holds
+    fresh = {} if saved is not None or settings is None else _float_shapes(model)
     state = {}
+    what = "config.json implies" if saved is None else f"config.json with quantization {saved} implies"
     for file, name, tensor in progress_bars.bar(_stream(files), total=len(expected), desc="loading", unit="tensor",
                                                 enabled=progress):
         ours = checkpoint_name(name)
-        if ours is None or tensor.dtype in (torch.bool, torch.uint8):
+        if ours is None or (tensor.dtype in (torch.bool, torch.uint8) and ours not in expected):
             continue
         if ours == "embed_out.weight" and config.tie_word_embeddings:
             continue  # a tied head saved anyway (older .bin files): embed_in is the one that counts, as in HF
         if ours not in expected:
             raise CheckpointError(f"{file}: unexpected tensor {name!r}, not part of the model that {path}/config.json "
                                   f"describes ({config.num_hidden_layers} layers, attention_bias="
-                                  f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings})")
-        if tensor.shape != expected[ours]:
-            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, but config.json implies "
-                                  f"{list(expected[ours])}")
-        # one dtype for the whole model: the caller's, else the checkpoint's (its first tensor's: fp16 Pythia, bf16 Dolly)
+                                  f"{config.attention_bias}, tie_word_embeddings={config.tie_word_embeddings}, "
+                                  f"quantization={saved})")
+        shape, want = fresh[ours] if ours in fresh else expected[ours]
+        integer = not want.is_floating_point
+        if tensor.is_floating_point() == integer or (integer and tensor.dtype != want):
+            raise CheckpointError(f"{file}: tensor {name!r} is {str(tensor.dtype)[6:]} {list(tensor.shape)}, but "
+                                  f"{what} {str(want)[6:] if integer else 'float'} {list(shape)}")
+        if tensor.shape != shape:
+            raise CheckpointError(f"{file}: tensor {name!r} has shape {list(tensor.shape)}, but {what} {list(shape)}")
+        if not tensor.is_floating_point():
+            state[ours] = tensor.to(device=device)
+            continue
+        # one dtype for the whole model: the caller's, else the checkpoint's first float tensor's (fp16 Pythia)
         dtype = dtype or tensor.dtype
-        state[ours] = tensor.to(device=device, dtype=dtype)
+        if ours in fresh:
+            prefix = ours.removesuffix("weight")
+            w = tensor.to(device=device, dtype=dtype)
+            state.update({prefix + k: t for k, t in quantize_weight(w, settings["mode"],
+                                                                     settings.get("group_size")).items()})
+            del w
+        else:
+            state[ours] = tensor.to(device=device, dtype=dtype)
     missing = [name for name in expected if name not in state]
     if missing:
         raise CheckpointError(f"{path}: missing tensor(s) {', '.join(missing[:5])}"
@@ -133,6 +193,18 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
     if config.tie_word_embeddings:  # assign made two Parameters: share one again
         model.embed_out.weight = model.gpt_neox.embed_in.weight
     return model.eval()
+
+
+def _quantize_module(model, settings: dict) -> None:
+    from .quantize import quantize
+    quantize(model, settings["mode"], group_size=settings.get("group_size") or 128)
+
+
+def _float_shapes(model) -> dict:
+    """{name.weight: (float shape [out, in], a float dtype)} of every QuantizedLinear: what a float checkpoint holds."""
+    from .quantize import QuantizedLinear
+    return {f"{n}.weight": (torch.Size([m.out_features, m.in_features]), torch.float32)
+            for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
 
 def _stream(files):
@@ -210,9 +282,13 @@ def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progre
     state = _base_state(model)
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
-    dtype = next(iter(state.values())).dtype
+    from .quantize import config_entries, settings_of
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+    quantization = settings_of(model)  # int8 / int4 tensors (weight, scales, zeros): gptneox/quantize.py
     with atomic_dir(path, keep=is_user_file) as tmp:
         config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
+        if quantization is not None:
+            config.update(config_entries(quantization))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         for name, t in progress_bars.bar(state.items(), total=len(state), desc="saving", unit="tensor",

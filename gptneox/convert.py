@@ -264,8 +264,9 @@ def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_
         writer = ShardWriter(tmp, parse_size(max_shard_size))
         stored = None
         for name, tensor in progress_bars.bar(tensors, total=total, desc="converting", unit="tensor", enabled=progress):
-            tensor = tensor.to(dtype) if dtype is not None else tensor
-            stored = stored or tensor.dtype
+            if tensor.is_floating_point():  # the integers of a quantized weight keep their dtype
+                tensor = tensor.to(dtype) if dtype is not None else tensor
+                stored = stored or tensor.dtype
             writer.add(name, tensor)
         files = writer.close()
         for name, file in (copy_files or {}).items():
@@ -322,18 +323,52 @@ def verify_logits(ref_model, model, vocab_size: int) -> float:
     return diff
 
 
+def quantized_tensors(tensors, config: Config, settings: dict, dtype=None):
+    """(name, tensor) pairs with each linear weight quantize.targets() names replaced, as it streams by, by its
+    quantized tensors (name.weight, name.scales, name.zeros), computed from the weight cast to dtype."""
+    from .model import GPTNeoX
+    from .quantize import quantize_weight, targets
+    with torch.device("meta"):
+        names = {f"{t}.weight" for t in targets(GPTNeoX(config))}
+    dtype = _dtype(dtype)
+    for name, tensor in tensors:
+        if name not in names:
+            yield name, tensor
+            continue
+        w = tensor.to(dtype) if dtype is not None else tensor
+        for key, t in quantize_weight(w, settings["mode"], settings.get("group_size")).items():
+            yield name.removesuffix("weight") + key, t
+
+
 # ------------------------------------------------------------------------------------------------- conversions
 def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verify=False, progress=False,
-               logits_max_params=LOGITS_MAX_PARAMS) -> dict:
-    """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files)."""
+               logits_max_params=LOGITS_MAX_PARAMS, quantize=None, group_size=128) -> dict:
+    """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files).
+    quantize: "int8" / "int4" writes the weight-only quantized tensors instead (gptneox/quantize.py)."""
+    from .checkpoint import quantization_settings
+    from .quantize import check_settings, config_entries
     src, dst = Path(src), check_destination(dst, src=src, force=force, to="hf")
+    if (src / "config.json").is_file() and quantization_settings(src) is not None:
+        raise CheckpointError(f"{src} is a quantized checkpoint ({quantization_settings(src)}); convert_weights.py "
+                              "converts float checkpoints (load it with GPTNeoX.from_pretrained instead)")
+    settings = None
+    if quantize is not None:
+        check_settings(quantize, group_size)
+        settings = {"mode": quantize} if quantize == "int8" else {"mode": quantize, "group_size": group_size}
     ckpt = HFCheckpoint(src)
     copy = {p.name: p for p in sorted(src.iterdir()) if p.is_file() and COPIED_FILES.fullmatch(p.name)}
-    check = partial(_verify_hf_output, config=ckpt.config, source_tensors=ckpt.tensors, dtype=dtype,
-                    logits_max_params=logits_max_params) if verify else None
+    if settings is None:
+        tensors, raw = ckpt.tensors(), ckpt.raw_config
+        check = partial(_verify_hf_output, config=ckpt.config, source_tensors=ckpt.tensors, dtype=dtype,
+                        logits_max_params=logits_max_params) if verify else None
+    else:
+        tensors = quantized_tensors(ckpt.tensors(), ckpt.config, settings, dtype)
+        raw = {**ckpt.raw_config, **config_entries(settings)}
+        check = partial(_verify_quantized_output, src=src, settings=settings, dtype=dtype,
+                        logits_max_params=logits_max_params) if verify else None
     try:
-        return write_hf(dst, ckpt.config, ckpt.tensors(), total=len(ckpt.entries), dtype=dtype,
-                        max_shard_size=max_shard_size, force=force, raw_config=ckpt.raw_config, copy_files=copy,
+        return write_hf(dst, ckpt.config, tensors, total=len(ckpt.entries), dtype=dtype,
+                        max_shard_size=max_shard_size, force=force, raw_config=raw, copy_files=copy,
                         progress=progress, check=check)
     finally:
         ckpt.close()
@@ -407,6 +442,19 @@ def _verify_neox_output(out, ckpt: HFCheckpoint, lazy, dtype, logits_max_params)
         result["logits_max_abs_diff"] = verify_logits(model_from_tensors(config, ckpt.tensors(), dtype),
                                                       model_from_tensors(config, neox_tensors(back, config)),
                                                       config.vocab_size)
+    return result
+
+
+def _verify_quantized_output(dst, src, settings, dtype, logits_max_params) -> dict:
+    """The output loads (config.json and tensors agree) and equals the source quantized while loading, bit for bit."""
+    from .model import GPTNeoX
+    out = GPTNeoX.from_pretrained(dst)
+    ref = GPTNeoX.from_pretrained(src, dtype=_dtype(dtype), quantize=settings["mode"],
+                                  group_size=settings.get("group_size") or 128)
+    state = out.state_dict()
+    result = {"verified_tensors": verify_tensors(ref.state_dict().items(), state.__getitem__, count=len(state))}
+    if out.config.num_parameters <= logits_max_params:
+        result["logits_max_abs_diff"] = verify_logits(ref, out, out.config.vocab_size)
     return result
 
 

@@ -211,8 +211,8 @@ class GPTNeoXLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """Goes into the results' "config": what ran, and how many requests were cut to fit the window."""
-        w = self.model.embed_out.weight
-        return {"model_num_parameters": sum(p.numel() for p in self.model.parameters()), "model_dtype": str(w.dtype),
+        w = self.model.gpt_neox.embed_in.weight  # embed_out may hold int8 / int4 (gptneox.quantize)
+        return {"model_num_parameters": self.model.config.num_parameters, "model_dtype": str(w.dtype),
                 "model_revision": self.revision, "model_sha": "", "max_length": self.max_length,
                 "truncated_requests": dict(self.truncated)}
 

@@ -184,7 +184,7 @@ class Generator:
         if draft_model is not None:
             from .speculative import check_draft
             check_draft(model, draft_model, compile)
-        mode = "reduce-overhead" if model.embed_out.weight.device.type == "cuda" else "default"
+        mode = "reduce-overhead" if model.gpt_neox.embed_in.weight.device.type == "cuda" else "default"
         self.step = torch.compile(decode_step, mode=mode, fullgraph=True) if compile else decode_step
         self.caches = {}  # "target" / "draft" -> (shape key, list[KVCache])
         self.tokens_generated = 0
@@ -269,7 +269,7 @@ class _Run:
 
     def __init__(self, gen: Generator, input_ids, attention_mask, config: GenerationConfig, tokenizer):
         model, self.gen, self.config, self.tokenizer = gen.model, gen, config, tokenizer
-        device = model.embed_out.weight.device
+        device = model.gpt_neox.embed_in.weight.device
         if isinstance(input_ids, (list, tuple)):
             if attention_mask is not None:
                 raise ValueError("attention_mask is computed for a list of prompts; pass it only with a tensor")
@@ -356,7 +356,7 @@ class _Run:
 
 def _activation_dtype(model) -> torch.dtype:
     """The dtype k and v come out in, which the cache stores: autocast's when it is on, else the weights'."""
-    w = model.embed_out.weight
+    w = model.gpt_neox.embed_in.weight
     return torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
 
 

@@ -112,7 +112,7 @@ class GPTNeoX(nn.Module):
     @property
     def backend(self) -> str:
         """The attention backend: the one set, else "triton" for half precision on CUDA and "sdpa" otherwise."""
-        w = self.embed_out.weight
+        w = self.gpt_neox.embed_in.weight  # the activations' dtype and device (embed_out may hold integers: quantize)
         return self._backend or ops.default_backend(w.device, w.dtype)
 
     @backend.setter
@@ -181,7 +181,7 @@ class GPTNeoX(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, dtype=None, device=None) -> list[KVCache]:
         """One empty KVCache per layer, [B, nh, max_len, hs], in the model's dtype and device by default."""
-        c, w = self.config, self.embed_out.weight
+        c, w = self.config, self.gpt_neox.embed_in.weight
         max_len = max_len or c.max_position_embeddings
         return [KVCache(batch_size, c.num_attention_heads, max_len, c.head_size, dtype or w.dtype, device or w.device)
                 for _ in range(c.num_hidden_layers)]
@@ -224,14 +224,16 @@ class GPTNeoX(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, backend=None,
-                        progress=False, adapter=None) -> "GPTNeoX":
+                        progress=False, quantize=None, group_size=128, adapter=None) -> "GPTNeoX":
         """Load an HF-layout checkpoint (safetensors or .bin, single or sharded; see checkpoint.py) from a directory,
         or from a model name found locally or fetched like sample.py --ckpt: "EleutherAI/pythia-70m@step3000", or
-        the name with revision="step3000" (see hub.py). adapter: a LoRA adapter directory (ours or PEFT's) to
-        attach, the embeddings resized to the vocabulary it was trained with (lora.load_adapter)."""
+        the name with revision="step3000" (see hub.py). quantize="int8" / "int4" (with group_size): weight-only
+        quantization while streaming (gptneox/quantize.py); a quantized checkpoint loads quantized by itself.
+        adapter: a LoRA adapter directory (ours or PEFT's) to attach, after quantization (QLoRA), the embeddings
+        resized to the vocabulary it was trained with (lora.load_adapter)."""
         from .checkpoint import load_pretrained
         model = load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype, backend=backend,
-                                progress=progress)
+                                progress=progress, quantize=quantize, group_size=group_size)
         if adapter is not None:
             from .lora import load_adapter
             load_adapter(model, adapter, resize_embeddings=True)

@@ -65,7 +65,7 @@ def check_draft(model, draft, compile: bool) -> None:
     """Refuse a draft that cannot work with this target, saying why."""
     if compile:
         raise ValueError("compile=True is not supported with a draft model yet: run speculative decoding uncompiled")
-    target_device, draft_device = model.embed_out.weight.device, draft.embed_out.weight.device
+    target_device, draft_device = model.gpt_neox.embed_in.weight.device, draft.gpt_neox.embed_in.weight.device
     if target_device != draft_device:
         raise ValueError(f"the draft model is on {draft_device}, the target on {target_device}: move the draft "
                          f"(draft.to({str(target_device)!r}))")

@@ -10,13 +10,16 @@ backend="triton". Public functions (each differentiable unless noted):
     rotary(qkv, position_ids, num_heads, rotary_ndims, base, k_cache=, v_cache=, input_pos=) -> q, k, v
     attention(q, k, v, causal=, q_offset=, k_start=, sm_scale=) -> o
     decode_attention(q, k_cache, v_cache, q_offset, k_start, kv_len=, num_splits=) -> o   (inference only)
+    quant_matmul(x, weight, scales, zeros=, group_size=) -> x W^T, W int8 / int4 (inference only)
 The launchers (rotary_fwd / rotary_bwd, attention_fwd / attention_bwd) skip autograd, for tests and benchmarks;
 best_configs() names the launch config each autotuned attention kernel last used (GPTNEOX_AUTOTUNE: docs/kernels.md).
 """
 
 from .attention import AttentionFunction, attention, attention_bwd, attention_fwd, best_configs
 from .decode import decode_attention
+from .quant_matmul import quant_matmul, quant_matmul_fwd
 from .rotary import RotaryFunction, rotary, rotary_bwd, rotary_fwd
 
 __all__ = ["rotary", "attention", "decode_attention", "rotary_fwd", "rotary_bwd", "attention_fwd", "attention_bwd",
-           "RotaryFunction", "AttentionFunction", "best_configs"]
+           "RotaryFunction", "AttentionFunction", "best_configs",
+           "quant_matmul", "quant_matmul_fwd"]

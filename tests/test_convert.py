@@ -304,7 +304,8 @@ sys.argv[0] = "convert_weights.py"
 runpy.run_path("convert_weights.py", run_name="__main__")
 """
 FLAGS = ("--to", "--dtype", "--max-shard-size", "--verify", "--force", "--tp", "--no-pipe", "--neox-config",
-         "--tokenizer", "--trust-pickle", "--logits-max-params", "--no-progress", "--quiet")
+         "--tokenizer", "--trust-pickle", "--logits-max-params", "--no-progress", "--quiet", "--quantize",
+         "--group-size")
 
 
 def _cli(monkeypatch, *args):
