@@ -16,7 +16,6 @@ adapter_model.safetensors: PEFT's format) and, with --export-merged, the merged 
 T padded length, V vocab.
 """
 
-import importlib.util
 import math
 import os
 import sys
@@ -252,9 +251,6 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     batch, micro = cfg.batches(world)
     run = Run(cfg, Path(cfg.out), Log(rank == 0), device, rank, world, dtype,
               torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext(), batch, micro)
-    if cfg.quantize_base and importlib.util.find_spec("gptneox.quantize") is None:
-        raise RunError(f"--quantize-base {cfg.quantize_base} needs gptneox.quantize (the int8 / int4 weight "
-                       "quantization), which this installation of gptneox does not have")
     resume_file = disk.check_out(run.out, cfg.run_settings(dtype=dtype, batch_size=batch), cfg.resume)
     return run, resume_file
 
@@ -266,7 +262,7 @@ def attach_lora(run: Run) -> None:
     if run.dtype == "bf16" and run.world == 1:
         run.model.to(torch.bfloat16)
     if cfg.quantize_base:
-        from gptneox.quantize import quantize  # checked in setup
+        from gptneox.quantize import quantize
         quantize(run.model, cfg.quantize_base, group_size=128)
     torch.manual_seed(cfg.seed)
     add_lora(run.model, cfg.lora, dtype=torch.float32)

@@ -213,7 +213,10 @@ class GPTNeoX(nn.Module):
         old = self.config.vocab_size
         if n == old:
             return
-        for module in (self.gpt_neox.embed_in, self.embed_out):
+        quantized = hasattr(self.embed_out, "keep_rows")  # int8 / int4 (gptneox.quantize): its rows can only be cut
+        if quantized:
+            self.embed_out.keep_rows(n)
+        for module in (self.gpt_neox.embed_in,) if quantized else (self.gpt_neox.embed_in, self.embed_out):
             w = module.weight  # [old, C]
             w = w[:n] if n < old else torch.cat([w, w.mean(0, keepdim=True).expand(n - old, -1)])
             module.weight = nn.Parameter(w.clone())

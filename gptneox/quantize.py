@@ -196,6 +196,19 @@ class QuantizedLinear(nn.Module):
             module.bias = linear.bias.detach().clone()
         return module
 
+    @torch.no_grad()
+    def keep_rows(self, n: int) -> None:
+        """Keep the first n output rows (a vocabulary cut: Pythia's padded 50304 -> Dolly's 50280); exact, since
+        every row has its own scales."""
+        if not 0 < n <= self.out_features:
+            raise ValueError(f"a quantized layer of {self.out_features} rows cannot grow to {n}: resize the float "
+                             "model before quantizing it")
+        for name in ("weight", "scales", "zeros", "bias"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[:n].clone())  # [n, ...]
+        self.out_features, self._runtime = n, {}
+
     def dequantize(self) -> torch.Tensor:
         """The float weight [out, in] these integers stand for (scales' dtype)."""
         return dequantize_weight(self.weight, self.scales, self.zeros, self.in_features, self.mode, self.group_size)

@@ -287,41 +287,25 @@ def test_lora_trains_with_gradient_checkpointing_and_dropout():
 
 
 # --------------------------------------------------------------------------- a base that is not an nn.Linear
-class Int8RoundedLinear(nn.Module):
-    """Test-only stand-in for a quantized layer: an int8 weight with one fp32 scale per row, no trainable weight,
-    forward through the dequantized weight. Not the project's quantizer; it only has the interface LoRA relies on."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach()
-        scale = w.abs().amax(1, keepdim=True) / 127  # [out, 1]
-        self.register_buffer("qweight", torch.round(w / scale).to(torch.int8))
-        self.register_buffer("scale", scale)
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-
-    def dequantize(self):
-        return self.qweight.float() * self.scale  # [out, in]
-
-    def forward(self, x):
-        return F.linear(x, self.dequantize(), self.bias)
-
-
-def test_lora_on_a_base_without_a_weight_matches_the_dequantized_reference():
+@pytest.mark.parametrize("mode, group_size", [("int8", 128), ("int4", 32)])
+def test_qlora_matches_lora_on_the_dequantized_base(mode, group_size):
+    """QLoRA: adapters on a base held by gptneox.quantize give the loss and LoRA gradients of the same adapters on a
+    float model holding the dequantized weights; gradients flow through the frozen quantized layers."""
+    from gptneox import QuantizedLinear, quantize
     _, ours = pair()
+    quantize(ours, mode, group_size=group_size)
     _, reference = pair()
-    for model in (ours, reference):
-        for layer in model.gpt_neox.layers:
-            for owner, name in ((layer.attention, "query_key_value"), (layer.mlp, "dense_h_to_4h")):
-                owner.__setattr__(name, Int8RoundedLinear(getattr(owner, name)))
-    for layer in reference.gpt_neox.layers:  # the reference: plain nn.Linear holding the dequantized weights
-        for owner, name in ((layer.attention, "query_key_value"), (layer.mlp, "dense_h_to_4h")):
-            q = getattr(owner, name)
-            linear = nn.Linear(q.in_features, q.out_features)
-            linear.weight.data, linear.bias.data = q.dequantize(), q.bias.clone()
-            owner.__setattr__(name, linear)
-    with_random_adapters(ours, "query,value,dense_h_to_4h")
-    with_random_adapters(reference, "query,value,dense_h_to_4h")
+    for path, q in ours.named_modules():  # the reference: plain nn.Linear holding the dequantized weights
+        if isinstance(q, QuantizedLinear):
+            linear = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None)
+            linear.weight.data = q.dequantize().float()
+            if q.bias is not None:
+                linear.bias.data = q.bias.float().clone()
+            owner, name = path.rsplit(".", 1) if "." in path else ("", path)
+            setattr(reference.get_submodule(owner) if owner else reference, name, linear)
+    targets = "query,value,dense_h_to_4h,embed_out"
+    with_random_adapters(ours, targets)
+    with_random_adapters(reference, targets)
     a, b = lora_state_dict(ours), lora_state_dict(reference)
     with torch.no_grad():
         for k in a:  # the same A (the init drew in another order of modules) and B
@@ -332,11 +316,13 @@ def test_lora_on_a_base_without_a_weight_matches_the_dequantized_reference():
     assert abs(la.item() - lb.item()) <= FP32_LOSS_ABS
     la.backward(), lb.backward()
     grads = {n: p.grad for n, p in reference.named_parameters() if p.grad is not None}
+    lora = [n for n, p in ours.named_parameters() if ".lora_" in n]
+    assert lora and all(n in grads for n in lora)
     for n, p in ours.named_parameters():
         if ".lora_" in n:
-            assert_rel_close(p.grad, grads[n], FP32_GRAD_REL, f"grad {n} through the stand-in base")
+            assert_rel_close(p.grad, grads[n], FP32_GRAD_REL, f"grad {n} through the {mode} base")
     with pytest.raises(ValueError, match="merging into a quantized base: gpt_neox.layers.0.attention."
-                                         "query_key_value is a Int8RoundedLinear"):
+                                         "query_key_value is a QuantizedLinear"):
         merge_lora(ours)
     assert all(m.unmerged is None for m in lora_modules(ours).values()), "nothing merged half-way"
 

@@ -150,17 +150,21 @@ def test_train_lora_cli_refuses_bad_values_before_any_work(tmp_path, argv, messa
     assert not out.exists()
 
 
-def test_train_quantize_base_without_the_quantizer_is_one_clear_line(ckpt, data, tmp_path, monkeypatch, capsys):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gptneox.quantize"
-                        else real(name, *a))
-    status = train.cli(["--init", str(ckpt), "--data", str(data), "--out", str(tmp_path / "o"), "--lora-r", "8",
-                        "--quantize-base", "int4"])
-    err = capsys.readouterr().err
-    assert status == 1 and err.strip() == ("train.py: error: --quantize-base int4 needs gptneox.quantize (the int8 / "
-                                           "int4 weight quantization), which this installation of gptneox does not "
-                                           "have")
-    assert not (tmp_path / "o").exists()
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_train_qlora_lowers_the_loss_on_a_quantized_base_and_its_adapter_loads_on_one(ckpt, data, tmp_path, mode):
+    """--quantize-base: the frozen base held by gptneox.quantize, fp32 adapters trained through it."""
+    out = run(ckpt, data, tmp_path / "out", quantize_base=mode, max_steps=6, **LORA)
+    rows = metrics(out)
+    assert len(rows) == 6 and rows[-1]["loss"] < 0.95 * rows[0]["loss"]
+    assert json.loads((out / "run.json").read_text())["quantize_base"] == mode
+    state = load_file(out / "adapter_model.safetensors")
+    assert state and all(t.dtype == torch.float32 for t in state.values())
+    base = GPTNeoX.from_pretrained(ckpt, quantize=mode, group_size=128)
+    loaded = GPTNeoX.from_pretrained(ckpt, quantize=mode, group_size=128, adapter=out)
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        V = loaded.config.vocab_size  # cut to the adapter's vocabulary (the quantized rows too)
+        assert V < base.config.vocab_size and (loaded(ids) - base(ids)[..., :V]).abs().max() > 1e-3, "no adapter"
 
 
 def test_train_lora_defaults_and_a_different_run_in_the_same_out(ckpt, data, tmp_path):
