@@ -44,9 +44,8 @@ from .tokenizer import Tokenizer
 
 MODEL_NAME = "gptneox"
 MAX_GEN_TOKS = 256  # HFLM.max_gen_toks: the default when a task's generation_kwargs give none
-MODEL_ARGS = ("pretrained", "revision", "tokenizer", "adapter", "dtype", "device", "batch_size", "max_batch_size",
-              "backend", "max_length", "dolly_template")
-NOT_YET = {"quantize": "quantization"}  # model_args of features that have not landed
+MODEL_ARGS = ("pretrained", "revision", "tokenizer", "adapter", "quantize", "group_size", "dtype", "device",
+              "batch_size", "max_batch_size", "backend", "max_length", "dolly_template")
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")  # generation kwargs passed through
 log = logging.getLogger(__name__)
 
@@ -107,22 +106,26 @@ class GPTNeoXLM(TemplateLM):
         "EleutherAI/pythia-1.4b@step3000", downloaded when the network allows), or a GPTNeoX (then give tokenizer).
     revision: a hub revision of a named model; tokenizer: a tokenizer.json, a directory holding one, or a Tokenizer
         (default: the adapter's if it holds one, else pretrained's). adapter: a LoRA adapter directory, ours or
-        PEFT's (gptneox.lora.load_adapter), attached to pretrained. dtype: auto (the checkpoint's own, as HFLM), float32, bfloat16, float16.
+        PEFT's (gptneox.lora.load_adapter), attached to pretrained. quantize: int8 or int4 (with group_size, default
+        128) weight-only quantization while loading (gptneox.quantize); a quantized checkpoint needs neither.
+    dtype: auto (the checkpoint's own, as HFLM), float32, bfloat16, float16.
     device: auto, cpu, cuda, cuda:N. batch_size: requests per forward (max_batch_size is accepted and unused).
     backend: the attention backend, eager / sdpa / triton (default: ops.default_backend).
     max_length: the context window in tokens (default and at most: the model's max_position_embeddings).
     dolly_template: wrap generation prompts in Dolly v2's instruction template and end them at "### End".
     """
 
-    def __init__(self, pretrained=None, *, revision=None, tokenizer=None, adapter=None, dtype="auto", device=None,
-                 batch_size=1, max_batch_size=None, backend=None, max_length=None, dolly_template=False, **unknown):
+    def __init__(self, pretrained=None, *, revision=None, tokenizer=None, adapter=None, quantize=None, group_size=128,
+                 dtype="auto", device=None, batch_size=1, max_batch_size=None, backend=None, max_length=None,
+                 dolly_template=False, **unknown):
         super().__init__()
         check_model_args(unknown)
         if pretrained is None:
             raise ValueError("model_args pretrained is required: a checkpoint directory or a model name "
                              "(pretrained=pythia-160m, pretrained=EleutherAI/pythia-1.4b@step3000)")
         self._device = resolve_device(device)
-        self.model, self.tokenizer = self._load(pretrained, revision, tokenizer, adapter, dtype, backend)
+        quantized = dict(quantize=quantize, group_size=positive_int(group_size, "group_size")) if quantize else {}
+        self.model, self.tokenizer = self._load(pretrained, revision, tokenizer, adapter, quantized, dtype, backend)
         self.revision, self.dolly_template = revision, bool(dolly_template)
         self._batch_size = positive_int(batch_size, "batch_size")
         limit = self.model.config.max_position_embeddings
@@ -135,19 +138,20 @@ class GPTNeoXLM(TemplateLM):
         self.generator = Generator(self.model)  # holds the KV cache across generate_until batches
         self.truncated = Counter()  # requests cut from the left to fit the window, by request type
 
-    def _load(self, pretrained, revision, tokenizer, adapter, dtype, backend):
+    def _load(self, pretrained, revision, tokenizer, adapter, quantized, dtype, backend):
         dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
         if isinstance(pretrained, GPTNeoX):
             if tokenizer is None:
                 raise ValueError("pretrained is a GPTNeoX instance: give its tokenizer too (tokenizer=...)")
-            if adapter is not None:
-                raise ValueError("pretrained is a GPTNeoX instance: attach the adapter to it first (gptneox.lora)")
+            if adapter is not None or quantized:
+                raise ValueError("pretrained is a GPTNeoX instance: quantize it or attach the adapter to it first "
+                                 "(gptneox.quantize, gptneox.lora)")
             model = pretrained.to(device=self._device, dtype=dtype).eval()
             if backend is not None:
                 model.backend = backend
         else:
             model = GPTNeoX.from_pretrained(pretrained, revision=revision, device=self._device, dtype=dtype,
-                                            backend=backend, adapter=adapter)
+                                            backend=backend, adapter=adapter, **quantized)
         if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer.json").is_file():
             tokenizer = adapter  # a Dolly-style run resizes the vocabulary: its adapter carries the tokenizer
         if not isinstance(tokenizer, Tokenizer):
@@ -394,11 +398,7 @@ class GPTNeoXLM(TemplateLM):
 
 
 def check_model_args(unknown: dict) -> None:
-    """Refuse model_args we do not know, naming the valid ones (and the features that have not landed)."""
-    for key in unknown:
-        if key in NOT_YET:
-            raise ValueError(f"model_args {key}: {NOT_YET[key]} have not landed in gptneox yet; model_args accepts "
-                             f"{', '.join(MODEL_ARGS)}")
+    """Refuse model_args we do not know, naming the valid ones."""
     if unknown:
         raise ValueError(f"unknown model_args {', '.join(sorted(unknown))} for --model {MODEL_NAME}; valid: "
                          f"{', '.join(MODEL_ARGS)}")

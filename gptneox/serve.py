@@ -41,13 +41,16 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | None = None):
-    """The model and tokenizer of --ckpt, with the LoRA --adapter (ours or PEFT's) attached and merged into the
-    weights, so that serving costs what the base costs; the adapter's tokenizer.json wins when it has one (a Dolly
-    run resizes the vocabulary). Transforms of a loaded model go here: --quantize (gptneox.quantize) as it lands."""
+def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | None = None, quantize: str | None = None,
+         group_size: int = 128):
+    """The model and tokenizer of --ckpt: quantized while it loads with --quantize (gptneox.quantize), then the LoRA
+    --adapter (ours or PEFT's) attached, and merged into the weights when the base is float, so that serving costs
+    what the base costs (on a quantized base it stays beside it: QLoRA). The adapter's tokenizer.json wins when it
+    has one (a Dolly run resizes the vocabulary)."""
     from .hub import resolve_checkpoint
     from .adapter import ADAPTER_CONFIG
     from .lora import merge_lora
+    from .quantize import QuantizedLinear
     from .model import GPTNeoX
     from .tokenizer import Tokenizer
     try:
@@ -59,14 +62,16 @@ def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | Non
                              "PEFT's)")
     own = Path(adapter) / "tokenizer.json" if adapter is not None else None
     tokenizer = Tokenizer.from_pretrained(own if own is not None and own.is_file() else path)
-    model = GPTNeoX.from_pretrained(path, device=device, dtype=dtype, adapter=adapter)
-    if adapter is not None:
+    q = dict(quantize=quantize, group_size=group_size) if quantize else {}
+    model = GPTNeoX.from_pretrained(path, device=device, dtype=dtype, adapter=adapter, **q)
+    if adapter is not None and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
         merge_lora(model)
     return model, tokenizer, path
 
 
-def main(*, ckpt, adapter=None, host="127.0.0.1", port=8000, max_batch_size=8, max_queue=None, max_model_len=None,
-         device="auto", dtype="auto", api_key=None, model_name=None, template="auto", log_level="info") -> int:
+def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
+         max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
+         template="auto", log_level="info") -> int:
     try:
         import fastapi  # noqa: F401 (checked here, imported by serve_app)
         import uvicorn
@@ -75,7 +80,9 @@ def main(*, ckpt, adapter=None, host="127.0.0.1", port=8000, max_batch_size=8, m
                            "pip install -e \".[serve]\"") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     dev = pick_device(device)
-    model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev), adapter)
+    if group_size is not None and quantize != "int4":
+        raise cli.UsageError("--group-size is the int4 group size: give it with --quantize int4")
+    model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev), adapter, quantize, group_size or 128)
     window = model.config.max_position_embeddings
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
@@ -96,6 +103,10 @@ def build_parser() -> cli.ArgumentParser:
                    "(dolly-v2-3b, EleutherAI/pythia-1.4b, a training run's output directory)")
     p.add_argument("--adapter", help="a LoRA adapter directory (train.py --lora-r's output, or PEFT's) to serve on "
                    "--ckpt as its base, merged into the weights at load; its tokenizer.json is used when present")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization while the checkpoint loads "
+                   "(docs/quantization.md); a quantized checkpoint directory needs no flag")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
+                   help="with --quantize int4: input columns per scale and zero (default 128)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; "
                    "0.0.0.0 serves the network: use --api-key then)")
     p.add_argument("--port", type=cli.non_negative_int, default=8000, help="TCP port (default 8000)")

@@ -179,6 +179,22 @@ def test_adapter_matches_hflm_with_peft(ckpt, tmp_path):
     assert_loglikelihoods_match(got, want, LL_TOL, "adapter vs HFLM peft=")
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_model_arg_scores_with_the_quantized_model(ckpt, ours, shared_data, mode):
+    """model_args quantize=: the checkpoint quantized while it loads scores as the same model quantized by hand."""
+    from gptneox import GPTNeoX, Tokenizer, quantize
+    requests = REQUESTS[:5]
+    lm = GPTNeoXLM(pretrained=ckpt, quantize=mode, group_size=32, device="cpu", dtype="float32", batch_size=4)
+    got = lm.loglikelihood(instances("loglikelihood", requests), disable_tqdm=True)
+    model = quantize(GPTNeoX.from_pretrained(ckpt, dtype=torch.float32), mode, group_size=32)
+    by_hand = GPTNeoXLM(pretrained=model, tokenizer=Tokenizer.from_pretrained(ckpt), device="cpu", batch_size=4)
+    want = by_hand.loglikelihood(instances("loglikelihood", requests), disable_tqdm=True)
+    assert_loglikelihoods_match(got, want, BATCH_TOL, f"{mode} while loading vs by hand")
+    plain = ours.loglikelihood(instances("loglikelihood", requests), disable_tqdm=True)
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, plain)) > 0, "quantize= changed nothing"
+    assert lm.get_model_info()["model_num_parameters"] == lm.model.config.num_parameters
+
+
 # ---------------------------------------------------------------------------------- what HFLM does not do
 def test_logits_are_cut_to_the_real_vocabulary(shared_data, tmp_path):
     """Padding rows that would win every argmax: HFLM's numbers include them, ours are over the real tokens."""
@@ -222,9 +238,8 @@ def test_dolly_template_wraps_prompts_and_stops_at_end(shared_data, tmp_path):
 def test_model_args_unknown_keys_list_the_valid_ones(ckpt):
     with pytest.raises(ValueError, match="unknown model_args tempreature.*valid: pretrained, revision"):
         GPTNeoXLM(pretrained=ckpt, tempreature=1)
-    for key in ("quantize",):
-        with pytest.raises(ValueError, match=f"model_args {key}: .* have not landed"):
-            GPTNeoXLM(pretrained=ckpt, **{key: "x"})
+    with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
+        GPTNeoXLM(pretrained=ckpt, quantize="int3")
     with pytest.raises(ValueError, match="batch_size=auto"):
         GPTNeoXLM(pretrained=ckpt, batch_size="auto")
     with pytest.raises(ValueError, match="max_length=65 exceeds the model's context window of 64"):

@@ -418,3 +418,21 @@ def test_serve_adapter_is_attached_merged_and_served(dolly_dir, tmp_path):
     assert r.choices[0].text == greedy(want, tok, "Name three colors.", 8)[0]
     with pytest.raises(UsageError, match="no adapter_config.json"):
         load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_serve_quantize_loads_quantized_weights_and_keeps_an_adapter_beside_them(dolly_dir, tmp_path, mode):
+    """--quantize: the weights quantized while they load; an --adapter on a quantized base is not merged (QLoRA)."""
+    from gptneox import LoRAConfig, QuantizedLinear, add_lora, quantize, save_adapter
+    from gptneox.lora import lora_modules
+    from gptneox.serve import load
+    model = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32)
+    add_lora(model, LoRAConfig(r=2, alpha=4, targets=("value",)))
+    save_adapter(model, tmp_path / "adapter")
+    served, tok, _ = load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path / "adapter"), mode, 32)
+    assert any(isinstance(m, QuantizedLinear) for m in served.modules())
+    assert lora_modules(served) and all(m.unmerged is None for m in lora_modules(served).values())
+    want = quantize(GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32), mode, group_size=32)
+    ids = torch.tensor([tok.encode("Name three colors.")])
+    with torch.no_grad():  # a fresh adapter (B = 0) adds nothing: the quantized model's own logits
+        assert torch.equal(served(ids), want(ids))
