@@ -41,27 +41,6 @@ UsageError = cli.UsageError
 
 
 # ------------------------------------------------------------------------------------------------------ setup
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
-    return dev
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it (Dolly's own choice), else fp16 on GPU; fp32 on CPU (fast and exact there)."""
-    if dtype != "auto":
-        return cli.parse_dtype(dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def free_bytes(device: torch.device) -> int | None:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -276,8 +255,8 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), num_draft_tokens=draft_tokens)
     # setup
-    dev = pick_device(device)
-    torch_dtype = pick_dtype(dtype, dev)
+    dev = cli.pick_device(device)
+    torch_dtype = cli.pick_dtype(dtype, dev)
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
     check_quantize_flags(quantize, group_size)

@@ -1,4 +1,4 @@
-"""The command-line dialect shared by train.py, sample.py and convert_weights.py.
+"""The command-line dialect shared by train.py, sample.py, convert_weights.py and python -m gptneox.serve.
 
 - Flags are dash-separated (--max-new-tokens); the underscore spelling (--max_new_tokens) is accepted as an alias.
 - One set of dtype spellings everywhere: bf16 / bfloat16, fp16 / float16, fp32 / float32 (parse_dtype).
@@ -57,6 +57,30 @@ def device_arg(text: str) -> str:
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"invalid device {text!r}; use auto, cpu, cuda or cuda:N") from None
     return text
+
+
+def pick_device(device: str) -> torch.device:
+    """--device's torch.device: auto is cuda when there is a GPU, else cpu; a device this machine lacks is a usage
+    error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """--dtype's torch.dtype. auto: bf16 on GPUs that have it (Dolly's own choice), else fp16 on GPU; fp32 on CPU
+    (fast and exact there)."""
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
 
 
 def positive_int(text: str) -> int:

@@ -24,23 +24,6 @@ from . import cli
 GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
 
 
-def pick_device(device: str) -> torch.device:
-    """auto: cuda when available, else cpu (sample.py's rule)."""
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise cli.UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
-    return dev
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on GPUs that have it, else fp16 on GPU; fp32 on CPU (sample.py's rule)."""
-    if dtype != "auto":
-        return cli.parse_dtype(dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
 def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | None = None, quantize: str | None = None,
          group_size: int = 128):
     """The model and tokenizer of --ckpt: quantized while it loads with --quantize (gptneox.quantize), then the LoRA
@@ -79,10 +62,10 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
         raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    dev = pick_device(device)
+    dev = cli.pick_device(device)
     if group_size is not None and quantize != "int4":
         raise cli.UsageError("--group-size is the int4 group size: give it with --quantize int4")
-    model, tokenizer, path = load(ckpt, dev, pick_dtype(dtype, dev), adapter, quantize, group_size or 128)
+    model, tokenizer, path = load(ckpt, dev, cli.pick_dtype(dtype, dev), adapter, quantize, group_size or 128)
     window = model.config.max_position_embeddings
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "

@@ -194,31 +194,38 @@ def test_train_overfits_records_then_answers_through_sample_py(ckpt, tmp_path):
     assert RECORDS[0]["response"] in r.stdout
 
 
-def test_train_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
-    args = dict(init=ckpt, data=data, max_steps=40, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=3,
-                val_size=2, save_every=4, eval_every=5, sample_every=0, seed=3)
+def kill_resume_and_compare(ckpt, data, tmp_path, args: dict, kill_at: int, output: str) -> None:
+    """Run train.py with args, SIGKILL it once kill_at steps are logged, --resume it, and check it against an
+    uninterrupted run: every step's loss bit for bit, the output file (model or adapter) and Adam's second moments."""
     argv = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     killed_out = tmp_path / "killed"
     killed = cli(*argv, "--out", killed_out, start_new_session=True)
-    while not ((killed_out / "metrics.jsonl").exists() and len(metrics(killed_out)) >= 14):
+    while not ((killed_out / "metrics.jsonl").exists() and len(metrics(killed_out)) >= kill_at):
         assert killed.poll() is None, killed.communicate()
         time.sleep(0.005)
-    os.killpg(killed.pid, signal.SIGKILL)  # at step 14 or a little later; the last state saved is step 12 (or 16)
+    os.killpg(killed.pid, signal.SIGKILL)  # at kill_at or a little later, after the last saved state
     assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (killed_out / "model.safetensors").exists()
+    assert not (killed_out / output).exists()
     resumed = cli(*argv, "--out", killed_out, "--resume")
     train.main(**{**args, "init": str(ckpt), "data": str(data)}, out=str(tmp_path / "whole"), progress=False)
     stdout, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert "resumed from" in stdout
+    steps = args["max_steps"]
     whole, again = metrics(tmp_path / "whole"), metrics(killed_out)
-    assert [r["step"] for r in again] == list(range(1, 41))
+    assert [r["step"] for r in again] == list(range(1, steps + 1))
     assert again == [{**r, "tokens_per_s": m["tokens_per_s"]} for r, m in zip(whole, again)]  # losses bit for bit
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(killed_out / "model.safetensors")
+    a, b = load_file(tmp_path / "whole" / output), load_file(killed_out / output)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (load_state(p / "checkpoints" / "step-00000040.pt")["optimizer"]["state"]
+    sa, sb = (load_state(p / "checkpoints" / f"step-{steps:08d}.pt")["optimizer"]["state"]
               for p in (tmp_path / "whole", killed_out))
-    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+
+
+def test_train_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
+    args = dict(init=ckpt, data=data, max_steps=40, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=3,
+                val_size=2, save_every=4, eval_every=5, sample_every=0, seed=3)
+    kill_resume_and_compare(ckpt, data, tmp_path, args, 14, "model.safetensors")  # the last state: step 12 (or 16)
 
 
 def test_train_pretrains_on_packed_tokens_and_reduces_loss(tmp_path):

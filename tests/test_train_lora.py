@@ -5,15 +5,13 @@ bit for bit; FSDP with a frozen base; the LoRA flags' bad values."""
 import importlib.util
 import json
 import os
-import signal
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_fsdp import finish, one_process, torchrun
-from test_train import RECORDS, ROOT, cli, metrics, run, train, write_jsonl
+from test_train import RECORDS, ROOT, kill_resume_and_compare, metrics, run, train, write_jsonl
 from test_train import ckpt, data, one_thread  # noqa: F401, F811 (fixtures, used by name)
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
@@ -83,28 +81,7 @@ def test_train_lora_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
     args = dict(init=ckpt, data=data, max_steps=30, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=3,
                 val_size=2, save_every=4, eval_every=5, sample_every=0, seed=3, lora_r=4, lora_dropout=0.1,
                 lora_targets="query,value,dense")  # dropout: the resumed RNG stream matters
-    argv = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    killed_out = tmp_path / "killed"
-    killed = cli(*argv, "--out", killed_out, start_new_session=True)
-    while not ((killed_out / "metrics.jsonl").exists() and len(metrics(killed_out)) >= 10):
-        assert killed.poll() is None, killed.communicate()
-        time.sleep(0.005)
-    os.killpg(killed.pid, signal.SIGKILL)
-    assert killed.wait() == -signal.SIGKILL, "the run ended before it could be killed"
-    assert not (killed_out / "adapter_model.safetensors").exists()
-    resumed = cli(*argv, "--out", killed_out, "--resume")
-    train.main(**{**args, "init": str(ckpt), "data": str(data)}, out=str(tmp_path / "whole"), progress=False)
-    stdout, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr
-    assert "resumed from" in stdout
-    whole, again = metrics(tmp_path / "whole"), metrics(killed_out)
-    assert [r["step"] for r in again] == list(range(1, 31))
-    assert again == [{**r, "tokens_per_s": m["tokens_per_s"]} for r, m in zip(whole, again)]  # losses bit for bit
-    a, b = (load_file(p / "adapter_model.safetensors") for p in (tmp_path / "whole", killed_out))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = (load_state(p / "checkpoints" / "step-00000030.pt")["optimizer"]["state"]
-              for p in (tmp_path / "whole", killed_out))
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    kill_resume_and_compare(ckpt, data, tmp_path, args, 10, "adapter_model.safetensors")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
