@@ -1,8 +1,9 @@
 """Peak memory and step time of one training step: full fine-tuning against LoRA (and QLoRA), side by side.
 
 One step = forward + backward + AdamW (torch's default, foreach) + zero_grad on random tokens, as train.py does
-it. Each mode runs in a fresh child process, so its peak is its own: on CPU the peak resident set (ru_maxrss) minus
-the resident set before the model was built; on CUDA torch.cuda.max_memory_allocated. Reported beside the
+it. Each mode runs in a fresh child process, so its peak is its own: on CPU the peak resident set of the steps
+(VmHWM, reset once the model is built, so that QLoRA's fp32 build before quantizing does not count) minus the
+resident set before the model was built; on CUDA torch.cuda.max_memory_allocated. Reported beside the
 prediction from the shapes (predicted_bytes, the same formulas as docs/training.md, "LoRA and QLoRA").
 Targets (issue 14): LoRA <= 40% of full fine-tuning's peak, QLoRA int4 <= 20%, LoRA's step no slower.
 
@@ -10,11 +11,12 @@ Targets (issue 14): LoRA <= 40% of full fine-tuning's peak, QLoRA int4 <= 20%, L
     python benchmarks/bench_lora.py --device cuda --dtype bf16 --shape pythia-2.8b --seq-len 512 --grad-checkpointing \\
         --modes lora                                                    # GPU: LoRA on a pythia-2.8b shape
     python benchmarks/bench_lora.py --device cuda --dtype bf16 --shape pythia-12b --seq-len 512 --grad-checkpointing \\
-        --modes qlora-int4                                              # GPU: needs gptneox.quantize
+        --modes qlora-int4                                              # GPU: QLoRA on a pythia-12b shape
     python benchmarks/bench_lora.py --table                             # docs/training.md's table, computed
 """
 
 import argparse
+import gc
 import importlib.util
 import json
 import platform
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
@@ -87,12 +90,33 @@ def build(mode: str, config: Config, device, dtype: str):
     return model.train()
 
 
+def reset_peak_rss() -> bool:
+    """Restart the kernel's count of this process's peak resident set (Linux >= 4.0: 5 > /proc/self/clear_refs), so
+    that QLoRA's peak is its step's, not that of building the fp32 model it quantizes."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Bytes: VmHWM (the peak since the last reset) where /proc has it, else ru_maxrss."""
+    try:
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(args) -> dict:
-    """One mode in this process: build, warm up, time; the peak memory of it all."""
+    """One mode in this process: build, warm up, time; the peak memory of the steps (the model included)."""
     device = torch.device(args.device)
     config = Config.from_name(args.shape)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = peak_rss()
     model = build(args.mode, config, device, args.dtype)
+    gc.collect()
+    reset_peak_rss()
     model.gradient_checkpointing = args.grad_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -118,7 +142,7 @@ def child(args) -> dict:
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0
+        peak = peak_rss() - rss0
     step = statistics.median(times)
     return dict(mode=args.mode, peak_gb=peak / 1e9, step_s=step, tokens_per_s=args.batch_size * args.seq_len / step,
                 times=times, trainable=sum(p.numel() for p in params),
