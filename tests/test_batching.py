@@ -7,9 +7,9 @@ import threading
 
 import pytest
 import torch
-from tiny import checkpoint_with_tokenizer
+from tiny import Scripted, checkpoint_with_tokenizer
 
-from gptneox import Config, GPTNeoX, Tokenizer
+from gptneox import GPTNeoX, Tokenizer
 from gptneox.batching import Engine, Request
 from gptneox.generation import GenerationConfig, generate, stop_ids
 from gptneox.streaming import completion_text
@@ -133,27 +133,11 @@ def test_engine_logprobs_are_generates(dolly):
     torch.testing.assert_close(torch.tensor([s[0] for s in request.prompt_scores[1:]]), torch.tensor(expected))
 
 
-class Scripted(GPTNeoX):
-    """A model that writes `script` whatever it is fed: row b's token at position p is script[p]."""
-
-    def __init__(self, script):
-        super().__init__(Config(vocab_size=50280, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                intermediate_size=8, max_position_embeddings=64))
-        self.script = script
-
-    def forward(self, input_ids, *, position_ids=None, input_pos=None, **kwargs):
-        B, T = input_ids.shape
-        pos = (input_pos[None].expand(B, -1) if position_ids is None else position_ids)[:, -1]  # [B]
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        for b in range(B):
-            logits[b, -1, self.script[min(int(pos[b]), len(self.script) - 1)]] = 100.0
-        return logits
-
-
 def test_engine_stops_at_dolly_end_and_stop_strings(dolly):
     _, tok = dolly
     answer = tok.encode(" Paris is the capital") + [tok.end_key_id] + tok.encode(" more")
-    model = Scripted([0] * 2 + answer)  # a prompt of 3 tokens: the first new token is script[2]
+    # a prompt of 3 tokens: the first new token is script[2]
+    model = Scripted([0] * 2 + answer, vocab_size=50280, max_position_embeddings=64)
     engine = Engine(model, tok, max_batch_size=2).start()
     try:
         ended = submit(engine, [5, 6, 7], max_new_tokens=20, temperature=0)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tiny import hf_model, hf_state_dict
+from tiny import Scripted, hf_model, hf_state_dict
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox import Config, GPTNeoX, Tokenizer
@@ -24,21 +24,6 @@ def pair(seed=0, **overrides):
     state = {checkpoint_name(k): v for k, v in hf_state_dict(hf).items() if checkpoint_name(k)}
     ours.load_state_dict(state, strict=True)
     return hf, ours
-
-
-class Scripted(GPTNeoX):
-    """A model that emits `script` token by token whatever it is fed (prompts of one token)."""
-
-    def __init__(self, script, vocab_size=50304):
-        super().__init__(Config(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                intermediate_size=8, max_position_embeddings=256))
-        self.script = script
-
-    def forward(self, input_ids, *, input_pos=None, **kwargs):
-        B, T = input_ids.shape
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        logits[:, -1, self.script[min(int(input_pos[-1]), len(self.script) - 1)]] = 100.0
-        return logits
 
 
 def byte_token(tokenizer, byte: int) -> int:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from tiny import hf_model, hf_state_dict
+from tiny import Scripted, hf_model, hf_state_dict
 
 from gptneox import Config, GPTNeoX, Tokenizer
 from gptneox.generation import GenerationConfig, Generator, generate, left_pad, stream
@@ -161,22 +161,6 @@ def test_speculative_cache_rolls_back_to_a_fresh_recompute(target):
 
 
 # ------------------------------------------------------------------------------------------------- stopping
-class Scripted(GPTNeoX):
-    """Emits script[p] after the token at slot p, at every position of a chunk (prompts of one token)."""
-
-    def __init__(self, script, vocab_size=50304):
-        super().__init__(Config(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
-                                intermediate_size=8, max_position_embeddings=256))
-        self.script = script
-
-    def forward(self, input_ids, *, input_pos=None, **kwargs):
-        B, T = input_ids.shape
-        logits = torch.zeros(B, T, self.config.vocab_size)
-        for t in range(T):
-            logits[:, t, self.script[min(int(input_pos[t]), len(self.script) - 1)]] = 100.0
-        return logits
-
-
 @pytest.fixture(scope="module")
 def pythia_tokenizer():
     path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "pythia-tokenizer.json")

@@ -356,7 +356,12 @@ def test_train_batch_size_alone_adapts_the_micro_batch(ckpt, data, tmp_path, cap
     (["--dtype", "fp16"], "invalid dtype 'fp16'"),
 ])
 def test_train_cli_refuses_bad_values_before_any_work_or_write(tmp_path, argv, message, capsys):
-    """Checked before the model is read: --init names nothing, yet the error is about the value."""
+    assert_refused_before_any_work(tmp_path, argv, message, capsys)
+
+
+def assert_refused_before_any_work(tmp_path, argv, message, capsys):
+    """A usage error (exit 2, usage line, message) checked before the model is read: --init names nothing, yet the
+    error is about the value; nothing is written."""
     out = tmp_path / "out"
     status = train.cli(["--init", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "d.jsonl"), "--out",
                         str(out), *argv])

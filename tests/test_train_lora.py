@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_fsdp import finish, one_process, torchrun
-from test_train import RECORDS, ROOT, kill_resume_and_compare, metrics, run, train, write_jsonl
+from test_train import (RECORDS, ROOT, assert_refused_before_any_work, kill_resume_and_compare, metrics, run, train,
+                        write_jsonl)
 from test_train import ckpt, data, one_thread  # noqa: F401, F811 (fixtures, used by name)
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
@@ -118,13 +119,7 @@ def test_train_lora_fsdp_two_processes_with_a_frozen_base_match_one(ckpt, tmp_pa
     (["--quantize-base", "int4"], "--quantize-base need(s) LoRA"),
 ])
 def test_train_lora_cli_refuses_bad_values_before_any_work(tmp_path, argv, message, capsys):
-    out = tmp_path / "out"
-    status = train.cli(["--init", str(tmp_path / "no-such-model"), "--data", str(tmp_path / "d.jsonl"), "--out",
-                        str(out), *argv])
-    err = capsys.readouterr().err
-    assert status == 2, err
-    assert err.startswith("usage: ") and message in err and "Traceback" not in err
-    assert not out.exists()
+    assert_refused_before_any_work(tmp_path, argv, message, capsys)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from gptneox import Config, GPTNeoX
+
 warnings.filterwarnings("ignore", module="transformers")
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
@@ -108,3 +110,22 @@ def _save_old(model, path):
         state[f"gpt_neox.layers.{i}.attention.masked_bias"] = torch.tensor(-1e9)
         state[f"gpt_neox.layers.{i}.attention.rotary_emb.inv_freq"] = inv_freq.half()
     torch.save(state, path / "pytorch_model.bin")
+
+
+class Scripted(GPTNeoX):
+    """A model that writes `script` whatever it is fed: its logits at a token of position p (position_ids when
+    given, else input_pos) put script[p] first, at every position of a chunk, in every row."""
+
+    def __init__(self, script, vocab_size=50304, max_position_embeddings=256):
+        super().__init__(Config(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
+                                intermediate_size=8, max_position_embeddings=max_position_embeddings))
+        self.script = script
+
+    def forward(self, input_ids, *, position_ids=None, input_pos=None, **kwargs):
+        B, T = input_ids.shape
+        pos = input_pos[None].expand(B, -1) if position_ids is None else position_ids  # [B, T]
+        logits = torch.zeros(B, T, self.config.vocab_size)
+        for b in range(B):
+            for t in range(T):
+                logits[b, t, self.script[min(int(pos[b, t]), len(self.script) - 1)]] = 100.0
+        return logits
