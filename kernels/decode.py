@@ -1,10 +1,13 @@
 """Decode attention (flash-decoding): a few query tokens against a long KV cache, split over the cache length.
 
 At batch 1 a decode step has only nh (batch, head) pairs of one query each: one program per pair would leave most
-of a GPU idle. Here the cache length L is cut into chunks that run in parallel, each writing a partial output and
+of a GPU idle. Here each row's keys are cut into chunks that run in parallel, each writing a partial output and
 its logsumexp (fp32), and a combine pass merges them: o = sum_s exp(lse_s - lse) o_s. Per-row cache lengths come
 from q_offset [B] (the slot of each row's first new token: keys beyond q_offset + T - 1 are unseen) and left
-padding from k_start [B]. The kernels are those of attention.py (forward with NUM_SPLITS > 1 and the combine).
+padding from k_start [B]; the kernel divides each row's own filled keys (read on the device) among the splits, so
+a static cache of L slots costs only what is filled, with no host-side length (CUDA graphs, torch.compile). The
+number of splits is fixed by L and the GPU. The kernels are those of attention.py (the forward with num_splits > 1,
+and the combine).
 Inference only: no autograd. Reference: gptneox.ops.eager_attention with the model's dense mask over the cache.
 Credits: Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference" (2023).
 """
@@ -30,7 +33,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Causal attention of q [B, nh, T, hs] (T new tokens at slots q_offset + 0..T-1) over the caches
     k_cache, v_cache [B, nh, L, hs] -> [B, nh, T, hs].
 
-    kv_len (host int, optional): no row looks past this many slots, so the split covers only them.
+    kv_len (host int, optional): no row looks past this many slots; fewer splits are then launched (each row's
+    splits already cover only its own filled slots).
     num_splits: default fills the GPU (two waves of programs); 1 is plain flash attention.
     """
     L = k_cache.shape[2]

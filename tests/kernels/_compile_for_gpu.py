@@ -3,10 +3,12 @@
 The interpreter runs kernels as Python, so it cannot catch what only the compiler rejects (types changing across
 loop iterations, constexpr misuse, shared memory over the limit). Triton compiles to a cubin for a named target
 without a device; this script does that for the kernels' launch configs and prints one line per kernel:
-"ok <name> shared=<bytes> estimate=<bytes>" or "FAIL <name>: <why>". For the attention kernels it compiles every
-config GPTNEOX_AUTOTUNE=quick can pick (fp32: its one config), plus at hd 256 the largest config of each full search
-that the autotune pruner keeps on sm_90, and fails when the compiler's shared memory exceeds the pruner's estimate
-(kernels/attention.py _smem_*: it must be an upper bound) or when a default config does not fit. Run by
+"ok <name> shared=<bytes> estimate=<bytes> regs=<n> spills=<bytes> tma=<n>" or "FAIL <name>: <why>". For the
+attention kernels it compiles every config GPTNEOX_AUTOTUNE=quick can pick (fp32: its one config), plus at hd 256
+the largest config of each full search that the autotune pruner keeps on sm_90, and fails when the compiler's shared
+memory exceeds the pruner's estimate (kernels/attention.py _smem_*: it must be an upper bound), when a default config
+does not fit, when a 16-bit kernel at head size <= 128 spills registers (ptxas -v on the kernel's PTX: spill stores
+plus loads), or when an attention kernel for sm_90 does not read through TMA (cp.async.bulk.tensor in its PTX). Run by
 test_compile.py in a subprocess, because the tests' TRITON_INTERPRET=1 turns @triton.jit functions into interpreted
 ones. The kernels are loaded from the checkout's kernels/ folder directly (they import nothing of gptneox).
 """
@@ -14,7 +16,10 @@ ones. The kernels are loaded from the checkout's kernels/ folder directly (they 
 import argparse
 import importlib.util
 import os
+import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["TRITON_INTERPRET"] = "0"
@@ -57,6 +62,27 @@ def compile_kernel(fn, arch, pointers, constexprs, num_warps, num_stages):
                           options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
+def ptxas_report(kernel, arch) -> tuple[int, int]:
+    """(registers per thread, spill stores + loads in bytes) as ptxas -v reports them for the kernel's PTX: Triton's
+    metadata carries them only after loading on a GPU."""
+    from triton.backends.nvidia import compiler as nvidia
+    try:
+        tool = nvidia.get_ptxas(arch)
+    except TypeError:  # Triton 3.6: get_ptxas() takes no arch
+        tool = nvidia.get_ptxas()
+    path = getattr(tool, "path", tool)
+    with tempfile.TemporaryDirectory() as d:
+        ptx = Path(d) / "kernel.ptx"
+        ptx.write_text(kernel.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([path, "-v", "--gpu-name", gpu, str(ptx), "-o", str(Path(d) / "kernel.cubin")],
+                             capture_output=True, text=True, check=True)
+    text = out.stdout + out.stderr
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text))
+    return regs, spills
+
+
 def attention_kernels():
     """(name, kernel, shared memory estimate, the quick configs, the full search) for fwd, dk/dv and dq."""
     a = attention
@@ -75,7 +101,7 @@ def largest_kept(configs, smem, e, D):
 def attention_cases(dtypes, head_dims, causal_only, quick=True, edge=False):
     """(name, kernel, pointer types, constexprs, num_warps, num_stages, estimate or None, must fit): the quick configs
     (fp32: its one config) and/or, at hd 256 in 16 bits, the largest config the pruner keeps (edge)."""
-    defaults = (attention._DEFAULT_CONFIG, *attention._FP32_CONFIGS)
+    defaults = (attention._DEFAULT_CONFIG, attention._DEFAULT_DKDV, *attention._FP32_CONFIGS)
     for dt in dtypes:
         pointers = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
         pointers.update(lse_ptr="*fp32", delta_ptr="*fp32", q_off_ptr="*i32", k_start_ptr="*i32")
@@ -91,8 +117,9 @@ def attention_cases(dtypes, head_dims, causal_only, quick=True, edge=False):
                     for c in configs:
                         name = (f"{fn.__name__} {dt} hs={hs} causal={causal} BLOCK_M={c.kwargs['BLOCK_M']} "
                                 f"BLOCK_N={c.kwargs['BLOCK_N']} warps={c.num_warps} stages={c.num_stages}")
+                        no_spills = dt != "fp32" and hs <= 128  # issue 18: none at hd 128
                         yield (name, fn, pointers, {**consts, **c.kwargs}, c.num_warps, c.num_stages,
-                               smem(c, ELEMENT_SIZE[dt], D0 + D1), c in defaults)
+                               smem(c, ELEMENT_SIZE[dt], D0 + D1), c in defaults, no_spills, True)
 
 
 def decode_cases():
@@ -100,10 +127,13 @@ def decode_cases():
                  k_start_ptr="*i32")
     yield ("_attn_fwd_kernel decode split bf16 hs=80", attention._attn_fwd_kernel, split,
            dict(HS=80, D0=64, D1=16, D1B=16, CAUSAL=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64), 4, 2,
-           attention._smem_fwd(attention._config(16, 64, 2, 4), 2, 80), True)
+           attention._smem_fwd(attention._config(16, 64, 2, 4), 2, 80), True, True, True)
     yield ("_attn_combine_kernel bf16 hs=80", attention._attn_combine_kernel,
            dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", o_ptr="*bf16", lse_ptr="*fp32"),
-           dict(HS=80, BLOCK_S=16, BLOCK_D=128), 4, 2, None, True)
+           dict(HS=80, BLOCK_S=16, BLOCK_D=128), 4, 2, None, True, True, False)
+    yield ("_attn_bwd_delta_kernel bf16 hs=128", attention._attn_bwd_delta_kernel,
+           dict(o_ptr="*bf16", do_ptr="*bf16", delta_ptr="*fp32"),
+           dict(HS=128, BLOCK_M=attention._DELTA_BLOCK_M, BLOCK_D=128), 4, 1, None, True, True, False)
 
 
 def rotary_cases(dtypes):
@@ -112,18 +142,22 @@ def rotary_cases(dtypes):
             yield (f"_rotary_fwd_kernel {dt} slots={has_slots}", rotary._rotary_fwd_kernel,
                    dict(qkv_ptr=f"*{dt}", q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", pos_ptr="*i64",
                         slot_ptr="*i64", inv_freq_ptr="*fp32"),
-                   dict(HS=80, ROT=20, BLOCK_H=32, BLOCK_D=128, HAS_SLOTS=has_slots), 4, 1, None, True)
+                   dict(HS=80, ROT=20, BLOCK_H=32, BLOCK_D=128, HAS_SLOTS=has_slots), 4, 1, None, True, True, False)
         yield (f"_rotary_bwd_kernel {dt}", rotary._rotary_bwd_kernel,
                dict(dq_ptr=f"*{dt}", dk_ptr=f"*{dt}", dv_ptr=f"*{dt}", dqkv_ptr=f"*{dt}", pos_ptr="*i64",
                     inv_freq_ptr="*fp32"),
-               dict(HS=128, ROT=32, BLOCK_H=32, BLOCK_D=128), 4, 1, None, True)
+               dict(HS=128, ROT=32, BLOCK_H=32, BLOCK_D=128), 4, 1, None, True, True, False)
 
 
-def verdict(shared, estimate, must_fit) -> str:
+def verdict(shared, estimate, must_fit, spills, no_spills, tma, needs_tma) -> str:
     if estimate is not None and shared > estimate:
         return f"FAIL shared memory {shared} exceeds the pruner's estimate {estimate}"
     if must_fit and shared > SMEM_LIMIT:
         return f"FAIL shared memory {shared} exceeds sm_90's {SMEM_LIMIT}"
+    if no_spills and spills:
+        return f"FAIL {spills} bytes of register spills"
+    if needs_tma and not tma:
+        return "FAIL no TMA load (cp.async.bulk.tensor) in the PTX"
     return "ok"
 
 
@@ -135,12 +169,15 @@ def main(*, all, arch):
         cases = [*attention_cases(["bf16"], [80, 128], True), *attention_cases(["fp32"], [64], True),
                  *attention_cases(["bf16"], [256], True, quick=False, edge=True), *decode_cases(),
                  *rotary_cases(["bf16"])]
-    for name, fn, pointers, consts, warps, stages, estimate, must_fit in cases:
+    for name, fn, pointers, consts, warps, stages, estimate, must_fit, no_spills, needs_tma in cases:
         try:
-            shared = compile_kernel(fn, arch, pointers, consts, warps, stages).metadata.shared
-            status = verdict(shared, estimate, must_fit)
-            print(f"{status if status == 'ok' else 'FAIL'} {name} shared={shared} estimate={estimate}"
-                  f"{'' if status == 'ok' else ': ' + status}", flush=True)
+            kernel = compile_kernel(fn, arch, pointers, consts, warps, stages)
+            shared = kernel.metadata.shared
+            regs, spills = ptxas_report(kernel, arch)
+            tma = kernel.asm["ptx"].count("cp.async.bulk.tensor")
+            status = verdict(shared, estimate, must_fit, spills, no_spills, tma, needs_tma and arch >= 90)
+            print(f"{status if status == 'ok' else 'FAIL'} {name} shared={shared} estimate={estimate} regs={regs} "
+                  f"spills={spills} tma={tma}{'' if status == 'ok' else ': ' + status}", flush=True)
         except Exception as e:  # report every kernel, not just the first failure
             print(f"FAIL {name}: {type(e).__name__}: {str(e)[:400]}", flush=True)
 

@@ -134,13 +134,14 @@ def test_autotune_keeps_exactly_the_configs_that_fit_shared_memory(monkeypatch, 
     monkeypatch.setattr(att, "max_shared_memory", lambda device_index: limit)
     monkeypatch.setenv("GPTNEOX_AUTOTUNE", "1")
     q = torch.empty(1, 1, 1, hs, dtype=dtype)  # all the pruner reads: dtype, head size, device
-    for smem, full, quick in ((att._smem_fwd, [c for c in att._FWD_CONFIGS if att._keep_fwd(c)], att._QUICK_FWD),
-                              (att._smem_dkdv, [c for c in att._BWD_CONFIGS if att._keep_dkdv(c)], att._QUICK_DKDV),
-                              (att._smem_dq, [c for c in att._BWD_CONFIGS if att._keep_dq(c)], att._QUICK_DQ)):
-        prune = att._prune(smem, full, quick)
+    for smem, full, quick, default in (
+            (att._smem_fwd, [c for c in att._FWD_CONFIGS if att._keep_fwd(c)], att._QUICK_FWD, att._DEFAULT_CONFIG),
+            (att._smem_dkdv, [c for c in att._BWD_CONFIGS if att._keep_dkdv(c)], att._QUICK_DKDV, att._DEFAULT_DKDV),
+            (att._smem_dq, [c for c in att._BWD_CONFIGS if att._keep_dq(c)], att._QUICK_DQ, att._DEFAULT_CONFIG)):
+        prune = att._prune(smem, full, quick, default)
         candidates = att._FP32_CONFIGS if dtype == torch.float32 else full
         fitting = [c for c in candidates if smem(c, e, D) <= limit]
-        fallback = [att._FP32_CONFIGS[0] if dtype == torch.float32 else att._DEFAULT_CONFIG]
+        fallback = [att._FP32_CONFIGS[0] if dtype == torch.float32 else default]
         assert prune(full, {"q_ptr": q}) == (fitting or fallback)  # Triton 2.x: named_args only
         assert prune(full, {"q_ptr": q}, HS=hs, CAUSAL=True) == (fitting or fallback)  # 3.6 / 3.9: and kwargs
         if dtype != torch.float32 and D == 256:  # the case that prunes: some configs kept, some dropped
@@ -170,3 +171,120 @@ def test_autotune_estimate_grows_with_blocks_dtype_and_head_size():
     small, big = att._config(32, 32, 2, 4), att._config(128, 128, 2, 8)
     for smem in (att._smem_fwd, att._smem_dkdv, att._smem_dq):
         assert smem(small, 2, 64) < smem(big, 2, 64) < smem(big, 2, 256) < smem(big, 4, 256)
+
+
+# ------------------------------------------------------------------------- every launch config the autotuner can pick
+def _block_shapes(*config_lists):
+    return sorted({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for configs in config_lists for c in configs})
+
+
+def _search_spaces():
+    att = _attention_module()
+    fwd = [c for c in att._FWD_CONFIGS if att._keep_fwd(c)]
+    dkdv = [c for c in att._BWD_CONFIGS if att._keep_dkdv(c)]
+    dq = [c for c in att._BWD_CONFIGS if att._keep_dq(c)]
+    extra = [att._DEFAULT_CONFIG, *att._FP32_CONFIGS]
+    return {"fwd": _block_shapes(fwd, att._QUICK_FWD, extra),
+            "dkdv": _block_shapes(dkdv, att._QUICK_DKDV, [att._DEFAULT_DKDV, *att._FP32_CONFIGS]),
+            "dq": _block_shapes(dq, att._QUICK_DQ, extra)}
+
+
+def check_config(kind, block_m, block_n, dtype, hs=80, causal=True):
+    """One block shape of one kernel (the others at their defaults) against the references, on a shape where the
+    biggest blocks (128) still loop over two key and query blocks with masked and unmasked stretches: T 140, S 164,
+    per-row cache offsets and left padding."""
+    att = _attention_module()
+    B, nh, T, S = 2, 1, 140, 164
+    q_offset, k_start = torch.tensor([24, 9], device=DEVICE), torch.tensor([0, 40], device=DEVICE)
+    mask = dense_mask(T, S, q_offset, k_start, causal)
+    chosen = att._config(block_m, block_n, 1, 4)
+    fwd_cfg = chosen if kind == "fwd" else att._DEFAULT_CONFIG
+    bwd_cfg = (chosen if kind == "dkdv" else att._DEFAULT_DKDV, chosen if kind == "dq" else att._DEFAULT_CONFIG)
+    x32 = make_inputs(B, nh, T, S, hs)
+    do32 = torch.randn(B, nh, T, hs, device=DEVICE)
+    results = {}
+    for name, x_dtype in (("ref", torch.float32), ("base", dtype)):
+        x = [t.to(x_dtype).detach().requires_grad_() for t in x32]
+        fn = ops.eager_attention if name == "ref" else ops.sdpa_attention
+        o = fn(*x, mask)
+        o.backward(do32.to(x_dtype))
+        results[name] = (o, *(t.grad for t in x))
+    q, k, v = (t.to(dtype) for t in x32)
+    kw = dict(causal=causal, q_offset=q_offset, k_start=k_start)
+    o, lse = att.attention_fwd(q, k, v, config=fwd_cfg, **kw)
+    grads = att.attention_bwd(do32.to(dtype), q, k, v, o, lse, configs=bwd_cfg, **kw)
+    for what, out, base, ref in zip(("o", "dq", "dk", "dv"), (o, *grads), results["base"], results["ref"]):
+        assert_matches(out, base, ref, f"{what} {kind} BLOCK_M={block_m} BLOCK_N={block_n} hs={hs} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("kind,block_m,block_n", [(kind, m, n) for kind, shapes in _search_spaces().items()
+                                                  for m, n in shapes])
+def test_every_block_shape_the_autotuner_can_pick(kind, block_m, block_n, dtype):
+    check_config(kind, block_m, block_n, dtype)
+
+
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_block_shapes_noncausal_power_of_two_head(kind):
+    block_m, block_n = _search_spaces()[kind][-1]  # the largest blocks
+    check_config(kind, block_m, block_n, torch.float32, hs=64, causal=False)
+
+
+def test_search_space_covers_what_the_tests_run():
+    spaces = _search_spaces()
+    assert (128, 128) in spaces["fwd"] and (32, 128) in spaces["dkdv"] and (128, 32) in spaces["dq"]
+    assert len(spaces["fwd"]) >= 5 and len(spaces["dkdv"]) >= 6 and len(spaces["dq"]) >= 6
+
+
+def test_causal_rows_never_read_past_their_last_query():
+    """Keys after each row's last query (the unfilled tail of a static cache) are NaN here: forward, split forward and
+    backward stay exact, and those keys get zero gradient."""
+    B, nh, T, S, hs = 2, 2, 20, 200, 64
+    q_offset, k_start = torch.tensor([100, 31], device=DEVICE), torch.tensor([0, 4], device=DEVICE)
+    q, k, v = make_inputs(B, nh, T, S, hs)
+    filled = (torch.arange(S, device=DEVICE)[None, :] < (q_offset + T)[:, None])[:, None, :, None]  # [B, 1, S, 1]
+    k_nan, v_nan = k.masked_fill(~filled, float("nan")), v.masked_fill(~filled, float("nan"))
+    mask = dense_mask(T, S, q_offset, k_start)
+    ref = ops.eager_attention(q, k, v, mask)
+    kw = dict(causal=True, q_offset=q_offset, k_start=k_start)
+    o, lse = kernels().attention_fwd(q, k_nan, v_nan, **kw)
+    torch.testing.assert_close(o, ref)
+    o_split, _ = kernels().attention_fwd(q, k_nan, v_nan, num_splits=7, block_n=16, **kw)
+    torch.testing.assert_close(o_split, ref)
+    dq, dk, dv = kernels().attention_bwd(torch.ones_like(o), q, k_nan, v_nan, o, lse, **kw)
+    assert not dq.isnan().any() and (dk[~filled.expand_as(dk)] == 0).all() and (dv[~filled.expand_as(dv)] == 0).all()
+
+
+def test_output_is_heads_last_so_the_model_reshape_is_a_view():
+    q, k, v = make_inputs(2, 3, 5, 5, 32)
+    o = kernels().attention(q, k, v)
+    assert o.shape == (2, 3, 5, 32) and o.transpose(1, 2).is_contiguous()
+    y = o.transpose(1, 2).reshape(2, 5, 96)
+    assert y.data_ptr() == o.data_ptr()  # no copy
+
+
+def test_rows_of_an_odd_number_of_bytes_are_refused():
+    q, k, v = (t.half() for t in make_inputs(1, 1, 4, 4, 20))
+    with pytest.raises(ValueError, match="q: head size 20 in torch.float16 makes rows of 40 bytes"):
+        kernels().attention(q, k, v)
+
+
+def test_autotune_key_buckets_sequence_lengths():
+    att = _attention_module()
+    assert [att.seq_bucket(n) for n in (1, 128, 129, 2048, 3000, 10**6)] == [128, 128, 256, 2048, 4096, 16384]
+    for tuned in (att._attn_fwd_tuned, att._attn_bwd_dkdv_tuned, att._attn_bwd_dq_tuned):
+        assert list(tuned.keys) == ["D0", "D1", "CAUSAL", "T_BUCKET", "S_BUCKET"]
+        assert set(tuned.keys) <= set(tuned.arg_names)
+
+
+def test_autotune_verbose_prints_the_chosen_config(monkeypatch, capsys):
+    att = _attention_module()
+    monkeypatch.setenv("GPTNEOX_AUTOTUNE_VERBOSE", "1")
+    monkeypatch.setattr(att, "_reported", set())
+    q, k, v = (t.requires_grad_() for t in make_inputs(1, 1, 9, 9, 32))
+    kernels().attention(q, k, v).sum().backward()
+    err = capsys.readouterr().err
+    for name in ("fwd", "bwd_dkdv", "bwd_dq"):
+        assert f"gptneox.kernels attention {name}: hs=32 causal=True torch.float32 T~128 S~128: BLOCK_M: 16" in err
+    kernels().attention(q, k, v)
+    assert capsys.readouterr().err == ""  # once per key
