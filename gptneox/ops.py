@@ -216,6 +216,15 @@ class Mask:
         return q_offset, k_start
 
 
+def spans_to_dense(q_offset: torch.Tensor, k_start: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """The dense bool mask [B, 1, T, S] of the spans q_offset, k_start [B], by Mask's rule: query i of row b sits at
+    slot q_offset[b] + i and sees keys k_start[b] <= j <= q_offset[b] + i, and always its own slot."""
+    slots = torch.arange(S, device=q_offset.device)  # [S]
+    qpos = (q_offset[:, None] + torch.arange(T, device=q_offset.device))[..., None]  # [B, T, 1]
+    keep = (slots <= qpos) & (slots >= k_start[:, None, None])  # [B, T, S]
+    return (keep | (slots == qpos))[:, None]  # [B, 1, T, S]
+
+
 # --------------------------------------------------------------------------------------------------- attention
 def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool = False, hook=None):
     """Causal attention, q [B, nh, T, hs], k and v [B, nh, S, hs] -> [B, nh, T, hs], under the forward's Mask.
