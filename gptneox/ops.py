@@ -5,8 +5,10 @@ The model calls two functions here and knows nothing of how they run:
                                                              this forward's keys and values written into the cache
     attention(q, k, v, mask) -> y                            causal attention under the forward's Mask
 Both run the torch path written out below (the reference every kernel is tested against) or, for backend "triton",
-our kernels (gptneox.kernels, imported on first use). A forward describes its tokens once, in a Rotary and a Mask,
-which every layer shares. Shapes: B batch, nh heads, T queries, S keys, hs head size, rot rotary dims.
+our kernels through their custom ops (gptneox/kernel_ops.py: torch.ops.gptneox.*, kept whole by torch.compile and
+CUDA graphs; the kernels themselves, gptneox.kernels, are imported on first use). A forward describes its tokens
+once, in a Rotary and a Mask, which every layer shares. Shapes: B batch, nh heads, T queries, S keys, hs head size,
+rot rotary dims.
 Facts: docs/architecture.md, "Forward pass" and "Half precision".
 """
 
@@ -18,11 +20,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import kernel_ops  # torch.ops.gptneox.*; it calls back into this module at run time only
+
 BACKENDS = ("eager", "sdpa", "triton")
 DECODE_MAX_T = 16  # triton: at most this many queries with no grad use the split-over-cache decode kernel
 # the hook points inside attention (gptneox/hooks.py names them; ops calls a hooked layer's InnerHooks at each)
 ROTARY_POINTS = ("hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k")  # [B, nh, T, hs] before / after rotary
 ATTENTION_POINTS = ("hook_attn_scores", "hook_pattern")  # [B, nh, T, S] fp32, after the scale and the mask
+SPANS_ERROR = ("backend='triton' takes left padding only (attention_mask rows 0...0 1...1 over the keys in reach) "
+               "and consecutive input_pos; use backend='sdpa' for other masks")
 
 
 # ---------------------------------------------------------------------------------------------------- backends
@@ -31,8 +37,8 @@ def triton_available() -> bool:
 
 
 def compiling() -> bool:
-    """Inside torch.compile, backend "triton" runs the torch path: Inductor writes its own Triton kernels, and ours
-    (plain launchers, a mask check that syncs) would break a fullgraph trace."""
+    """Inside torch.compile (Dynamo tracing). Rotary and attention keep their kernels there (custom ops), and the
+    mask check becomes a device-side assert; QuantizedLinear, whose kernel is a plain launcher, runs torch."""
     is_compiling = getattr(torch.compiler, "is_compiling", None)  # torch >= 2.3
     return bool(is_compiling and is_compiling())
 
@@ -119,7 +125,7 @@ class Rotary:
 
     def __init__(self, position_ids: torch.Tensor, rot: int, base: float, backend: str):
         self.position_ids, self.rot, self.base = position_ids, rot, base
-        self.fused = backend == "triton" and not compiling()
+        self.fused = backend == "triton"
         self.cos, self.sin = (None, None) if self.fused else rotary_cos_sin(position_ids, rot, base)
 
 
@@ -146,14 +152,14 @@ def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, inpu
 
 def _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos):
     """One kernel splits and rotates; when nothing needs a gradient it also writes k and v into the cache."""
-    rotary = kernels().rotary
-    args = (qkv, rope.position_ids, num_heads, rope.rot, rope.base)
+    pos, rot, base = rope.position_ids, rope.rot, float(rope.base)
     if cache is None:
-        return rotary(*args)
+        return kernel_ops.rotary(qkv, pos, num_heads, rot, base)
     if torch.is_grad_enabled() and qkv.requires_grad:  # the kernel's cache write is not differentiable
-        q, k, v = rotary(*args)
+        q, k, v = kernel_ops.rotary(qkv, pos, num_heads, rot, base)
         return (q, *cache.update(input_pos, k, v))
-    return rotary(*args, k_cache=cache.k_cache, v_cache=cache.v_cache, input_pos=input_pos)
+    q = kernel_ops.rotary_into_cache(qkv, pos, cache.k_cache, cache.v_cache, input_pos, num_heads, rot, base)
+    return q, cache.k_cache, cache.v_cache
 
 
 # ------------------------------------------------------------------------------------------------------- masks
@@ -174,7 +180,7 @@ class Mask:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, attention sees {S}")
         self.input_pos, self.attention_mask, self.B, self.S = input_pos, attention_mask, B, S
         self.backend = backend
-        self.fused = backend == "triton" and not compiling()
+        self.fused = backend == "triton"
         self.spans = self._spans() if self.fused else None
         self._dense = None if self.fused else self._rule()
 
@@ -195,25 +201,37 @@ class Mask:
         own = slots[None, :] == self.input_pos[:, None]  # [T, S]
         return (keep & self.attention_mask.bool()[:, None, None, :]) | own  # [B, 1, T, S]
 
-    def _spans(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(q_offset [B], k_start [B] or None), after checking the rule fits them. The check costs one device sync,
-        so a decode step (T = 1) is not checked again: it extends a prefill that was."""
+    def _spans(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_offset, k_start), int32 [B] each, after checking that the rule fits them. In eager the check costs one
+        device sync and raises a ValueError; under torch.compile it is a device-side assert (no sync, no graph break).
+        A decode step (T = 1) is not checked again: it extends a prefill that was."""
         input_pos, mask = self.input_pos, self.attention_mask
-        T = input_pos.shape[0]
-        q_offset = input_pos[:1].expand(self.B)  # [B]
+        T, device = input_pos.shape[0], input_pos.device
+        q_offset = input_pos[:1].to(torch.int32).repeat(self.B)  # [B]
         if mask is None:
-            k_start, bad = None, torch.zeros((), dtype=torch.bool, device=input_pos.device)
+            k_start = torch.zeros(self.B, dtype=torch.int32, device=device)  # no padding
+            bad = torch.zeros((), dtype=torch.bool, device=device)
         else:
-            k_start = (mask.cumsum(-1) == 0).sum(-1)  # [B] leading zeros = first real key
-            slots = torch.arange(self.S, device=input_pos.device)
+            k_start = (mask.cumsum(-1) == 0).sum(-1).to(torch.int32)  # [B] leading zeros = first real key
+            slots = torch.arange(self.S, device=device)
             reach = slots <= input_pos.max()  # [S] keys some query can see
             bad = ((mask.bool() != (slots >= k_start[:, None])) & reach).any()
         if T > 1:
-            bad |= (input_pos != input_pos[0] + torch.arange(T, device=input_pos.device)).any()
-            if bad.item():
-                raise ValueError("backend='triton' takes left padding only (attention_mask rows 0...0 1...1 over the "
-                                 "keys in reach) and consecutive input_pos; use backend='sdpa' for other masks")
+            bad |= (input_pos != input_pos[0] + torch.arange(T, device=device)).any()
+            if compiling():
+                torch._assert_async(~bad, SPANS_ERROR)
+            elif bad.item():
+                raise ValueError(SPANS_ERROR)
         return q_offset, k_start
+
+
+def spans_to_dense(q_offset: torch.Tensor, k_start: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    """The dense bool mask [B, 1, T, S] of the spans q_offset, k_start [B], by Mask's rule: query i of row b sits at
+    slot q_offset[b] + i and sees keys k_start[b] <= j <= q_offset[b] + i, and always its own slot."""
+    slots = torch.arange(S, device=q_offset.device)  # [S]
+    qpos = (q_offset[:, None] + torch.arange(T, device=q_offset.device))[..., None]  # [B, T, 1]
+    keep = (slots <= qpos) & (slots >= k_start[:, None, None])  # [B, T, S]
+    return (keep | (slots == qpos))[:, None]  # [B, 1, T, S]
 
 
 # --------------------------------------------------------------------------------------------------- attention
@@ -244,8 +262,8 @@ def _fused_attention(q, k, v, spans):
     T, S = q.shape[-2], k.shape[-2]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if T <= DECODE_MAX_T and S > T and not needs_grad:  # a decode step: split the cache over the GPU
-        return kernels().decode_attention(q, k, v, q_offset, k_start)
-    return kernels().attention(q, k, v, causal=True, q_offset=q_offset, k_start=k_start)
+        return kernel_ops.decode_attention(q, k, v, q_offset, k_start)
+    return kernel_ops.attention(q, k, v, q_offset, k_start)[0]  # lse is for the backward
 
 
 def sdpa_attention(q, k, v, mask=None, dropout_p: float = 0.0):

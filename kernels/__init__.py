@@ -13,6 +13,9 @@ backend="triton". Public functions (each differentiable unless noted):
     quant_matmul(x, weight, scales, zeros=, group_size=) -> x W^T, W int8 / int4 (inference only)
 The launchers (rotary_fwd / rotary_bwd, attention_fwd / attention_bwd) skip autograd, for tests and benchmarks;
 best_configs() names the launch config each autotuned attention kernel last used (GPTNEOX_AUTOTUNE: docs/kernels.md).
+The model reaches the launchers through gptneox/kernel_ops.py, which registers them as torch.library custom ops
+(torch.ops.gptneox.rotary, rotary_into_cache, attention, decode_attention and the backward ops) so that
+torch.compile(fullgraph=True) and CUDA graphs keep them; this package itself imports nothing of gptneox.
 """
 
 from .attention import AttentionFunction, attention, attention_bwd, attention_fwd, best_configs
