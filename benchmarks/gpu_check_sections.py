@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "kernels" / "benchmarks"), str(ROOT / "tests")]  # bench_*.py, tolerances.py
 PEAK_BF16_TFLOPS = 989  # H100 / H200 dense bf16, the only MFU denominator (docs/performance.md, "Limits")
 KERNEL_TESTS = ["tests/kernels/test_attention.py", "tests/kernels/test_rotary.py",
-                "tests/kernels/test_decode_attention.py", "tests/kernels/test_triton_backend.py"]
+                "tests/kernels/test_decode_attention.py", "tests/kernels/test_triton_backend.py",
+                "tests/kernels/test_custom_ops.py"]
 OUTCOME = re.compile(r"(?:(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b)|"
                      r"(?:\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+::\S+))")  # -v, with or without xdist
 SUMMARY = re.compile(r"^(?:FAILED|ERROR) (tests/\S+) - (.*)$")  # -rfE: the short failure reason
@@ -276,6 +277,43 @@ def decode(rec: Record, ctx: Context):
             torch.cuda.empty_cache()
 
 
+def compiled_decode(rec: Record, ctx: Context):
+    """Generator(compile=True) with backend "triton": the kernels are custom ops (gptneox/kernel_ops.py), so the
+    compiled decode step (CUDA graphs on GPU, mode reduce-overhead) keeps flash-decoding over the filled cache.
+    Its greedy tokens must equal eager's; tokens/s compiled against eager, both at batch 1 over a full-window cache."""
+    from gptneox import Config, Generator
+    from gptneox.ops import kernels
+    config = Config.from_name("pythia-410m") if ctx.cuda else Config(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+        max_position_embeddings=64)
+    model = _build(config, ctx, ctx.dtype).eval()
+    model.backend = "triton"
+    prompt = torch.randint(0, config.vocab_size, (16,)).tolist()
+    new = 64 if ctx.cuda else 4
+    calls = []
+    real = kernels().decode_attention
+    kernels().decode_attention = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        eager, compiled = Generator(model), Generator(model, compile=True)
+        settings = dict(max_new_tokens=new, temperature=0, eos_token_id=[])
+        want = eager.generate([prompt], **settings)
+        got = compiled.generate([prompt], **settings)  # compiles (and captures the CUDA graph)
+        compiled.generate([prompt], **settings)  # cudagraph trees record on a later call
+        calls.clear()
+        seconds = {name: _seconds(lambda gen=gen: gen.generate([prompt], **settings), ctx)
+                   for name, gen in (("eager", eager), ("compiled", compiled))}
+    finally:
+        kernels().decode_attention = real
+    same = torch.equal(got, want)
+    rate = {name: new / t for name, t in seconds.items()}
+    rec.add(f"compiled greedy decode {'pythia-410m' if ctx.cuda else 'tiny'}, batch 1, {new} tokens, backend triton",
+            ctx.dtype_name, f"{g(rate['compiled'])} tokens/s compiled, {g(rate['eager'])} eager",
+            f"{g(rate['compiled'] / rate['eager'])}x; tokens {'equal' if same else 'DIFFER'}; decode kernel calls "
+            f"{len(calls)}", status="ok" if same and calls else "fail: compiled tokens differ from eager" if not same
+            else "fail: the compiled step never called the decode kernel",
+            compiled_tokens_per_s=rate["compiled"], eager_tokens_per_s=rate["eager"], decode_kernel_calls=len(calls))
+
+
 def train(rec: Record, ctx: Context):
     """One training step's MFU: bf16 autocast over fp32 weights, fused AdamW, the causal LM loss."""
     from gptneox import Config, causal_lm_loss
@@ -316,7 +354,7 @@ def correctness(rec: Record, ctx: Context):
 
 
 SECTIONS = {"roofline": roofline, "tests": tests, "correctness": correctness, "kernels": kernel_benchmarks,
-            "decode": decode, "train": train}
+            "decode": decode, "compile": compiled_decode, "train": train}
 
 
 def run(name: str, *, out_dir: Path, tiny: bool, device: str) -> None:

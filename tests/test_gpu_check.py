@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-SECTIONS = ["roofline", "tests", "correctness", "kernels", "decode", "train"]
+SECTIONS = ["roofline", "tests", "correctness", "kernels", "decode", "compile", "train"]
 FLAGS = ["--out", "--tiny", "--device", "--sections", "--autotune", "--budget_s", "--section"]
 
 

@@ -5,7 +5,7 @@ compiled mask check and the Generator's compiled decode step. Four compiled grap
 
 import pytest
 import torch
-from _cases import DEVICE
+from _cases import DEVICE, DTYPES
 from functorch.compile import make_boxed_func
 from tiny import hf_model, hf_state_dict
 from tolerances import FP32_GRAD_REL, FP32_LOGITS_REL, assert_rel_close
@@ -55,7 +55,7 @@ def run_torch_path(monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["kernels", "torch"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)  # bf16: CUDA only (the GPU check's tests section runs it)
 @pytest.mark.parametrize("name", OPS)
 def test_custom_op_passes_opcheck(name, dtype, path, monkeypatch):
     if path == "torch":
