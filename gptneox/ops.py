@@ -153,6 +153,15 @@ def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, inpu
 def _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos):
     """One kernel splits and rotates; when nothing needs a gradient it also writes k and v into the cache."""
     pos, rot, base = rope.position_ids, rope.rot, float(rope.base)
+    if _direct(qkv):  # eager on the kernels' device: the launchers themselves, the same kernels as the ops
+        rotary = kernels().rotary
+        if cache is None:
+            return rotary(qkv, pos, num_heads, rot, base)
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            q, k, v = rotary(qkv, pos, num_heads, rot, base)
+            return (q, *cache.update(input_pos, k, v))
+        return rotary(qkv, pos, num_heads, rot, base, k_cache=cache.k_cache, v_cache=cache.v_cache,
+                      input_pos=input_pos)
     if cache is None:
         return kernel_ops.rotary(qkv, pos, num_heads, rot, base)
     if torch.is_grad_enabled() and qkv.requires_grad:  # the kernel's cache write is not differentiable
@@ -160,6 +169,13 @@ def _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos):
         return (q, *cache.update(input_pos, k, v))
     q = kernel_ops.rotary_into_cache(qkv, pos, cache.k_cache, cache.v_cache, input_pos, num_heads, rot, base)
     return q, cache.k_cache, cache.v_cache
+
+
+def _direct(t: torch.Tensor) -> bool:
+    """Eager, on a device the kernels run on: call the launchers directly. A custom op's dispatch costs about
+    15-20 us of Python per call (2 calls per layer per step), which an eager decode step, bound by launches, would
+    feel; under torch.compile the ops are what keeps the kernels in the graph (kernel_ops)."""
+    return not compiling() and kernel_ops._on_kernels(t)
 
 
 # ------------------------------------------------------------------------------------------------------- masks
@@ -261,7 +277,12 @@ def _fused_attention(q, k, v, spans):
     q_offset, k_start = spans
     T, S = q.shape[-2], k.shape[-2]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if T <= DECODE_MAX_T and S > T and not needs_grad:  # a decode step: split the cache over the GPU
+    decode = T <= DECODE_MAX_T and S > T and not needs_grad  # a decode step: split the cache over the GPU
+    if _direct(q):
+        if decode:
+            return kernels().decode_attention(q, k, v, q_offset, k_start)
+        return kernels().attention(q, k, v, causal=True, q_offset=q_offset, k_start=k_start)
+    if decode:
         return kernel_ops.decode_attention(q, k, v, q_offset, k_start)
     return kernel_ops.attention(q, k, v, q_offset, k_start)[0]  # lse is for the backward
 
