@@ -632,6 +632,9 @@ def _check_rows(name: str, t: torch.Tensor) -> torch.Tensor:
     if t.shape[-1] * e % 16:
         raise ValueError(f"{name}: head size {t.shape[-1]} in {t.dtype} makes rows of {t.shape[-1] * e} bytes; the "
                          f"kernels read rows through tensor descriptors, which need a multiple of 16 bytes")
+    if any(n == 1 and s * e % 16 for n, s in zip(t.shape, t.stride())):  # a size-1 dim's stride is arbitrary
+        t = t.as_strided(t.shape, [t.stride(i) if n > 1 else math.prod(t.shape[i + 1:]) for i, n in
+                                   enumerate(t.shape)])  # the same elements, strides a descriptor accepts
     if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1]):
         t = t.contiguous()
     return t

@@ -288,3 +288,19 @@ def test_autotune_verbose_prints_the_chosen_config(monkeypatch, capsys):
         assert f"gptneox.kernels attention {name}: hs=32 causal=True torch.float32 T~128 S~128: BLOCK_M: 16" in err
     kernels().attention(q, k, v)
     assert capsys.readouterr().err == ""  # once per key
+
+
+def test_inputs_get_strides_a_tensor_descriptor_accepts():
+    """16-byte strides and base for the descriptors: a size-1 dim's arbitrary stride is replaced (same elements), an
+    odd stride copied; the result is unchanged."""
+    att = _attention_module()
+    q = torch.randn(2, 1, 1, 64, device=DEVICE).as_strided((2, 1, 1, 64), (64, 1, 3, 1))  # odd size-1 strides
+    fixed = att._check_rows("q", q)
+    assert torch.equal(fixed, q) and all(s * 4 % 16 == 0 for s in fixed.stride()[:-1])
+    x = torch.randn(3, 2, 5, 66, device=DEVICE)[..., 1:65]  # 16-byte rows, but the base is 4 bytes off
+    fixed = att._check_rows("k", x)
+    assert torch.equal(fixed, x) and fixed.data_ptr() % 16 == 0
+    k, v = torch.randn(2, 2, 2, 9, 64, device=DEVICE).unbind(0)
+    o = kernels().attention(q.expand(2, 2, 1, 64), k, v, q_offset=8)
+    torch.testing.assert_close(o, ops.eager_attention(q.expand(2, 2, 1, 64), k, v, torch.ones(1, 9, dtype=torch.bool,
+                                                                                             device=DEVICE)))
