@@ -263,8 +263,6 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     path, config, files, tok = locate(ckpt, adapter_tokenizer(adapter, tokenizer))
     draft_path, draft_config = locate_draft(draft, tok, compile)
     quantized = quantization(path, quantize, group_size)
-    if quantized is not None and compile:
-        raise UsageError("--compile does not work with quantized weights yet: choose one")
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
     if context is not None and template != "dolly":

@@ -226,3 +226,21 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_offset: Tens
 def _(q, k_cache, v_cache, q_offset, k_start):
     B, nh, T, hs = q.shape
     return _empty_bthd(B, nh, T, hs, q)
+
+
+# ------------------------------------------------------------------------------------------------ quant matmul
+@custom_op("gptneox::quant_matmul", mutates_args=())
+def quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int | None) -> Tensor:
+    """x [M, K] times the weight-only int8 / int4 W^T -> [M, N] in x's dtype (gptneox/quantize.py's layout: weight
+    int8 [N, K] or packed int4 [N, ceil(K / 2)], scales and zeros per channel or group). Inference only. The kernels
+    of kernels/quant_matmul.py; elsewhere dequantize-then-matmul, the reference those kernels are tested against."""
+    if _on_kernels(x):
+        return ops.kernels().quant_matmul(x, weight, scales, zeros, group_size)
+    from .quantize import dequantize_weight
+    mode = "int8" if zeros is None else "int4"
+    return x @ dequantize_weight(weight, scales, zeros, x.shape[1], mode, group_size).to(x.dtype).t()
+
+
+@quant_matmul.register_fake
+def _(x, weight, scales, zeros, group_size):
+    return x.new_empty(x.shape[0], weight.shape[0])

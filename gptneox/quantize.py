@@ -225,8 +225,10 @@ class QuantizedLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> x W^T [M, N]
         K, N, g = self.in_features, self.out_features, self.group_size
-        if x.is_cuda and _triton_ok():
-            from . import ops
+        from . import kernel_ops, ops
+        if ops.compiling():  # the custom op keeps the kernel in a torch.compile graph (CUDA graphs included)
+            return kernel_ops.quant_matmul(x, self.weight, self.scales, self.zeros, g)
+        if x.is_cuda and ops.triton_available():
             return ops.kernels().quant_matmul(x, self.weight, self.scales, self.zeros, g)
         if x.device.type == "cpu" and self.mode in cpu_kernels():
             if self.mode == "int8":
@@ -254,11 +256,6 @@ class QuantizedLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
                f"mode={self.mode}{group}"
-
-
-def _triton_ok() -> bool:
-    from . import ops
-    return ops.triton_available() and not ops.compiling()
 
 
 # ------------------------------------------------------------------------------------------------- the model

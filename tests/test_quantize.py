@@ -253,6 +253,24 @@ def test_sample_quantize_reports_mode_and_weight_memory(tmp_path):
     assert r.stdout == runs[True].stdout  # the saved directory generates what quantizing on load does
 
 
+def test_sample_compile_with_quantized_weights_generates_what_eager_does(tmp_path):
+    """sample.py --quantize int8 --compile: the compiled decode step keeps the weight-only matmul (the
+    gptneox::quant_matmul op) and prints the eager run's text."""
+    shared = ROOT.parent / "shared" / "data" / "pythia-tokenizer.json"
+    if not shared.is_file():
+        pytest.skip(f"shared test data not found at {shared}")
+    path = save_checkpoint(hf_model(1, vocab_size=50304, max_position_embeddings=64), tmp_path / "p", "safetensors")
+    (path / "tokenizer.json").write_bytes(shared.read_bytes())
+    out = {}
+    for flags in (["--compile"], []):
+        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(path), "--prompt", "Hello",
+                            "--temperature", "0", "--max-new-tokens", "6", "--device", "cpu", "--quantize", "int8",
+                            *flags], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0 and "weights int8:" in r.stderr, r.stderr
+        out[bool(flags)] = r.stdout
+    assert out[True] == out[False] and out[True].strip()
+
+
 # ------------------------------------------------------------------------------------------------- bad input
 def test_bad_settings_are_refused_with_the_choices():
     with pytest.raises(ValueError, match="unknown quantization mode 'int3'; choose one of int8, int4"):

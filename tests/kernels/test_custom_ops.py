@@ -15,7 +15,7 @@ from torch._inductor.compile_fx import compile_fx
 from gptneox import Config, GPTNeoX, Generator, causal_lm_loss, kernel_ops, ops
 
 B, nh, T, S, L, hs, rot = 2, 2, 5, 9, 20, 32, 8  # batch, heads, queries, keys, cache slots, head size, rotary dims
-OPS = ("rotary", "rotary_bwd", "rotary_into_cache", "attention", "attention_bwd", "decode_attention")
+OPS = ("rotary", "rotary_bwd", "rotary_into_cache", "attention", "attention_bwd", "decode_attention", "quant_matmul")
 
 
 def rows(*values):
@@ -37,6 +37,10 @@ def op_args(name: str, dtype: torch.dtype) -> tuple:
     if name == "rotary_into_cache":
         return (randn(B, T, nh * 3 * hs, dtype=dtype), position_ids, randn(B, nh, L, hs, dtype=dtype),
                 randn(B, nh, L, hs, dtype=dtype), torch.arange(3, 3 + T, device=DEVICE), nh, rot, 10000.0)
+    if name == "quant_matmul":  # an int4 weight, K 40 not a multiple of the group of 32 (padded)
+        from gptneox.quantize import quantize_weight
+        t = quantize_weight(randn(24, 40, dtype=dtype), "int4", 32)
+        return randn(3, 40, dtype=dtype), t["weight"], t["scales"], t["zeros"], 32
     q, k, v = randn(B, nh, T, hs, dtype=dtype), randn(B, nh, S, hs, dtype=dtype), randn(B, nh, S, hs, dtype=dtype)
     spans = rows(4, 2), rows(0, 3)  # q_offset, k_start: row 1's queries sit at slots 2..6 after 3 pads
     if name == "attention":
@@ -186,3 +190,22 @@ def test_compiled_generator_decodes_with_the_decode_op_token_for_token(monkeypat
     compiled = Generator(model, compile=True).generate(prompts, **settings)
     assert calls == {"decode_attention": 4 * N, "rotary": 4 * N}, "a compiled step ran without the kernels"
     assert torch.equal(compiled, eager), (compiled, eager)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_compiled_generator_keeps_the_quantized_matmul_kernel(mode, monkeypatch):
+    """A quantized model under Generator(compile=True): the same greedy tokens as eager, and the compiled steps run
+    the weight-only matmul kernel (QuantizedLinear calls the gptneox::quant_matmul op while compiling)."""
+    from gptneox import quantize
+    torch._dynamo.reset()
+    model, kernels, N = tiny_model(), ops.kernels(), 4
+    quantize(model, mode, group_size=32)
+    calls = []
+    real = kernels.quant_matmul
+    monkeypatch.setattr(kernels, "quant_matmul", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    settings = dict(max_new_tokens=N, temperature=0, eos_token_id=[])
+    eager = Generator(model).generate([[5, 6, 7, 8]], **settings)
+    calls.clear()
+    compiled = Generator(model, compile=True).generate([[5, 6, 7, 8]], **settings)
+    assert torch.equal(compiled, eager), (compiled, eager)
+    assert len(calls) >= (N - 1) * 2 * 4, "the compiled steps did not run the quantized matmul kernel"  # 4 per layer
