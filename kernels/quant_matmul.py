@@ -20,12 +20,58 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, check_dtype, check_shape, dot_precision
+from ._utils import (autotune_configs, check_device, check_dtype, check_shape, configs_for_mode, dot_precision,
+                     max_shared_memory)
 
 DECODE_MAX_M = 16  # rows at most that take the decode kernel (a decode step of a small batch)
-DECODE_BLOCK_N, DECODE_BLOCK_J = 64, 64  # outputs per program, column pairs per step (128 columns of K)
-PREFILL_BLOCK_M, PREFILL_BLOCK_N, PREFILL_BLOCK_J = 32, 64, 32  # tl.dot needs every block >= 16
-# Fixed blocks, not autotuned yet: tuning needs a GPU (docs/quantization.md, "Not done").
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+# Autotuned on a GPU like the attention kernels (GPTNEOX_AUTOTUNE: full search, quick, 0 = the default), keyed on the
+# weight's shape, the scheme and (prefill) a bucket of M; the interpreter runs the small default. The search spaces
+# are starting points (gpt-fast's decode blocks, Triton's matmul tutorial tiles), not yet tuned on a GPU.
+def _decode_config(n, j, w, s):  # BLOCK_N outputs per program, BLOCK_J column pairs per step (2 BLOCK_J columns)
+    return triton.Config({"BLOCK_N": n, "BLOCK_J": j}, num_warps=w, num_stages=s)
+
+
+def _prefill_config(m, n, j, w, s):  # tl.dot needs every block >= 16
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_J": j}, num_warps=w, num_stages=s)
+
+
+DECODE_DEFAULT = _decode_config(64, 64, 4, 3)
+DECODE_CONFIGS = [_decode_config(n, j, w, s) for n in (32, 64, 128) for j in (32, 64, 128) for w in (2, 4, 8)
+                  for s in (2, 3)]
+# quick: none of these spills on sm_90 (ptxas; 128 x 64 over 4 warps spilled 600 bytes, 64 x 128 / 4 warps 592)
+DECODE_QUICK = [_decode_config(128, 64, 8, 3), _decode_config(32, 128, 4, 3), DECODE_DEFAULT]
+PREFILL_DEFAULT = _prefill_config(32, 64, 32, 4, 3)
+PREFILL_CONFIGS = [_prefill_config(m, n, j, w, s) for m in (32, 64, 128) for n in (64, 128) for j in (16, 32, 64)
+                   for w in (4, 8) for s in (2, 3, 4) if not (m == 128 and n == 128 and w == 4)]
+PREFILL_QUICK = [_prefill_config(128, 128, 32, 8, 3), _prefill_config(64, 128, 32, 8, 3), PREFILL_DEFAULT]
+
+
+def _smem_prefill(c, e: int) -> int:
+    """Shared memory upper bound for prefill: s buffers of the x tiles [M, 2J] (element size e) and of the weight
+    bytes [N, 2J], the dequantized tile [N, 2J] in x's dtype, and barriers."""
+    M, N, J, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_J"], c.num_stages
+    return s * 2 * J * (e * M + N) + e * 2 * J * N + 2048
+
+
+def _prune(configs, default, quick, smem):
+    """early_config_prune: the candidates of GPTNEOX_AUTOTUNE whose shared memory fits (fp32: the default alone,
+    its exact dots compile slowly). Reads x_ptr, positional in Triton 2.x, 3.6 and 3.9 alike."""
+    def prune(_every, named_args, **kwargs):
+        x = named_args["x_ptr"]
+        if x.dtype == torch.float32:
+            return [default]
+        limit = max_shared_memory(x.device.index)
+        return [c for c in configs_for_mode(configs, default, quick) if smem(c, x.element_size()) <= limit] or [
+            default]
+    return prune
+
+
+def m_bucket(M: int) -> int:
+    """The prefill autotune key of M: its power of two, clamped to 16..4096."""
+    return min(max(triton.next_power_of_2(max(M, 1)), 16), 4096)
 
 
 @triton.jit
@@ -80,7 +126,8 @@ def _quant_matmul_decode_kernel(x_ptr,  # [M, K]
 def _quant_matmul_prefill_kernel(x_ptr,  # [M, K]
                                  w_ptr, s_ptr, z_ptr,  # the quantized W (see _load_pairs); int8 scales [N]
                                  y_ptr,  # [M, N]
-                                 M, N, K, stride_x_m, stride_w_n, stride_s_n, stride_y_m,
+                                 M, N, K, M_BUCKET,  # M_BUCKET = m_bucket(M): autotune key only
+                                 stride_x_m, stride_w_n, stride_s_n, stride_y_m,
                                  GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_M: tl.constexpr,
                                  BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, PRECISION: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -100,6 +147,18 @@ def _quant_matmul_prefill_kernel(x_ptr,  # [M, K]
         acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + offs_m.to(tl.int64)[:, None] * stride_y_m + offs_n[None, :]
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+_INTERPRET_DECODE, _INTERPRET_PREFILL = DECODE_DEFAULT, PREFILL_DEFAULT  # the interpreter runs one config
+_decode_tuned = triton.autotune(
+    autotune_configs(DECODE_CONFIGS, _INTERPRET_DECODE, DECODE_DEFAULT, DECODE_QUICK), key=["N", "K", "GROUP", "INT4"],
+    prune_configs_by={"early_config_prune": _prune(DECODE_CONFIGS, DECODE_DEFAULT, DECODE_QUICK,
+                                                   lambda c, e: 2048)})(_quant_matmul_decode_kernel)
+_prefill_tuned = triton.autotune(
+    autotune_configs(PREFILL_CONFIGS, _INTERPRET_PREFILL, PREFILL_DEFAULT, PREFILL_QUICK),
+    key=["N", "K", "M_BUCKET", "GROUP", "INT4"],
+    prune_configs_by={"early_config_prune": _prune(PREFILL_CONFIGS, PREFILL_DEFAULT, PREFILL_QUICK,
+                                                   _smem_prefill)})(_quant_matmul_prefill_kernel)
 
 
 def _check(x, weight, scales, zeros, group_size):
@@ -124,8 +183,12 @@ def _check(x, weight, scales, zeros, group_size):
 
 
 def quant_matmul_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
-                     group_size: int | None = None, *, kernel: str = "auto") -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] in x's dtype. kernel: "decode", "prefill", or "auto" (decode for M <= DECODE_MAX_M)."""
+                     group_size: int | None = None, *, kernel: str = "auto",
+                     config: "triton.Config | None" = None) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype. kernel: "decode", "prefill", or "auto" (decode for M <= DECODE_MAX_M).
+    config (a triton.Config of that kernel's blocks) skips autotuning: tests and benchmarks."""
+    if kernel not in ("auto", "decode", "prefill"):
+        raise ValueError(f"kernel {kernel!r}: use 'auto', 'decode' or 'prefill'")
     N, K, int4 = _check(x, weight, scales, zeros, group_size)
     M = x.shape[0]
     x, weight, scales = x.contiguous(), weight.contiguous(), scales.contiguous()
@@ -135,17 +198,17 @@ def quant_matmul_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
         return y
     common = dict(GROUP=group_size if int4 else 2, INT4=int4)
     stride_s = scales.stride(0)
+    launch = {} if config is None else dict(**config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     if kernel == "decode" or (kernel == "auto" and M <= DECODE_MAX_M):
-        grid = (triton.cdiv(N, DECODE_BLOCK_N), M)
-        _quant_matmul_decode_kernel[grid](x, weight, scales, zeros, y, N, K, x.stride(0), weight.stride(0), stride_s,
-                                          y.stride(0), BLOCK_N=DECODE_BLOCK_N, BLOCK_J=DECODE_BLOCK_J, **common)
-    elif kernel in ("prefill", "auto"):
-        grid = (triton.cdiv(M, PREFILL_BLOCK_M), triton.cdiv(N, PREFILL_BLOCK_N))
-        _quant_matmul_prefill_kernel[grid](x, weight, scales, zeros, y, M, N, K, x.stride(0), weight.stride(0),
-                                           stride_s, y.stride(0), BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=PREFILL_BLOCK_N,
-                                           BLOCK_J=PREFILL_BLOCK_J, PRECISION=dot_precision(x.dtype), **common)
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
+        fn = _decode_tuned if config is None else _quant_matmul_decode_kernel
+        fn[grid](x, weight, scales, zeros, y, N, K, x.stride(0), weight.stride(0), stride_s, y.stride(0), **common,
+                 **launch)
     else:
-        raise ValueError(f"kernel {kernel!r}: use 'auto', 'decode' or 'prefill'")
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+        fn = _prefill_tuned if config is None else _quant_matmul_prefill_kernel
+        fn[grid](x, weight, scales, zeros, y, M, N, K, m_bucket(M), x.stride(0), weight.stride(0), stride_s,
+                 y.stride(0), PRECISION=dot_precision(x.dtype), **common, **launch)
     return y
 
 

@@ -41,10 +41,11 @@ def load_kernels():
     package = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = package
     spec.loader.exec_module(package)
-    return sys.modules[f"{spec.name}.attention"], sys.modules[f"{spec.name}.rotary"]
+    return (sys.modules[f"{spec.name}.attention"], sys.modules[f"{spec.name}.rotary"],
+            sys.modules[f"{spec.name}.quant_matmul"])
 
 
-attention, rotary = load_kernels()
+attention, rotary, quant = load_kernels()
 
 
 def compile_kernel(fn, arch, pointers, constexprs, num_warps, num_stages):
@@ -149,6 +150,25 @@ def rotary_cases(dtypes):
                dict(HS=128, ROT=32, BLOCK_H=32, BLOCK_D=128), 4, 1, None, True, True, False)
 
 
+def quant_cases(dtypes):
+    """The weight-only matmul kernels' quick configs (the defaults among them), int8 and int4 g128, with the prefill
+    shared memory estimate; none may spill registers."""
+    for dt in dtypes:
+        pointers = dict(x_ptr=f"*{dt}", w_ptr="*i8", s_ptr=f"*{dt}", z_ptr=f"*{dt}", y_ptr=f"*{dt}")
+        for int4 in (False, True):
+            scheme = dict(GROUP=128 if int4 else 2, INT4=int4)
+            w = dict(pointers, w_ptr="*u8" if int4 else "*i8")
+            for c in quant.DECODE_QUICK:
+                yield (f"_quant_matmul_decode_kernel {dt} int4={int4} {c.kwargs} warps={c.num_warps} "
+                       f"stages={c.num_stages}", quant._quant_matmul_decode_kernel, w, {**scheme, **c.kwargs},
+                       c.num_warps, c.num_stages, None, True, True, False)
+            for c in quant.PREFILL_QUICK:
+                yield (f"_quant_matmul_prefill_kernel {dt} int4={int4} {c.kwargs} warps={c.num_warps} "
+                       f"stages={c.num_stages}", quant._quant_matmul_prefill_kernel, w,
+                       {**scheme, **c.kwargs, "PRECISION": "tf32"}, c.num_warps, c.num_stages,
+                       quant._smem_prefill(c, ELEMENT_SIZE[dt]), True, True, False)
+
+
 def verdict(shared, estimate, must_fit, spills, no_spills, tma, needs_tma) -> str:
     if estimate is not None and shared > estimate:
         return f"FAIL shared memory {shared} exceeds the pruner's estimate {estimate}"
@@ -164,11 +184,11 @@ def verdict(shared, estimate, must_fit, spills, no_spills, tma, needs_tma) -> st
 def main(*, all, arch):
     if all:
         cases = [*attention_cases(["bf16", "fp16", "fp32"], [32, 64, 80, 96, 128, 256], False, edge=True),
-                 *decode_cases(), *rotary_cases(["bf16", "fp16", "fp32"])]
+                 *decode_cases(), *rotary_cases(["bf16", "fp16", "fp32"]), *quant_cases(["bf16", "fp16"])]
     else:  # bf16 at Pythia's awkward (80) and common (128) head sizes, fp32's config, the edge configs at hd 256
         cases = [*attention_cases(["bf16"], [80, 128], True), *attention_cases(["fp32"], [64], True),
                  *attention_cases(["bf16"], [256], True, quick=False, edge=True), *decode_cases(),
-                 *rotary_cases(["bf16"])]
+                 *rotary_cases(["bf16"]), *quant_cases(["bf16"])]
     for name, fn, pointers, consts, warps, stages, estimate, must_fit, no_spills, needs_tma in cases:
         try:
             kernel = compile_kernel(fn, arch, pointers, consts, warps, stages)

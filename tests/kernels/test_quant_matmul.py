@@ -65,3 +65,59 @@ def test_quant_matmul_refuses_mismatched_tensors():
         kernels().quant_matmul(x, t["weight"], t["scales"][:, :1], t["zeros"], 32)
     with pytest.raises(ValueError, match=r"weight \(int8\)"):
         kernels().quant_matmul(torch.randn(2, 63, device=DEVICE), *quantize_weight(torch.randn(8, 64), "int8").values())
+
+
+# ------------------------------------------------------------------------- every launch config the autotuner can pick
+def _module():
+    import sys
+    kernels()
+    return sys.modules["gptneox.kernels.quant_matmul"]
+
+
+def _shapes(configs, names):
+    return sorted({tuple(c.kwargs[n] for n in names) for c in configs})
+
+
+_QM = _module()
+DECODE_SHAPES = _shapes([*_QM.DECODE_CONFIGS, *_QM.DECODE_QUICK], ("BLOCK_N", "BLOCK_J"))
+PREFILL_SHAPES = _shapes([*_QM.PREFILL_CONFIGS, *_QM.PREFILL_QUICK], ("BLOCK_M", "BLOCK_N", "BLOCK_J"))
+
+
+def check_config(kernel, config, M, dtype):
+    """One block shape on a shape with several blocks along N and K and a short last group (int4 g 32 and int8)."""
+    N, K = 150, 300
+    for mode, g in (("int8", None), ("int4", 32)):
+        t = {k: v if k == "weight" else v.to(dtype) for k, v in
+             quantize_weight(torch.randn(N, K, device=DEVICE), mode, g).items()}
+        x = torch.randn(M, K, device=DEVICE).to(dtype)
+        W = dequantize_weight(t["weight"], t["scales"].double(), t["zeros"].double() if "zeros" in t else None, K,
+                              mode, g)
+        out = kernels().quant_matmul_fwd(x, t["weight"], t["scales"], t.get("zeros"), g, kernel=kernel, config=config)
+        assert_within_2x(out, x @ W.to(dtype).t(), x.double() @ W.t(), f"{kernel} {config} {mode} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_n,block_j", DECODE_SHAPES)
+def test_decode_every_block_shape_the_autotuner_can_pick(block_n, block_j, dtype):
+    check_config("decode", _QM._decode_config(block_n, block_j, 4, 1), 2, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("block_m,block_n,block_j", PREFILL_SHAPES)
+def test_prefill_every_block_shape_the_autotuner_can_pick(block_m, block_n, block_j, dtype):
+    check_config("prefill", _QM._prefill_config(block_m, block_n, block_j, 4, 1), 70, dtype)
+
+
+def test_quant_autotune_prunes_to_the_mode_and_the_shared_memory(monkeypatch):
+    qm = _module()
+    monkeypatch.setattr(qm, "max_shared_memory", lambda index: 100_000)
+    prune = qm._prune(qm.PREFILL_CONFIGS, qm.PREFILL_DEFAULT, qm.PREFILL_QUICK, qm._smem_prefill)
+    x = torch.empty(1, 8, dtype=torch.float16)
+    for mode, pool in (("1", qm.PREFILL_CONFIGS), ("quick", qm.PREFILL_QUICK), ("0", [qm.PREFILL_DEFAULT])):
+        monkeypatch.setenv("GPTNEOX_AUTOTUNE", mode)
+        kept = prune(pool, {"x_ptr": x}, GROUP=32)
+        assert kept == [c for c in pool if qm._smem_prefill(c, 2) <= 100_000]
+        assert prune(pool, {"x_ptr": x.float()}) == [qm.PREFILL_DEFAULT]  # fp32: the default alone
+    monkeypatch.setenv("GPTNEOX_AUTOTUNE", "1")
+    assert 0 < len(prune(None, {"x_ptr": x})) < len(qm.PREFILL_CONFIGS)  # the limit drops the biggest tiles
+    assert [qm.m_bucket(m) for m in (1, 16, 17, 5000)] == [16, 16, 32, 4096]
