@@ -209,6 +209,19 @@ def _descriptor(base, rows, stride, HS: tl.constexpr, BLOCK_R: tl.constexpr, BLO
     return tl.make_tensor_descriptor(base, shape=[rows, HS], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_D])
 
 
+@triton.jit
+def _load_rows(base, rows, stride, r0, HS: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1B: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of one (batch, head)'s [rows, HS] matrix as the head split: [BLOCK_R, D0] and
+    [BLOCK_R, D1B] (zeros, never read, when D1 = 0)."""
+    x0 = _descriptor(base, rows, stride, HS, BLOCK_R, D0).load([r0, 0])
+    if D1 > 0:
+        x1 = _descriptor(base, rows, stride, HS, BLOCK_R, D1B).load([r0, D0])
+    else:
+        x1 = tl.zeros([BLOCK_R, D1B], x0.dtype)
+    return x0, x1
+
+
 # ------------------------------------------------------------------------------------------------------ forward
 @triton.jit
 def _attn_fwd_inner(acc0, acc1, l_i, m_i,  # running state: [M, D0], [M, D1B], [M], [M] fp32
@@ -275,13 +288,9 @@ def _attn_fwd_kernel(
     split_hi = tl.minimum(row_hi, split_lo + keys_per_split)
     m0 = pid_m * BLOCK_M
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
-    q0 = _descriptor(q_base, T, stride_q_t, HS, BLOCK_M, D0).load([m0, 0])  # [M, D0]
+    q0, q1 = _load_rows(q_base, T, stride_q_t, m0, HS, D0, D1, D1B, BLOCK_M)  # [M, D0], [M, D1B]
     q0 = (q0.to(tl.float32) * scale_log2e).to(q0.dtype)  # the scale, folded into q once
-    if D1 > 0:
-        q1 = _descriptor(q_base, T, stride_q_t, HS, BLOCK_M, D1B).load([m0, D0])  # [M, D1B]
-        q1 = (q1.to(tl.float32) * scale_log2e).to(q1.dtype)
-    else:
-        q1 = tl.zeros([BLOCK_M, D1B], q0.dtype)  # never read
+    q1 = (q1.to(tl.float32) * scale_log2e).to(q1.dtype)
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
     k0_desc = _descriptor(k_base, row_hi, stride_k_t, HS, BLOCK_N, D0)  # rows past the row's last key read as 0
@@ -379,13 +388,15 @@ def _attn_bwd_dkdv_inner(dk0, dk1, dv0, dv1,  # [N, D0], [N, D1B] fp32 each
     for m in range(m_lo, m_hi, BLOCK_M):
         offs_m = m + tl.arange(0, BLOCK_M)  # [M]
         q0 = q0_desc.load([m, 0])  # [M, D0]
-        s_t = tl.dot(k0, tl.trans(q0), input_precision=DOT_PRECISION)  # [N, M]
+        q0s = (q0.to(tl.float32) * scale_log2e).to(q0.dtype)  # scaled and rounded exactly as the forward's q
+        s_t = tl.dot(k0, tl.trans(q0s), input_precision=DOT_PRECISION)  # [N, M], log2 units
         if D1 > 0:
             q1 = q1_desc.load([m, D0])
-            s_t += tl.dot(k1, tl.trans(q1), input_precision=DOT_PRECISION)
+            q1s = (q1.to(tl.float32) * scale_log2e).to(q1.dtype)
+            s_t += tl.dot(k1, tl.trans(q1s), input_precision=DOT_PRECISION)
         lse = tl.load(lse_row + offs_m, mask=offs_m < T, other=0.0)  # [M]
         delta = tl.load(delta_row + offs_m, mask=offs_m < T, other=0.0)
-        p_t = tl.exp2(s_t * scale_log2e - lse[None, :])  # [N, M] probabilities
+        p_t = tl.exp2(s_t - lse[None, :])  # [N, M] probabilities, consistent with the forward's lse
         if MASKED:
             keep = _visible_t(offs_n, q_off + offs_m, hi, start, CAUSAL) & (offs_m < T)[None, :]
             p_t = tl.where(keep, p_t, 0.0)
@@ -427,14 +438,8 @@ def _attn_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)  # [N] key slot
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
     v_base = v_ptr + b * stride_v_b + h * stride_v_h
-    k0 = _descriptor(k_base, row_hi, stride_k_t, HS, BLOCK_N, D0).load([n0, 0])  # [N, D0]
-    v0 = _descriptor(v_base, row_hi, stride_v_t, HS, BLOCK_N, D0).load([n0, 0])
-    if D1 > 0:
-        k1 = _descriptor(k_base, row_hi, stride_k_t, HS, BLOCK_N, D1B).load([n0, D0])  # [N, D1B]
-        v1 = _descriptor(v_base, row_hi, stride_v_t, HS, BLOCK_N, D1B).load([n0, D0])
-    else:
-        k1 = tl.zeros([BLOCK_N, D1B], k0.dtype)  # never read
-        v1 = k1
+    k0, k1 = _load_rows(k_base, row_hi, stride_k_t, n0, HS, D0, D1, D1B, BLOCK_N)  # [N, D0], [N, D1B]
+    v0, v1 = _load_rows(v_base, row_hi, stride_v_t, n0, HS, D0, D1, D1B, BLOCK_N)
     dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1B], tl.float32)
@@ -481,10 +486,10 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_inner(dq0, dq1,  # [M, D0], [M, D1B] fp32
                        q0, q1, do0, do1, lse, delta,  # this program's query block and its rows' statistics
                        k0_desc, k1_desc, v0_desc, v1_desc,
-                       qpos, lo, hi, start, scale_log2e, n_lo, n_hi,
+                       qpos, lo, hi, start, n_lo, n_hi,
                        D0: tl.constexpr, D1: tl.constexpr, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Accumulate dq over key blocks [n_lo, n_hi)."""
+    """Accumulate dq over key blocks [n_lo, n_hi); q0, q1 come scaled by sm_scale * log2(e) (scores in log2 units)."""
     for n in range(n_lo, n_hi, BLOCK_N):
         k0 = k0_desc.load([n, 0])  # [N, D0]
         v0 = v0_desc.load([n, 0])
@@ -495,7 +500,7 @@ def _attn_bwd_dq_inner(dq0, dq1,  # [M, D0], [M, D1B] fp32
             v1 = v1_desc.load([n, D0])
             s += tl.dot(q1, tl.trans(k1), input_precision=DOT_PRECISION)
             dp += tl.dot(do1, tl.trans(v1), input_precision=DOT_PRECISION)
-        p = tl.exp2(s * scale_log2e - lse[:, None])  # [M, N]
+        p = tl.exp2(s - lse[:, None])  # [M, N]; q came scaled, as in the forward
         if MASKED:
             p = tl.where(_visible(qpos, n + tl.arange(0, BLOCK_N), lo, hi, start, CAUSAL), p, 0.0)
         ds = (p * (dp - delta[:, None])).to(k0.dtype)  # [M, N]
@@ -533,14 +538,12 @@ def _attn_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     q_base = q_ptr + b * stride_q_b + h * stride_q_h
     do_base = do_ptr + b * stride_do_b + h * stride_do_h
-    q0 = _descriptor(q_base, T, stride_q_t, HS, BLOCK_M, D0).load([m0, 0])  # [M, D0]
-    do0 = _descriptor(do_base, T, stride_do_t, HS, BLOCK_M, D0).load([m0, 0])
-    if D1 > 0:
-        q1 = _descriptor(q_base, T, stride_q_t, HS, BLOCK_M, D1B).load([m0, D0])  # [M, D1B]
-        do1 = _descriptor(do_base, T, stride_do_t, HS, BLOCK_M, D1B).load([m0, D0])
-    else:
-        q1 = tl.zeros([BLOCK_M, D1B], q0.dtype)  # never read
-        do1 = q1
+    q0, q1 = _load_rows(q_base, T, stride_q_t, m0, HS, D0, D1, D1B, BLOCK_M)  # [M, D0], [M, D1B]
+    # q scaled and rounded exactly as the forward's, so that the saved lse normalises these scores to probabilities
+    # that sum to 1 (unscaled scores times the scale differ by q's rounding: 3x the 2x rule's budget in fp16)
+    q0 = (q0.to(tl.float32) * scale_log2e).to(q0.dtype)
+    q1 = (q1.to(tl.float32) * scale_log2e).to(q1.dtype)
+    do0, do1 = _load_rows(do_base, T, stride_do_t, m0, HS, D0, D1, D1B, BLOCK_M)
     lse = tl.load(lse_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)  # [M]
     delta = tl.load(delta_ptr + pid_bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
     k_base = k_ptr + b * stride_k_b + h * stride_k_h
@@ -552,8 +555,7 @@ def _attn_bwd_dq_kernel(
     dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     dq1 = tl.zeros([BLOCK_M, D1B], tl.float32)
     lo, hi, a, f0, f1 = _key_stretches(pid_m, q_off, start, row_lo, row_hi, T, CAUSAL, BLOCK_M, BLOCK_N)
-    args = (q0, q1, do0, do1, lse, delta, k0_desc, k1_desc, v0_desc, v1_desc, q_off + offs_m, lo, hi, start,
-            scale_log2e)
+    args = (q0, q1, do0, do1, lse, delta, k0_desc, k1_desc, v0_desc, v1_desc, q_off + offs_m, lo, hi, start)
     dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, *args, a, f0, D0, D1, CAUSAL, True, DOT_PRECISION, BLOCK_N)
     dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, *args, f0, f1, D0, D1, CAUSAL, False, DOT_PRECISION, BLOCK_N)
     dq0, dq1 = _attn_bwd_dq_inner(dq0, dq1, *args, f1, hi, D0, D1, CAUSAL, True, DOT_PRECISION, BLOCK_N)

@@ -253,6 +253,7 @@ def test_sample_quantize_reports_mode_and_weight_memory(tmp_path):
     assert r.stdout == runs[True].stdout  # the saved directory generates what quantizing on load does
 
 
+@pytest.mark.slow  # a minute on 2 cores (Inductor); tests/kernels/test_custom_ops.py covers the compiled Generator
 def test_sample_compile_with_quantized_weights_generates_what_eager_does(tmp_path):
     """sample.py --quantize int8 --compile: the compiled decode step keeps the weight-only matmul (the
     gptneox::quant_matmul op) and prints the eager run's text."""

@@ -150,19 +150,21 @@ def rotary_cases(dtypes):
                dict(HS=128, ROT=32, BLOCK_H=32, BLOCK_D=128), 4, 1, None, True, True, False)
 
 
-def quant_cases(dtypes):
-    """The weight-only matmul kernels' quick configs (the defaults among them), int8 and int4 g128, with the prefill
-    shared memory estimate; none may spill registers."""
+def quant_cases(dtypes, quick=True):
+    """The weight-only matmul kernels' quick configs (the defaults among them; quick=False: the defaults alone), int8
+    and int4 g128, with the prefill shared memory estimate; none may spill registers."""
+    decode, prefill = (quant.DECODE_QUICK, quant.PREFILL_QUICK) if quick else ([quant.DECODE_DEFAULT],
+                                                                               [quant.PREFILL_DEFAULT])
     for dt in dtypes:
         pointers = dict(x_ptr=f"*{dt}", w_ptr="*i8", s_ptr=f"*{dt}", z_ptr=f"*{dt}", y_ptr=f"*{dt}")
         for int4 in (False, True):
             scheme = dict(GROUP=128 if int4 else 2, INT4=int4)
             w = dict(pointers, w_ptr="*u8" if int4 else "*i8")
-            for c in quant.DECODE_QUICK:
+            for c in decode:
                 yield (f"_quant_matmul_decode_kernel {dt} int4={int4} {c.kwargs} warps={c.num_warps} "
                        f"stages={c.num_stages}", quant._quant_matmul_decode_kernel, w, {**scheme, **c.kwargs},
                        c.num_warps, c.num_stages, None, True, True, False)
-            for c in quant.PREFILL_QUICK:
+            for c in prefill:
                 yield (f"_quant_matmul_prefill_kernel {dt} int4={int4} {c.kwargs} warps={c.num_warps} "
                        f"stages={c.num_stages}", quant._quant_matmul_prefill_kernel, w,
                        {**scheme, **c.kwargs, "PRECISION": "tf32"}, c.num_warps, c.num_stages,
@@ -188,7 +190,7 @@ def main(*, all, arch):
     else:  # bf16 at Pythia's awkward (80) and common (128) head sizes, fp32's config, the edge configs at hd 256
         cases = [*attention_cases(["bf16"], [80, 128], True), *attention_cases(["fp32"], [64], True),
                  *attention_cases(["bf16"], [256], True, quick=False, edge=True), *decode_cases(),
-                 *rotary_cases(["bf16"]), *quant_cases(["bf16"])]
+                 *rotary_cases(["bf16"]), *quant_cases(["bf16"], quick=False)]
     for name, fn, pointers, consts, warps, stages, estimate, must_fit, no_spills, needs_tma in cases:
         try:
             kernel = compile_kernel(fn, arch, pointers, consts, warps, stages)

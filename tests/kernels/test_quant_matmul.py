@@ -96,13 +96,13 @@ def check_config(kernel, config, M, dtype):
         assert_within_2x(out, x @ W.to(dtype).t(), x.double() @ W.t(), f"{kernel} {config} {mode} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)  # fp32 runs the default config alone (_prune)
 @pytest.mark.parametrize("block_n,block_j", DECODE_SHAPES)
 def test_decode_every_block_shape_the_autotuner_can_pick(block_n, block_j, dtype):
     check_config("decode", _QM._decode_config(block_n, block_j, 4, 1), 2, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)  # fp32 runs the default config alone (_prune)
 @pytest.mark.parametrize("block_m,block_n,block_j", PREFILL_SHAPES)
 def test_prefill_every_block_shape_the_autotuner_can_pick(block_m, block_n, block_j, dtype):
     check_config("prefill", _QM._prefill_config(block_m, block_n, block_j, 4, 1), 70, dtype)
