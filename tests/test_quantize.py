@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from tiny import hf_model, save_checkpoint
+from tiny import checkpoint_with_tokenizer, hf_model, save_checkpoint
 from tolerances import FP32_LOGITS_REL, assert_rel_close, assert_within_2x
 
 from gptneox import CheckpointError, Config, GPTNeoX, QuantizedLinear, quantize
@@ -260,8 +260,7 @@ def test_sample_compile_with_quantized_weights_generates_what_eager_does(tmp_pat
     shared = ROOT.parent / "shared" / "data" / "pythia-tokenizer.json"
     if not shared.is_file():
         pytest.skip(f"shared test data not found at {shared}")
-    path = save_checkpoint(hf_model(1, vocab_size=50304, max_position_embeddings=64), tmp_path / "p", "safetensors")
-    (path / "tokenizer.json").write_bytes(shared.read_bytes())
+    path = checkpoint_with_tokenizer(tmp_path / "p", shared, 1, vocab_size=50304, max_position_embeddings=64)
     out = {}
     for flags in (["--compile"], []):
         r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(path), "--prompt", "Hello",
