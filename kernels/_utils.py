@@ -61,6 +61,18 @@ def check_device(*tensors: torch.Tensor) -> None:
                          f"importing gptneox.kernels); got a tensor on {t.device}")
 
 
+def on_tensor_device(fn):
+    """Run a launcher with its first tensor's GPU as the current CUDA device: Triton launches on the current device,
+    so a tensor on cuda:1 while cuda:0 is current would otherwise run on the wrong GPU."""
+    @functools.wraps(fn)
+    def launch(x, *args, **kwargs):
+        if x.is_cuda and x.device.index != torch.cuda.current_device():
+            with torch.cuda.device(x.device):
+                return fn(x, *args, **kwargs)
+        return fn(x, *args, **kwargs)
+    return launch
+
+
 def check_dtype(name: str, t: torch.Tensor, dtypes=(torch.float16, torch.bfloat16, torch.float32)) -> None:
     if t.dtype not in dtypes:
         raise ValueError(f"{name}: dtype {t.dtype} is not supported; use one of {dtypes}")

@@ -39,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune_configs, check_device, check_dtype, check_shape, configs_for_mode, dot_precision,
-                     max_shared_memory, split_head_dim)
+from ._utils import (autotune_configs, autotune_mode, check_device, check_dtype, check_shape, configs_for_mode,
+                     dot_precision, interpreting, max_shared_memory, on_tensor_device, split_head_dim)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 
@@ -364,7 +364,7 @@ def _attn_bwd_delta_kernel(
     HS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(o * do) in fp32 (FlashAttention-2 eq. (4)), read once in the inputs' dtype."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # B * nh on the x axis (y stops at 65535)
     b, h = (pid_bh // nh).to(tl.int64), (pid_bh % nh).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -570,12 +570,17 @@ _attn_bwd_dkdv_tuned = _autotune(_attn_bwd_dkdv_kernel, [c for c in _BWD_CONFIGS
                                  _smem_dkdv, _DEFAULT_DKDV)
 _attn_bwd_dq_tuned = _autotune(_attn_bwd_dq_kernel, [c for c in _BWD_CONFIGS if _keep_dq(c)], _QUICK_DQ, _smem_dq)
 _TUNED = {"fwd": _attn_fwd_tuned, "bwd_dkdv": _attn_bwd_dkdv_tuned, "bwd_dq": _attn_bwd_dq_tuned}
+_PRUNE = {"fwd": _prune(_smem_fwd, [], _QUICK_FWD), "bwd_dkdv": _prune(_smem_dkdv, [], _QUICK_DKDV, _DEFAULT_DKDV),
+          "bwd_dq": _prune(_smem_dq, [], _QUICK_DQ)}  # mode 0 and fp32 only: the default / fp32 config
+
+
+_LAST = dict.fromkeys(_TUNED)  # name -> the config of its last launch
 
 
 def best_configs() -> dict:
     """The launch config each autotuned attention kernel last ran with (None before its first launch): for reports
     such as benchmarks/gpu_check.py."""
-    return {name: str(getattr(t, "best_config", None)) for name, t in _TUNED.items()}
+    return {name: str(config) for name, config in _LAST.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- launchers
@@ -586,12 +591,15 @@ def _launch(name: str, grid, args: tuple, consts: dict, config: "triton.Config |
     """Run kernel `name` ("fwd", "bwd_dkdv", "bwd_dq"): autotuned, or with the given config (tests, benchmarks).
     GPTNEOX_AUTOTUNE_VERBOSE=1 prints the config picked for each new autotune key to stderr."""
     tuned = _TUNED[name]
+    if config is None and not interpreting() and (autotune_mode() == "0" or args[0].dtype == torch.float32):
+        config = _PRUNE[name](None, {"q_ptr": args[0]})[0]  # one candidate: Triton 3.6 would still time it
     if config is None:
         tuned[grid](*args, **consts)
         chosen = tuned.best_config
     else:
         tuned.fn[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         chosen = config
+    _LAST[name] = chosen
     if os.environ.get("GPTNEOX_AUTOTUNE_VERBOSE", "0") not in ("", "0"):
         key = (name, consts["HS"], consts["CAUSAL"], args[0].dtype, buckets, str(chosen))
         if key not in _reported:
@@ -611,8 +619,8 @@ def _set_allocator(device: torch.device) -> None:
         unset = isinstance(current, _allocation.NullAllocator)
     except (ImportError, AttributeError):  # a Triton without the ContextVar: set ours
         unset = True
-    if unset:
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device))
+    if unset:  # "cuda": the current device at launch time, the one Triton launches on (on_tensor_device sets it)
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _row_vector(name: str, x, B: int, default: int, device) -> torch.Tensor:
@@ -637,8 +645,8 @@ def _check_rows(name: str, t: torch.Tensor) -> torch.Tensor:
     if any(n == 1 and s * e % 16 for n, s in zip(t.shape, t.stride())):  # a size-1 dim's stride is arbitrary
         t = t.as_strided(t.shape, [t.stride(i) if n > 1 else math.prod(t.shape[i + 1:]) for i, n in
                                    enumerate(t.shape)])  # the same elements, strides a descriptor accepts
-    if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1]):
-        t = t.contiguous()
+    if t.data_ptr() % 16 or any(s * e % 16 for s in t.stride()[:-1]) or (t.shape[-2] > 1 and t.stride(-2) == 0):
+        t = t.contiguous()  # (a descriptor's row stride must not be 0: an expanded T)
     return t
 
 
@@ -677,6 +685,7 @@ def empty_heads_last(B: int, nh: int, T: int, hs: int, like: torch.Tensor) -> to
     return torch.empty(B, T, nh, hs, dtype=like.dtype, device=like.device).transpose(1, 2)
 
 
+@on_tensor_device
 def attention_fwd(q, k, v, *, causal=True, q_offset=None, k_start=None, sm_scale=None, num_splits=1,
                   block_n=64, config=None):
     """o [B, nh, T, hs] (a view of [B, T, nh, hs]) and lse [B, nh, T] (fp32, log2 units of the scaled scores) for
@@ -710,6 +719,7 @@ def attention_fwd(q, k, v, *, causal=True, q_offset=None, k_start=None, sm_scale
     return o, lse
 
 
+@on_tensor_device
 def attention_bwd(do, q, k, v, o, lse, *, causal=True, q_offset=None, k_start=None, sm_scale=None, configs=None):
     """dq, dk, dv (shapes of q, k, v, contiguous) from the output gradient do [B, nh, T, hs] and forward's o and
     lse. configs: (dk/dv config, dq config) to skip autotuning."""
@@ -720,7 +730,7 @@ def attention_bwd(do, q, k, v, o, lse, *, causal=True, q_offset=None, k_start=No
     consts = _consts(q, hs, causal)
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(hs)
     delta = torch.empty(B, nh, T, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, _DELTA_BLOCK_M), B * nh)](
+    _attn_bwd_delta_kernel[(B * nh, triton.cdiv(T, _DELTA_BLOCK_M))](
         o, do, delta, T, nh, *o.stride()[:3], *do.stride()[:3],
         HS=hs, BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=triton.next_power_of_2(hs))
     lse = lse.contiguous()

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import (autotune_configs, check_device, check_dtype, check_shape, configs_for_mode, dot_precision,
-                     max_shared_memory)
+from ._utils import (autotune_configs, autotune_mode, check_device, check_dtype, check_shape, configs_for_mode,
+                     dot_precision, interpreting, max_shared_memory, on_tensor_device)
 
 DECODE_MAX_M = 16  # rows at most that take the decode kernel (a decode step of a small batch)
 
@@ -182,6 +182,7 @@ def _check(x, weight, scales, zeros, group_size):
     return N, K, True
 
 
+@on_tensor_device
 def quant_matmul_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None,
                      group_size: int | None = None, *, kernel: str = "auto",
                      config: "triton.Config | None" = None) -> torch.Tensor:
@@ -198,8 +199,11 @@ def quant_matmul_fwd(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor
         return y
     common = dict(GROUP=group_size if int4 else 2, INT4=int4)
     stride_s = scales.stride(0)
+    decode = kernel == "decode" or (kernel == "auto" and M <= DECODE_MAX_M)
+    if config is None and not interpreting() and (autotune_mode() == "0" or x.dtype == torch.float32):
+        config = DECODE_DEFAULT if decode else PREFILL_DEFAULT  # one candidate: Triton 3.6 would still time it
     launch = {} if config is None else dict(**config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-    if kernel == "decode" or (kernel == "auto" and M <= DECODE_MAX_M):
+    if decode:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), M)  # noqa: E731
         fn = _decode_tuned if config is None else _quant_matmul_decode_kernel
         fn[grid](x, weight, scales, zeros, y, N, K, x.stride(0), weight.stride(0), stride_s, y.stride(0), **common,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, check_dtype, check_shape
+from ._utils import check_device, check_dtype, check_shape, on_tensor_device
 
 # ------------------------------------------------------------------------------------------------------ kernels
 
@@ -148,6 +148,7 @@ def _check_rot(hs: int, rot: int) -> None:
         raise ValueError(f"rotary_ndims {rot} must be even and within the head size {hs}")
 
 
+@on_tensor_device
 def rotary_fwd(qkv, position_ids, num_heads: int, rotary_ndims: int, base: float, *,
                k_cache=None, v_cache=None, input_pos=None):
     """q, k, v [B, nh, T, hs] from qkv [B, T, nh * 3 * hs]; with caches, k and v go into them at input_pos [T]
@@ -182,6 +183,7 @@ def rotary_fwd(qkv, position_ids, num_heads: int, rotary_ndims: int, base: float
     return q, k, v
 
 
+@on_tensor_device
 def rotary_bwd(dq, dk, dv, position_ids, rotary_ndims: int, base: float):
     """dqkv [B, T, nh * 3 * hs] from the gradients of q, k, v [B, nh, T, hs]."""
     B, nh, T, hs = dq.shape
