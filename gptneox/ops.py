@@ -153,28 +153,21 @@ def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, inpu
 def _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos):
     """One kernel splits and rotates; when nothing needs a gradient it also writes k and v into the cache."""
     pos, rot, base = rope.position_ids, rope.rot, float(rope.base)
-    if _direct(qkv):  # eager on the kernels' device: the launchers themselves, the same kernels as the ops
-        rotary = kernels().rotary
-        if cache is None:
-            return rotary(qkv, pos, num_heads, rot, base)
-        if torch.is_grad_enabled() and qkv.requires_grad:
-            q, k, v = rotary(qkv, pos, num_heads, rot, base)
-            return (q, *cache.update(input_pos, k, v))
-        return rotary(qkv, pos, num_heads, rot, base, k_cache=cache.k_cache, v_cache=cache.v_cache,
-                      input_pos=input_pos)
-    if cache is None:
-        return kernel_ops.rotary(qkv, pos, num_heads, rot, base)
-    if torch.is_grad_enabled() and qkv.requires_grad:  # the kernel's cache write is not differentiable
-        q, k, v = kernel_ops.rotary(qkv, pos, num_heads, rot, base)
-        return (q, *cache.update(input_pos, k, v))
+    direct = _direct(qkv)  # eager on the kernels' device: the launchers themselves, the same kernels as the ops
+    if cache is None or (torch.is_grad_enabled() and qkv.requires_grad):  # the kernel's cache write is inference only
+        q, k, v = (kernels().rotary if direct else kernel_ops.rotary)(qkv, pos, num_heads, rot, base)
+        return (q, k, v) if cache is None else (q, *cache.update(input_pos, k, v))
+    if direct:
+        return kernels().rotary(qkv, pos, num_heads, rot, base, k_cache=cache.k_cache, v_cache=cache.v_cache,
+                                input_pos=input_pos)
     q = kernel_ops.rotary_into_cache(qkv, pos, cache.k_cache, cache.v_cache, input_pos, num_heads, rot, base)
     return q, cache.k_cache, cache.v_cache
 
 
 def _direct(t: torch.Tensor) -> bool:
-    """Eager, on a device the kernels run on: call the launchers directly. A custom op's dispatch costs about
-    15-20 us of Python per call (2 calls per layer per step), which an eager decode step, bound by launches, would
-    feel; under torch.compile the ops are what keeps the kernels in the graph (kernel_ops)."""
+    """Eager, on a device the kernels run on: call the launchers directly. A custom op's dispatch costs 44-74 us of
+    Python per call on the 2-core CPU machine (2 calls per layer per step), which an eager decode step, bound by
+    launches, would feel; under torch.compile the ops are what keeps the kernels in the graph (kernel_ops)."""
     return not compiling() and kernel_ops._on_kernels(t)
 
 
