@@ -14,6 +14,7 @@ setup(
     # kernels/ is a top-level folder of the repo but installs as gptneox.kernels: never the PyPI `kernels` name
     packages=["gptneox", "gptneox.kernels"],
     package_dir={"gptneox": "gptneox", "gptneox.kernels": "kernels"},
+    package_data={"gptneox": ["cpu_quant.c"]},  # the CPU int8 / int4 matmul, compiled on first use (cpu_quant.py)
     install_requires=[
         "torch>=2.1",
         "numpy",

@@ -233,11 +233,16 @@ def _(q, k_cache, v_cache, q_offset, k_start):
 def quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int | None) -> Tensor:
     """x [M, K] times the weight-only int8 / int4 W^T -> [M, N] in x's dtype (gptneox/quantize.py's layout: weight
     int8 [N, K] or packed int4 [N, ceil(K / 2)], scales and zeros per channel or group). Inference only. The kernels
-    of kernels/quant_matmul.py; elsewhere dequantize-then-matmul, the reference those kernels are tested against."""
+    of kernels/quant_matmul.py; on CPU gptneox/cpu_quant.c; elsewhere dequantize-then-matmul, the reference both are
+    tested against."""
     if _on_kernels(x):
         return ops.kernels().quant_matmul(x, weight, scales, zeros, group_size)
-    from .quantize import dequantize_weight
+    from . import cpu_quant
+    from .quantize import dequantize_weight, own_cpu_kernels
     mode = "int8" if zeros is None else "int4"
+    if x.device.type == "cpu" and mode in own_cpu_kernels():
+        K = weight.shape[1] if mode == "int8" else x.shape[1]
+        return cpu_quant.QuantMatmul(cpu_quant.library(), mode, K, weight, scales, zeros, None, group_size)(x)
     return x @ dequantize_weight(weight, scales, zeros, x.shape[1], mode, group_size).to(x.dtype).t()
 
 

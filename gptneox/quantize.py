@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import kernel_ops, ops
+
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel and tinygemm take; the issue's sweep
 INT4_MID = 8  # q = 8 dequantizes to zeros[n, j]
@@ -147,6 +149,31 @@ def cpu_kernels() -> frozenset:
     return frozenset(ok)
 
 
+@functools.cache
+def own_cpu_kernels() -> frozenset:
+    """The modes that gptneox/cpu_quant.c runs here: built by this machine's compiler (cpu_quant.library()) and
+    agreeing with dequantize_weight on small odd cases (a short last group, an odd K, a scalar tail, a bias, a
+    partial and a whole block of 8 rows), so that a broken build falls back instead of computing wrong numbers."""
+    from . import cpu_quant
+    lib = cpu_quant.library()
+    if lib is None:
+        return frozenset()
+    ok = set()
+    gen = torch.Generator().manual_seed(0)
+    w, bias = torch.randn(21, 75, generator=gen), torch.randn(21, generator=gen)
+    for mode, g in (("int8", None), ("int4", 32)):
+        t = quantize_weight(w, mode, g)
+        matmul = cpu_quant.QuantMatmul(lib, mode, 75, t["weight"], t["scales"], t.get("zeros"), bias, g)
+        dense = dequantize_weight(t["weight"], t["scales"], t.get("zeros"), 75, mode, g)
+        for M in (3, 17):
+            x = torch.randn(M, 75, generator=gen)
+            if not torch.allclose(matmul(x), torch.addmm(bias, x, dense.t()), rtol=1e-4, atol=1e-4):
+                break
+        else:
+            ok.add(mode)
+    return frozenset(ok)
+
+
 # --------------------------------------------------------------------------------------------------- the module
 class _DequantGrad(torch.autograd.Function):
     """y = x W^T by the module's fast path; dx = dy W with W dequantized (the weights themselves get no gradient)."""
@@ -217,6 +244,8 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]; a copy only if x is not viewable
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DequantGrad.apply(x2, self)
+        elif not ops.compiling() and x.device.type == "cpu" and self.mode in own_cpu_kernels():
+            return self._cpu_matmul()(x2).view(*x.shape[:-1], self.out_features)  # bias added by the kernel
         else:
             y = self._matmul(x2)
         if self.bias is not None:
@@ -225,7 +254,6 @@ class QuantizedLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> x W^T [M, N]
         K, N, g = self.in_features, self.out_features, self.group_size
-        from . import kernel_ops, ops
         if ops.compiling():  # the custom op keeps the kernel in a torch.compile graph (CUDA graphs included)
             return kernel_ops.quant_matmul(x, self.weight, self.scales, self.zeros, g)
         if x.is_cuda and ops.triton_available():
@@ -235,6 +263,22 @@ class QuantizedLinear(nn.Module):
                 return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales.to(x.dtype))
             return _cpu_int4_mm(x, *self._cpu_int4(x.dtype), K, N, g)
         return x @ self.dequantize().to(x.dtype).t()  # no fast kernel here: one dequantize per call
+
+    def _cpu_matmul(self):
+        """gptneox/cpu_quant.c bound to this layer's tensors (built on the first CPU forward; __setattr__ and _apply
+        drop it when a tensor is replaced or moved)."""
+        matmul = self._runtime.get("cpu")
+        if matmul is None or matmul.weight.data_ptr() != self.weight.data_ptr():
+            from . import cpu_quant
+            matmul = cpu_quant.QuantMatmul(cpu_quant.library(), self.mode, self.in_features, self.weight,
+                                           self.scales, self.zeros, self.bias, self.group_size)
+            self._runtime = {"cpu": matmul}
+        return matmul
+
+    def __setattr__(self, name, value):
+        if name in ("weight", "scales", "zeros", "bias") and "_runtime" in self.__dict__:
+            self._runtime = {}
+        super().__setattr__(name, value)
 
     def _cpu_int4(self, dtype):
         key = (self.weight.device, dtype, self.weight.data_ptr())  # a reloaded or moved weight repacks

@@ -37,6 +37,7 @@ def test_packaging_wheel_has_no_top_level_kernels(tmp_path):
     (wheel,) = tmp_path.glob("gptneox-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "gptneox/kernels/__init__.py" in names and "gptneox/model.py" in names
+    assert "gptneox/cpu_quant.c" in names  # compiled on the user's machine on first use
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names), names
     top = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top).decode().split() == ["gptneox"]

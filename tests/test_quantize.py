@@ -16,8 +16,8 @@ from tiny import checkpoint_with_tokenizer, hf_model, save_checkpoint
 from tolerances import FP32_LOGITS_REL, assert_rel_close, assert_within_2x
 
 from gptneox import CheckpointError, Config, GPTNeoX, QuantizedLinear, quantize
-from gptneox.quantize import (GROUP_SIZES, cpu_kernels, dequantize_weight, model_bytes, quantize_weight, targets,
-                              weight_bytes)
+from gptneox.quantize import (GROUP_SIZES, cpu_kernels, dequantize_weight, model_bytes, own_cpu_kernels,
+                              quantize_weight, targets, weight_bytes)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = [("int8", 128), *(("int4", g) for g in GROUP_SIZES)]
@@ -80,8 +80,10 @@ def test_quantize_weight_keeps_the_float_dtype_of_scales(dtype):
 
 def test_cpu_operators_exist_and_agree_on_this_torch():
     """torch >= 2.6 has both packed CPU operators; a torch where one is missing or changed would silently run the
-    dequantize fallback, so this states what the suite expects of the pinned torch."""
+    dequantize fallback, so this states what the suite expects of the pinned torch. Likewise gptneox/cpu_quant.c,
+    which this machine's compiler builds: a failed build would silently fall back to the slower operators."""
     assert cpu_kernels() == {"int8", "int4"}
+    assert own_cpu_kernels() == {"int8", "int4"}
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -100,12 +102,14 @@ def test_quantize_replaces_every_block_linear_and_embed_out_not_embed_in(tied):
     assert model.config == tiny_model(tie_word_embeddings=tied).config
 
 
-@pytest.mark.parametrize("fallback", [False, True], ids=["cpu-operators", "dequantize-fallback"])
+@pytest.mark.parametrize("path", ["cpu_quant", "torch-operators", "dequantize-fallback"])
 @pytest.mark.parametrize("mode,group_size", SCHEMES)
-def test_quantized_logits_match_the_dequantized_model(mode, group_size, fallback, monkeypatch):
-    if fallback:
-        # the module, not the function gptneox.quantize that the package exports under the same name
-        monkeypatch.setattr(importlib.import_module("gptneox.quantize"), "cpu_kernels", lambda: frozenset())
+def test_quantized_logits_match_the_dequantized_model(mode, group_size, path, monkeypatch):
+    module = importlib.import_module("gptneox.quantize")  # not the function the package exports under that name
+    if path != "cpu_quant":
+        monkeypatch.setattr(module, "own_cpu_kernels", lambda: frozenset())
+    if path == "dequantize-fallback":
+        monkeypatch.setattr(module, "cpu_kernels", lambda: frozenset())
     model = quantize(tiny_model(), mode, group_size=group_size)
     with torch.no_grad():
         assert_rel_close(model(IDS), dequantized_twin(model)(IDS), FP32_LOGITS_REL, f"{mode} g{group_size}")

@@ -1,0 +1,251 @@
+/* Weight-only int8 / int4 matrix products on CPU: y[M, N] = x[M, K] W^T, with W in the layout of gptneox/quantize.py.
+ *
+ * Decoding reads every weight once per token, so on a CPU it runs at memory bandwidth: this reads the quantized
+ * bytes once per call and converts them in registers (never a float copy of W). Built and loaded by
+ * gptneox/cpu_quant.py (the compiler on the user's machine, ctypes); AVX2 + FMA when the compiler targets them,
+ * plain C otherwise. OpenMP splits the output rows; it is the libgomp torch already loaded, so one thread pool.
+ *
+ *   int8  w[n, k] = q[n, k] * s[n]                                   q int8 [N, K], s [N]
+ *   int4  w[n, k] = (q[n, k] - 8) * s[n, j] + z[n, j],  j = k / g     q two per byte [N, ceil(K/2)], even k low nibble
+ *
+ * int4 as sums per group j:  y[n] = sum_j s[n, j] * sum_{k in j} q x[k]  +  sum_j (z[n, j] - 8 s[n, j]) * xsum[j].
+ * Widening 8 bytes to 32-bit lanes gives the 8 even columns of a 16-column block (low nibbles: & 15) and its 8 odd
+ * ones (high nibbles: >> 4); instead of interleaving the weights, x is permuted once per call into that order (xp).
+ * Scales and zeros are read in their stored dtype (fp32, bf16, fp16); x and y are fp32, rows contiguous.
+ * Every loop over m handles up to MB rows of x at once, so each weight is converted once per MB rows.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
+enum { F32 = 0, BF16 = 1, F16 = 2 };  /* codes of the scales' dtype, as cpu_quant.py passes them */
+#define MB 8                          /* rows of x per weight pass: 8 accumulators + 4 weights fit 16 ymm */
+#define NB 8                          /* output rows per OpenMP work item */
+
+static float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0x1f) {
+        u = sign | 0x7f800000u | (man << 13);                       /* inf, nan */
+    } else if (exp) {
+        u = sign | ((exp + 112) << 23) | (man << 13);               /* normal: rebias 15 -> 127 */
+    } else if (man) {                                               /* subnormal: normalise */
+        int e = -1;
+        do { man <<= 1; e++; } while (!(man & 0x400));
+        u = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    } else {
+        u = sign;
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float load_scalar(const void *p, int64_t i, int dtype) {
+    if (dtype == F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dtype == F16) return half_to_float(h);
+    uint32_t u = (uint32_t)h << 16;                                 /* bf16 is fp32's top half */
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+#ifdef __AVX2__
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
+
+/* Accumulators per row of x: an FMA's result waits ~4 cycles, so one or two rows need four independent sums to
+ * keep the FMA units busy; three or four rows have enough with two each (and 4 x 4 would not fit 16 registers). */
+#define NACC(mb) ((mb) <= 2 ? 4 : (mb) <= 4 ? 2 : 1)
+
+/* out[m] = sum_k x[m, k] q[k] for mb <= MB rows of x (row stride K); mb is a constant at every call site. */
+static inline __attribute__((always_inline))
+void int8_dot(const float *x, int64_t K, const int mb, const int8_t *q, float *out) {
+    int64_t k = 0;
+    for (int m = 0; m < mb; m++) out[m] = 0.0f;
+#ifdef __AVX2__
+    __m256 acc[MB][4];
+    for (int m = 0; m < mb; m++)
+        for (int i = 0; i < NACC(mb); i++) acc[m][i] = _mm256_setzero_ps();
+    for (; k + 32 <= K; k += 32) {
+        __m256 w[4];                                                               /* 32 int8 weights */
+        for (int i = 0; i < 4; i++)  /* a widening load each (vpmovsxbd from memory): no shuffles */
+            w[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k + 8 * i))));
+        for (int m = 0; m < mb; m++)
+            for (int i = 0; i < 4; i++)
+                acc[m][i % NACC(mb)] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + m * K + k + 8 * i),
+                                                       acc[m][i % NACC(mb)]);
+    }
+    for (; k + 8 <= K; k += 8) {
+        __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + k))));
+        for (int m = 0; m < mb; m++) acc[m][0] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+    }
+    for (int m = 0; m < mb; m++) {
+        for (int i = 1; i < NACC(mb); i++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][i]);
+        out[m] = hsum(acc[m][0]);
+    }
+#endif
+    for (; k < K; k++)
+        for (int m = 0; m < mb; m++) out[m] += x[m * K + k] * (float)q[k];
+}
+
+static void int8_rows(const float *x, int64_t M, int64_t K, const int8_t *q, const void *scales, const void *bias,
+                      int sdtype, int64_t n, float *y, int64_t N) {
+    float s = load_scalar(scales, n, sdtype), b = bias ? load_scalar(bias, n, sdtype) : 0.0f, out[MB];
+    const int8_t *row = q + n * K;
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        int64_t mb = M - m0 < MB ? M - m0 : MB;
+        const float *xm = x + m0 * K;
+        switch (mb) {  /* constant mb: the m loops unroll and the accumulators stay in registers */
+            case 1: int8_dot(xm, K, 1, row, out); break;
+            case 2: int8_dot(xm, K, 2, row, out); break;
+            case 3: int8_dot(xm, K, 3, row, out); break;
+            case 4: int8_dot(xm, K, 4, row, out); break;
+            case 5: int8_dot(xm, K, 5, row, out); break;
+            case 6: int8_dot(xm, K, 6, row, out); break;
+            case 7: int8_dot(xm, K, 7, row, out); break;
+            default: int8_dot(xm, K, 8, row, out); break;
+        }
+        for (int64_t m = 0; m < mb; m++) y[(m0 + m) * N + n] = out[m] * s + b;
+    }
+}
+
+/* y [M, N] = x [M, K] (q [N, K] * scales [N])^T + bias [N] (bias may be NULL; it has the scales' dtype) */
+void gptneox_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *q, const void *scales,
+                         const void *bias, int sdtype, float *y, int64_t N, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n0 = 0; n0 < N; n0 += NB)
+        for (int64_t n = n0; n < n0 + NB && n < N; n++) int8_rows(x, M, K, q, scales, bias, sdtype, n, y, N);
+}
+
+#define GMAX 1024  /* groups per row handled (K <= 32768 at g = 32); cpu_quant.py checks it */
+
+/* int4, whole groups: out[m] = sum_j s[j] * sum_{k in group j} q[k] xp[m, k] over groups 0 .. ngroups - 1, each
+ * of g columns (a multiple of 32). The hot loop: two widening loads, four masks / shifts, four converts, four FMAs
+ * per 32 weights; one scale FMA per group. */
+static inline __attribute__((always_inline))
+void int4_groups(const float *xp, int64_t K, const int mb, const uint8_t *q, int64_t ngroups, int64_t g,
+                 const float *s, float *out) {
+#ifdef __AVX2__
+    const __m256i low = _mm256_set1_epi32(15);
+    __m256 tot[MB];
+    for (int m = 0; m < mb; m++) tot[m] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < ngroups; j++) {
+        __m256 acc[MB][4];
+        for (int m = 0; m < mb; m++)
+            for (int i = 0; i < NACC(mb); i++) acc[m][i] = _mm256_setzero_ps();
+        for (int64_t k = j * g; k < (j + 1) * g; k += 32) {
+            __m256i b0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2)));      /* k .. k+15 */
+            __m256i b1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + k / 2 + 8)));  /* .. k+31 */
+            __m256 w[4] = {_mm256_cvtepi32_ps(_mm256_and_si256(b0, low)),    /* q of k, k+2, ..., k+14 */
+                           _mm256_cvtepi32_ps(_mm256_srli_epi32(b0, 4)),     /* q of k+1, k+3, ..., k+15 */
+                           _mm256_cvtepi32_ps(_mm256_and_si256(b1, low)),
+                           _mm256_cvtepi32_ps(_mm256_srli_epi32(b1, 4))};
+            for (int m = 0; m < mb; m++)
+                for (int i = 0; i < 4; i++)
+                    acc[m][i % NACC(mb)] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xp + m * K + k + 8 * i),
+                                                           acc[m][i % NACC(mb)]);
+        }
+        const __m256 sj = _mm256_set1_ps(s[j]);
+        for (int m = 0; m < mb; m++) {
+            for (int i = 1; i < NACC(mb); i++) acc[m][0] = _mm256_add_ps(acc[m][0], acc[m][i]);
+            tot[m] = _mm256_fmadd_ps(acc[m][0], sj, tot[m]);
+        }
+    }
+    for (int m = 0; m < mb; m++) out[m] = hsum(tot[m]);
+#else
+    (void)xp, (void)K, (void)q, (void)ngroups, (void)g, (void)s;
+    for (int m = 0; m < mb; m++) out[m] = 0.0f;
+#endif
+}
+
+/* The columns from k0 on, in plain C on x's own order: a short last group (K % g), or all of them without AVX2. */
+static void int4_rest(const float *x, int64_t K, int64_t mb, const uint8_t *q, int64_t k0, int64_t g,
+                      const float *s, float *out) {
+    for (int64_t k = k0; k < K; k++) {
+        float w = s[k / g] * (float)((q[k / 2] >> ((k & 1) * 4)) & 15);
+        for (int64_t m = 0; m < mb; m++) out[m] += w * x[m * K + k];
+    }
+}
+
+static void int4_rows(const float *x, const float *xp, const float *xsum, int64_t M, int64_t K, int64_t G,
+                      int64_t g, const uint8_t *q, const void *scales, const void *zeros, const void *bias, int sdtype,
+                      int64_t n, float *y, int64_t N) {
+    float s[GMAX], c[GMAX], out[MB], b = bias ? load_scalar(bias, n, sdtype) : 0.0f;
+    for (int64_t j = 0; j < G; j++) {  /* this row's scales in fp32, and c = z - 8 s: (q - 8) s + z = q s + c */
+        s[j] = load_scalar(scales, n * G + j, sdtype);
+        c[j] = load_scalar(zeros, n * G + j, sdtype) - 8.0f * s[j];
+    }
+#ifdef __AVX2__
+    const int64_t whole = K / g;  /* groups of g columns: the vector loop */
+#else
+    const int64_t whole = 0;
+#endif
+    const uint8_t *row = q + n * ((K + 1) / 2);
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+        int64_t mb = M - m0 < MB ? M - m0 : MB;
+        const float *xm = xp + m0 * K;
+        switch (mb) {  /* constant mb: the m loops unroll and the accumulators stay in registers */
+            case 1: int4_groups(xm, K, 1, row, whole, g, s, out); break;
+            case 2: int4_groups(xm, K, 2, row, whole, g, s, out); break;
+            case 3: int4_groups(xm, K, 3, row, whole, g, s, out); break;
+            case 4: int4_groups(xm, K, 4, row, whole, g, s, out); break;
+            case 5: int4_groups(xm, K, 5, row, whole, g, s, out); break;
+            case 6: int4_groups(xm, K, 6, row, whole, g, s, out); break;
+            case 7: int4_groups(xm, K, 7, row, whole, g, s, out); break;
+            default: int4_groups(xm, K, 8, row, whole, g, s, out); break;
+        }
+        int4_rest(x + m0 * K, K, mb, row, whole * g, g, s, out);
+        for (int64_t m = 0; m < mb; m++) {
+            const float *sm = xsum + (m0 + m) * G;
+            float zero_term = 0.0f;
+            for (int64_t j = 0; j < G; j++) zero_term += c[j] * sm[j];
+            y[(m0 + m) * N + n] = out[m] + zero_term + b;
+        }
+    }
+}
+
+/* xp [M, K]: each whole 16-column block of x reordered to (k, k+2, ..., k+14, k+1, k+3, ..., k+15), the order of
+ * its unpacked nibbles; the tail copied as is. xsum [M, G]: x summed over each group. */
+static void int4_prepare(const float *x, int64_t M, int64_t K, int64_t G, int64_t g, float *xp, float *xsum) {
+    int64_t kfull = K & ~(int64_t)15;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        float *pm = xp + m * K;
+        for (int64_t k = 0; k < kfull; k += 16)
+            for (int i = 0; i < 8; i++) pm[k + i] = xm[k + 2 * i], pm[k + 8 + i] = xm[k + 2 * i + 1];
+        for (int64_t k = kfull; k < K; k++) pm[k] = xm[k];
+        for (int64_t j = 0; j < G; j++) {
+            float s = 0.0f;
+            for (int64_t k = j * g; k < K && k < (j + 1) * g; k++) s += xm[k];
+            xsum[m * G + j] = s;
+        }
+    }
+}
+
+/* y [M, N] = x [M, K] W^T + bias, W the int4 tensors (q [N, ceil(K/2)], scales and zeros [N, G], groups of g
+ * columns), bias [N] or NULL.
+ * Returns 0, -1 if its scratch (M * (K + G) floats) could not be allocated, -2 if G > GMAX. */
+int gptneox_int4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *q, const void *scales,
+                        const void *zeros, const void *bias, int sdtype, int64_t G, int64_t g, float *y, int64_t N,
+                        int nthreads) {
+    if (G > GMAX) return -2;
+    float *xp = malloc(sizeof(float) * M * (K + G));
+    if (!xp) return -1;
+    float *xsum = xp + M * K;
+    int4_prepare(x, M, K, G, g, xp, xsum);
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n0 = 0; n0 < N; n0 += NB)
+        for (int64_t n = n0; n < n0 + NB && n < N; n++)
+            int4_rows(x, xp, xsum, M, K, G, g, q, scales, zeros, bias, sdtype, n, y, N);
+    free(xp);
+    return 0;
+}
+

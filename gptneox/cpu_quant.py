@@ -1,0 +1,147 @@
+"""The CPU weight-only int8 / int4 matmul (cpu_quant.c): built once by the machine's C compiler, called via ctypes.
+
+torch's own packed CPU operators stream int8 / int4 weights at about 0.4 GB/s on an AVX2 CPU, slower than MKL's fp32
+GEMV (docs/benchmarks.md), which defeats the point of reading fewer bytes. cpu_quant.c reads the quantized bytes
+once and converts them in registers. It is compiled on first use with `$CC` (else cc / gcc / clang), -O3, AVX2 and
+FMA when torch reports that the CPU has them, and OpenMP, into GPTNEOX_CACHE (default ~/.cache/gptneox) under a
+name hashing the source, the compiler and the flags; the file is written to a temporary name and renamed, so two
+processes building at once never load half a library. GPTNEOX_CPU_KERNEL=0 turns it off. Without a compiler,
+library() is None (with one warning) and gptneox.quantize falls back to torch's operators.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_quant.c")
+GROUPS_MAX = 1024  # cpu_quant.c's GMAX: int4 groups per row (K <= 32768 at g = 32; Pythia's largest K is 20480)
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the scales' dtype, cpu_quant.c's enum
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("GPTNEOX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptneox"
+    return Path(root)
+
+
+def compiler() -> str | None:
+    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def arch_flags() -> list[str]:
+    """AVX2 + FMA where torch's dispatcher found them (the same test torch uses for its own kernels), else none:
+    the plain C loops are right everywhere."""
+    capability = torch.backends.cpu.get_cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") else ""
+    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+
+
+def _build(cc: str, flags: list[str]) -> Path:
+    """Compile SOURCE with these flags into the cache (once per source, compiler and flags); the library's path."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"cpu_quant-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"{cc} {' '.join(flags)} {SOURCE} failed:\n{done.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    signatures = {  # name: (argument types, return type), as in cpu_quant.c
+        "gptneox_int8_matmul": ([p, i64, i64, p, p, p, i32, p, i64, i32], None),
+        "gptneox_int4_matmul": ([p, i64, i64, p, p, p, p, i32, i64, i64, p, i64, i32], i32),
+    }
+    for name, (args, result) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+@functools.cache
+def library(arch: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
+    """The built library (arch: override arch_flags(), e.g. () for the plain C loops), or None with a warning."""
+    if os.environ.get("GPTNEOX_CPU_KERNEL", "1") == "0":
+        return None
+    cc = compiler()
+    if cc is None:
+        warnings.warn("no C compiler found (set CC): quantized CPU layers use torch's slower operators")
+        return None
+    base = ["-O3", "-shared", "-fPIC", *(arch_flags() if arch is None else arch)]
+    try:
+        try:
+            return _bind(_build(cc, base + ["-fopenmp"]))
+        except RuntimeError:  # a compiler without OpenMP (Apple's clang): one thread, still reading fewer bytes
+            lib = _bind(_build(cc, base))
+            warnings.warn(f"{cc} has no OpenMP: the quantized CPU matmul runs on one thread")
+            return lib
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"building the quantized CPU matmul failed, using torch's slower operators: {e}")
+        return None
+
+
+class QuantMatmul:
+    """y = x W^T + bias for one quantized layer on CPU (the tensors of gptneox/quantize.py: int8 weight [N, K] and
+    scales [N]; int4 weight uint8 [N, ceil(K/2)], scales and zeros [N, ceil(K/g)]; bias [N] or None).
+
+    Built once per layer, holding its tensors and their pointers, so that a call costs one ctypes call and an empty
+    output (a pythia-160m decode step makes 49, at about 6 us each here). The kernel converts each weight once per 8
+    rows of x, so a prompt runs near torch's fp32 GEMM (docs/quantization.md has the measured rows)."""
+
+    def __init__(self, lib, mode: str, K: int, weight, scales, zeros=None, bias=None, group_size: int | None = None):
+        if scales.dtype not in DTYPE_CODES:
+            raise ValueError(f"cpu_quant: scales dtype {scales.dtype} is not one of {list(DTYPE_CODES)}")
+        N = weight.shape[0]
+        G = -(-K // group_size) if mode == "int4" else 1
+        want = {"weight": (N, K if mode == "int8" else (K + 1) // 2), "scales": (N,) if mode == "int8" else (N, G)}
+        got = {"weight": tuple(weight.shape), "scales": tuple(scales.shape)}
+        if mode == "int4":
+            want["zeros"], got["zeros"] = (N, G), tuple(zeros.shape)
+            if group_size % 32 or G > GROUPS_MAX:
+                raise ValueError(f"cpu_quant: int4 needs a group size that is a multiple of 32 and at most "
+                                 f"{GROUPS_MAX} groups per row, got g {group_size} for K {K}")
+        if bias is not None:
+            want["bias"], got["bias"] = (N,), tuple(bias.shape)
+        if want != got:
+            raise ValueError(f"cpu_quant: {mode} tensors of shapes {got} do not fit K = {K} (expected {want})")
+        self.lib, self.mode, self.N, self.K, self.G, self.g = lib, mode, N, K, G, group_size
+        self.code = DTYPE_CODES[scales.dtype]
+        same = dict(dtype=scales.dtype)
+        self.weight, self.scales = weight.contiguous(), scales.contiguous()  # kept: the pointers point into them
+        self.zeros = zeros.to(**same).contiguous() if zeros is not None else None
+        self.bias = bias.to(**same).contiguous() if bias is not None else None
+        self.ptrs = [t.data_ptr() if t is not None else None for t in (self.weight, self.scales, self.zeros,
+                                                                         self.bias)]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, N] in x's dtype
+        if x.dim() != 2 or x.shape[1] != self.K:
+            raise ValueError(f"cpu_quant: x must be [M, {self.K}], got {list(x.shape)}")
+        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [M, K]
+        M, (q, s, z, b) = x32.shape[0], self.ptrs
+        y = torch.empty(M, self.N)  # [M, N] fp32
+        threads = torch.get_num_threads()
+        if self.mode == "int8":
+            self.lib.gptneox_int8_matmul(x32.data_ptr(), M, self.K, q, s, b, self.code, y.data_ptr(), self.N, threads)
+        elif self.lib.gptneox_int4_matmul(x32.data_ptr(), M, self.K, q, s, z, b, self.code, self.G, self.g,
+                                          y.data_ptr(), self.N, threads):
+            raise MemoryError(f"cpu_quant: no memory for the int4 scratch of {M} x {self.K} floats")
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
