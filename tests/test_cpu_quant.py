@@ -1,0 +1,202 @@
+"""gptneox/cpu_quant.c: the CPU int8 / int4 matmul against dequantize-then-matmul, its build, cache and fallbacks."""
+
+import importlib
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from gptneox import cpu_quant
+from gptneox.quantize import GROUP_SIZES, QuantizedLinear, dequantize_weight, quantize_weight
+from tolerances import assert_within_2x
+
+quantize_module = importlib.import_module("gptneox.quantize")  # the package exports a function of that name
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def dense(t, K, mode, g, dtype):
+    """The dequantized weight [N, K] in dtype, computed from the stored tensors without rounding in between."""
+    zeros = t.get("zeros")
+    return dequantize_weight(t["weight"], t["scales"].to(dtype), zeros.to(dtype) if zeros is not None else None, K,
+                             mode, g)
+
+
+def check(lib, M, N, K, mode, g, dtype, with_bias, x_dtype=torch.float32, seed=0):
+    """The tolerance table's rule for kernels: error against the fp64 result at most 2x that of torch's own matmul
+    of the dequantized weight in x's dtype (plus rounding), as tests/kernels/test_quant_matmul.py checks Triton's."""
+    gen = torch.Generator().manual_seed(seed)
+    t = quantize_weight(torch.randn(N, K, generator=gen).to(dtype), mode, g)
+    bias = torch.randn(N, generator=gen).to(dtype) if with_bias else torch.zeros(N, dtype=dtype)
+    x = torch.randn(M, K, generator=gen).to(x_dtype)
+    y = cpu_quant.QuantMatmul(lib, mode, K, t["weight"], t["scales"], t.get("zeros"), bias if with_bias else None,
+                              g)(x)
+    ref = x.double() @ dense(t, K, mode, g, torch.float64).t() + bias.double()
+    base = x @ dense(t, K, mode, g, torch.float32).to(x_dtype).t() + bias.to(x_dtype)
+    assert y.dtype == x_dtype and y.shape == (M, N)
+    assert_within_2x(y, base, ref, f"{mode} g{g} M {M} N {N} K {K} {dtype} x {x_dtype}")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    built = cpu_quant.library()
+    assert built is not None, "this machine has a C compiler: the kernel must build"
+    return built
+
+
+# ------------------------------------------------------------------------------------------------ numerics
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
+       with_bias=st.booleans())
+@example(M=1, N=8, K=32, dtype=torch.float32, with_bias=False)      # one whole vector block
+@example(M=9, N=17, K=41, dtype=torch.bfloat16, with_bias=True)     # 8 + 1 rows, vector + 8-wide + scalar tail
+def test_cpu_quant_int8_matches_dequantized_matmul(lib, M, N, K, dtype, with_bias):
+    check(lib, M, N, K, "int8", None, dtype, with_bias)
+
+
+@settings(max_examples=60, deadline=None)
+@given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 600), g=st.sampled_from(GROUP_SIZES),
+       dtype=st.sampled_from(DTYPES), with_bias=st.booleans())
+@example(M=1, N=8, K=256, g=128, dtype=torch.float32, with_bias=False)   # whole groups only
+@example(M=8, N=5, K=75, g=32, dtype=torch.float16, with_bias=True)      # odd K: a short last group, half a byte
+@example(M=17, N=3, K=130, g=64, dtype=torch.bfloat16, with_bias=False)  # K % g = 2, three blocks of rows
+def test_cpu_quant_int4_matches_dequantized_matmul(lib, M, N, K, g, dtype, with_bias):
+    check(lib, M, N, K, "int4", g, dtype, with_bias)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 64)])
+def test_cpu_quant_half_activations_come_back_in_their_dtype(lib, mode, g, x_dtype):
+    check(lib, 5, 24, 200, mode, g, x_dtype, True, x_dtype=x_dtype)
+
+
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
+def test_cpu_quant_plain_c_build_matches_too(mode, g):
+    """The loops without AVX2 (what a non-x86 CPU compiles) give the same numbers."""
+    plain = cpu_quant.library(())
+    assert plain is not None
+    for M, N, K in [(1, 7, 64), (9, 13, 75), (3, 5, 300)]:
+        check(plain, M, N, K, mode, g, torch.float32, True)
+
+
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 128)])
+def test_cpu_quant_threads_give_identical_results(lib, mode, g):
+    """Each output row is computed whole by one thread, in one order: the thread count cannot change a bit."""
+    t = quantize_weight(torch.randn(300, 512), mode, g)
+    matmul = cpu_quant.QuantMatmul(lib, mode, 512, t["weight"], t["scales"], t.get("zeros"), None, g)
+    x = torch.randn(3, 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = matmul(x)
+        torch.set_num_threads(2)
+        two = matmul(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+# -------------------------------------------------------------------------------------------- bad operands
+def test_cpu_quant_refuses_shapes_that_disagree(lib):
+    t = quantize_weight(torch.randn(16, 64), "int4", 32)
+    with pytest.raises(ValueError, match="do not fit K = 65"):
+        cpu_quant.QuantMatmul(lib, "int4", 65, t["weight"], t["scales"], t["zeros"], None, 32)
+    with pytest.raises(ValueError, match="bias"):
+        cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], torch.zeros(15), 32)
+    matmul = cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], None, 32)
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        matmul(torch.randn(2, 63))
+    t8 = quantize_weight(torch.randn(16, 64), "int8")
+    with pytest.raises(ValueError, match="scales dtype torch.float64"):
+        cpu_quant.QuantMatmul(lib, "int8", 64, t8["weight"], t8["scales"].double())
+
+
+# --------------------------------------------------------------------------------------------- the module
+def test_quantized_linear_rebinds_when_its_tensors_are_replaced():
+    """A load assigns new tensors: the pointers bound on the first forward must follow them, not read freed memory."""
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), "int8")
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        layer(x)
+        other = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), "int8")
+        for name in ("weight", "scales", "bias"):
+            setattr(layer, name, getattr(other, name).clone())
+        torch.testing.assert_close(layer(x), other(x))
+        layer.half().float()  # _apply: moved / cast tensors rebind too
+        torch.testing.assert_close(layer(x), x @ layer.dequantize().t() + layer.bias)
+
+
+# -------------------------------------------------------------------------------------------- build, cache
+def run_fresh(code: str, **env) -> subprocess.CompletedProcess:
+    """code in a new interpreter (library() is cached per process) with env added."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env})
+
+
+BUILD = "from gptneox import cpu_quant; print(cpu_quant.library() is not None)"
+
+
+def test_cpu_quant_builds_once_into_the_cache_and_atomically(tmp_path):
+    first = run_fresh(BUILD, GPTNEOX_CACHE=str(tmp_path))
+    assert first.stdout.strip() == "True", first.stderr
+    (built,) = tmp_path.glob("cpu_quant-*.so")
+    stamp = built.stat().st_mtime_ns
+    again = run_fresh(BUILD, GPTNEOX_CACHE=str(tmp_path))
+    assert again.stdout.strip() == "True", again.stderr
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # reused, and no temporary file left behind
+    assert built.stat().st_mtime_ns == stamp
+
+
+def test_cpu_quant_rebuilds_when_the_source_changes(tmp_path, monkeypatch):
+    source = tmp_path / "cpu_quant.c"
+    source.write_text(cpu_quant.SOURCE.read_text() + "\n/* changed */\n")
+    monkeypatch.setenv("GPTNEOX_CACHE", str(tmp_path / "cache"))
+    cc = cpu_quant.compiler()
+    a = cpu_quant._build(cc, ["-O1", "-shared", "-fPIC"])
+    monkeypatch.setattr(cpu_quant, "SOURCE", source)
+    b = cpu_quant._build(cc, ["-O1", "-shared", "-fPIC"])
+    assert a != b and a.exists() and b.exists()
+
+
+@pytest.mark.parametrize("env,says", [({"CC": "/nonexistent/cc"}, "building the quantized CPU matmul failed"),
+                                      ({"CC": "false"}, "failed"),
+                                      ({"PATH": "", "CC": ""}, "no C compiler found"),
+                                      ({"GPTNEOX_CPU_KERNEL": "0"}, None)])
+def test_cpu_quant_without_a_compiler_falls_back_to_torch_with_a_warning(tmp_path, env, says):
+    code = ("import warnings, torch; warnings.simplefilter('always')\n"
+            "from gptneox import cpu_quant, QuantizedLinear\n"
+            "from gptneox.quantize import own_cpu_kernels\n"
+            "assert cpu_quant.library() is None and own_cpu_kernels() == frozenset()\n"
+            "layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), 'int4', 32)\n"
+            "x = torch.randn(3, 64)\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(layer(x), x @ layer.dequantize().t() + layer.bias)\n"
+            "print('ok')\n")
+    done = run_fresh(code, GPTNEOX_CACHE=str(tmp_path), **env)
+    assert done.stdout.strip() == "ok", done.stderr
+    if says:
+        assert says in done.stderr and "slower operators" in done.stderr
+    assert not list(tmp_path.glob("*.so"))
+
+
+def test_cpu_quant_compiler_without_openmp_still_builds(tmp_path, monkeypatch):
+    """A compiler that refuses -fopenmp (Apple's clang) gets a one-thread build and a warning, not a fallback."""
+    wrapper = tmp_path / "cc"
+    wrapper.write_text(f"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -fopenmp ] && exit 1; done\n"
+                       f"exec {cpu_quant.compiler()} \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("GPTNEOX_CACHE", str(tmp_path / "cache"))
+    cpu_quant.library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            single = cpu_quant.library()
+        assert single is not None and any("no OpenMP" in str(w.message) for w in caught)
+        check(single, 9, 11, 96, "int4", 32, torch.float32, True)
+    finally:
+        cpu_quant.library.cache_clear()
