@@ -4,12 +4,16 @@
 
 Rows per layer shape [N, K] (x [1, K] fp32, W int8 per output channel, what gptneox.quantize's "int8" stores):
   fp32 F.linear                   MKL's GEMV on the dequantized weight: the speed to beat (2x is issue 13's target)
-  aten._weight_int8pack_mm        weight-only, exact: what QuantizedLinear runs on CPU today
+  gptneox cpu_quant int8          weight-only, exact: gptneox/cpu_quant.c, what QuantizedLinear runs on CPU
+  gptneox cpu_quant int4 g128     the same kernel's int4 (error against its own int4 weight, dequantized)
+  aten._weight_int8pack_mm        weight-only, exact: torch's packed operator, QuantizedLinear's fallback
   fbgemm linear_dynamic           W8A8: x quantized per tensor to 7 bits (reduce_range, x86) - not weight-only
   fbgemm, two levels              x = x1 + r, x1 on a grid fbgemm reproduces exactly, r quantized again: the W8A8 error
                                   falls to ~1e-4 of weight-only's result, at the price of two calls and the split
 Each with its time (median of --repeats batches of --calls) and its error against x @ dequantized(W)^T (max
-relative). Prints device facts, versions, the date and the command, then a markdown table.
+relative). Prints device facts, versions, the date and the command, then a markdown table. One layer is timed
+over and over, so the smaller ones stay in the 32 MB L3 cache: fp32 reads them at 25-40 GB/s here, above the
+~12 GB/s of memory; bench_quantize.py's whole-model decode is the honest figure.
 """
 
 import argparse
@@ -20,6 +24,9 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from gptneox import cpu_quant
+from gptneox.quantize import dequantize_weight, quantize_weight
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)]  # pythia-160m: qkv, dense, fc, proj, out
 
@@ -68,15 +75,22 @@ def layer_rows(N, K, calls, repeats):
         x1, r = exact_grid(v)
         return dynamic(x1) + dynamic(r)
 
-    fns = {"fp32 F.linear": lambda: F.linear(x, wd),
-           "aten._weight_int8pack_mm": lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scales),
-           "fbgemm linear_dynamic (W8A8)": lambda: dynamic(x),
-           "fbgemm, two levels": lambda: two_levels(x)}
+    lib = cpu_quant.library()
+    ours8 = cpu_quant.QuantMatmul(lib, "int8", K, w8, scales)
+    t4 = quantize_weight(w, "int4", 128)
+    ours4 = cpu_quant.QuantMatmul(lib, "int4", K, t4["weight"], t4["scales"], t4["zeros"], None, 128)
+    ref4 = x @ dequantize_weight(t4["weight"], t4["scales"], t4["zeros"], K, "int4", 128).t()
+    fns = {"fp32 F.linear": (lambda: F.linear(x, wd), ref),
+           "gptneox cpu_quant int8": (lambda: ours8(x), ref),
+           "gptneox cpu_quant int4 g128": (lambda: ours4(x), ref4),
+           "aten._weight_int8pack_mm": (lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scales), ref),
+           "fbgemm linear_dynamic (W8A8)": (lambda: dynamic(x), ref),
+           "fbgemm, two levels": (lambda: two_levels(x), ref)}
     base = None
-    for name, fn in fns.items():
+    for name, (fn, expected) in fns.items():
         ms = timed(fn, calls, repeats)
         base = base or ms
-        yield [f"{N} x {K}", name, f"{ms:.3f}", f"{base / ms:.2f}x", f"{rel_err(fn(), ref):.1e}"]
+        yield [f"{N} x {K}", name, f"{ms:.3f}", f"{base / ms:.2f}x", f"{rel_err(fn(), expected):.1e}"]
 
 
 def main(threads, calls, repeats):

@@ -10,8 +10,9 @@ do not load, and its int8 weight-only still runs). Every model holds the same ra
 (numerics do not change speed). Decoding reads every weight except the input embedding once per token, so
 tokens/s <= bandwidth / bytes_per_token; the bandwidth is measured in the same run (bench_generate.py's
 measured_bandwidth) and each row is set against its own ceiling. Weight bytes are also given for bf16 weights
-(what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Rates are median of --repeats and
-include a short prefill.
+(what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Two rates per row, medians of --repeats:
+end to end (the whole generate, its prefill of --prompt-len tokens included) and decode (the tokens after the first,
+timed as generate(n) - generate(1): the per-token phase that bandwidth bounds and the targets are about).
 """
 
 import argparse
@@ -86,25 +87,32 @@ def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, t
     for name, fn, _ in table:  # warm-up: packing, first-call allocations, kernel compiles
         if fn is not None:
             fn(ids, 4)
-    times = {name: [] for name, fn, _ in table if fn is not None}
+    times = {name: [] for name, fn, _ in table if fn is not None}  # (prompt + new_tokens, prompt + 1 token)
     for _ in range(repeats):  # interleaved, so drifting machine load hits every row alike
         for name, fn, _ in table:
             if fn is not None:
-                times[name].append(timed(lambda: fn(ids, new_tokens), dev))
+                times[name].append((timed(lambda: fn(ids, new_tokens), dev), timed(lambda: fn(ids, 1), dev)))
     bw = measured_bandwidth(dev)
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{model} {dtype} batch 1, prompt {prompt_len} + {new_tokens} new tokens on {where}, torch "
           f"{torch.__version__}, median of {repeats}; measured bandwidth {bw / 1e9:.1f} GB/s")
-    base = statistics.median(times["ours fp"])
+    print("  end to end: new tokens / time of the whole generate (prefill included); decode: the new tokens after the "
+          "first / (that time - the time of generating 1 token), the rate bandwidth bounds")
+
+    def rates(name):  # (end-to-end, decode) tokens/s, medians over the repeats
+        whole = statistics.median(t for t, _ in times[name])
+        decode = statistics.median(t - t1 for t, t1 in times[name])
+        return new_tokens / whole, (new_tokens - 1) / decode
+
+    base = rates("ours fp")
     for name, fn, nbytes in table:
         if fn is None:
             print(f"  {name:30s} not run: torchao does not import here")
             continue
-        s = statistics.median(times[name])
-        rate, ceiling = new_tokens / s, (bw / nbytes if nbytes else float("nan"))
-        share = f", {rate / ceiling:4.0%} of its ceiling {ceiling:7.1f}" if nbytes else ""
-        print(f"  {name:30s} {rate:8.1f} tokens/s  {base / s:5.2f}x ours fp{share}"
-              + (f"  ({nbytes / 1e6:.0f} MB/token)" if nbytes else ""))
+        (e2e, decode), ceiling = rates(name), (bw / nbytes if nbytes else float("nan"))
+        share = f", {decode / ceiling:4.0%} of its ceiling {ceiling:7.1f}" if nbytes else ""
+        print(f"  {name:30s} end to end {e2e:7.1f} tokens/s {e2e / base[0]:5.2f}x | decode {decode:7.1f} tokens/s "
+              f"{decode / base[1]:5.2f}x ours fp{share}" + (f"  ({nbytes / 1e6:.0f} MB/token)" if nbytes else ""))
     config = ours.config
     bf16 = bf16_bytes(config, None, None)
     for mode in ("int8", "int4"):

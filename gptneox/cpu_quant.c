@@ -192,10 +192,12 @@ static void int4_rest(const float *x, int64_t K, int64_t mb, const uint8_t *q, i
 static void int4_rows(const float *x, const float *xp, const float *xsum, int64_t M, int64_t K, int64_t G,
                       int64_t g, const uint8_t *q, const void *scales, const void *zeros, const void *bias, int sdtype,
                       int64_t n, float *y, int64_t N) {
-    float s[GMAX], z[GMAX], out[MB], b = bias ? load_scalar(bias, n, sdtype) : 0.0f;
-    for (int64_t j = 0; j < G; j++) {  /* this row's scales and zeros in fp32 */
-        s[j] = load_scalar(scales, n * G + j, sdtype);
-        z[j] = load_scalar(zeros, n * G + j, sdtype);
+    float s16[GMAX], z16[GMAX], out[MB], b = bias ? load_scalar(bias, n, sdtype) : 0.0f;
+    const float *s = (const float *)scales + n * G, *z = (const float *)zeros + n * G;  /* this row's, in fp32 */
+    if (sdtype != F32) {
+        for (int64_t j = 0; j < G; j++) s16[j] = load_scalar(scales, n * G + j, sdtype);
+        for (int64_t j = 0; j < G; j++) z16[j] = load_scalar(zeros, n * G + j, sdtype);
+        s = s16, z = z16;
     }
 #ifdef __AVX2__
     const int64_t whole = K / g;  /* groups of g columns: the vector loop */
