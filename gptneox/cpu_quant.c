@@ -265,3 +265,37 @@ int gptneox_int4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *q, 
     return 0;
 }
 
+
+/* Long prompts: out [n1 - n0, K] = the fp32 weight rows n0 .. n1 - 1, for torch's GEMM (cpu_quant.py, PROMPT_ROWS).
+ * As dequantize_weight computes them; loops simple enough for the compiler to vectorise. */
+void gptneox_int8_dequant(const int8_t *q, int64_t K, const void *scales, int sdtype, int64_t n0, int64_t n1,
+                          float *out, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; n++) {
+        const float s = load_scalar(scales, n, sdtype);
+        const int8_t *row = q + n * K;
+        float *o = out + (n - n0) * K;
+        for (int64_t k = 0; k < K; k++) o[k] = (float)row[k] * s;
+    }
+}
+
+void gptneox_int4_dequant(const uint8_t *q, int64_t K, const void *scales, const void *zeros, int sdtype, int64_t G,
+                          int64_t g, int64_t n0, int64_t n1, float *out, int nthreads) {
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = q + n * ((K + 1) / 2);
+        float *o = out + (n - n0) * K;
+        for (int64_t j = 0; j < G; j++) {
+            const float s = load_scalar(scales, n * G + j, sdtype), z = load_scalar(zeros, n * G + j, sdtype);
+            const int64_t k0 = j * g, k1 = k0 + g < K ? k0 + g : K;
+            if ((k1 - k0) % 2 == 0) {  /* pairs of columns: a byte each */
+                for (int64_t i = k0 / 2; i < k1 / 2; i++) {
+                    o[2 * i] = (float)((row[i] & 15) - 8) * s + z;
+                    o[2 * i + 1] = (float)((row[i] >> 4) - 8) * s + z;
+                }
+            } else {
+                for (int64_t k = k0; k < k1; k++) o[k] = (float)(((row[k / 2] >> ((k & 1) * 4)) & 15) - 8) * s + z;
+            }
+        }
+    }
+}

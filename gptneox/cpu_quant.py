@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
+PROMPT_ROWS = 48  # rows of x above which a layer dequantizes into chunks for torch's GEMM (measured crossover)
+CHUNK_BYTES = 1 << 24  # fp32 weight rows per chunk of a long prompt: 16 MiB, a transient bound for any layer
 GROUPS_MAX = 1024  # cpu_quant.c's GMAX: int4 groups per row (K <= 32768 at g = 32; Pythia's largest K is 20480)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the scales' dtype, cpu_quant.c's enum
 
@@ -70,6 +72,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     signatures = {  # name: (argument types, return type), as in cpu_quant.c
         "gptneox_int8_matmul": ([p, i64, i64, p, p, p, i32, p, i64, i32], None),
         "gptneox_int4_matmul": ([p, i64, i64, p, p, p, p, i32, i64, i64, p, i64, i32], i32),
+        "gptneox_int8_dequant": ([p, i64, p, i32, i64, i64, p, i32], None),
+        "gptneox_int4_dequant": ([p, i64, p, p, i32, i64, i64, i64, i64, p, i32], None),
     }
     for name, (args, result) in signatures.items():
         fn = getattr(lib, name)
@@ -104,8 +108,9 @@ class QuantMatmul:
     scales [N]; int4 weight uint8 [N, ceil(K/2)], scales and zeros [N, ceil(K/g)]; bias [N] or None).
 
     Built once per layer, holding its tensors and their pointers, so that a call costs one ctypes call and an empty
-    output (a pythia-160m decode step makes 49, at about 6 us each here). The kernel converts each weight once per 8
-    rows of x, so a prompt runs near torch's fp32 GEMM (docs/quantization.md has the measured rows)."""
+    output (a pythia-160m decode step makes 49, at about 6 us each here). Up to PROMPT_ROWS rows of x run the
+    matrix-vector kernel, which converts each weight once per 8 rows; a longer prompt is compute-bound, so its weight
+    is dequantized CHUNK_BYTES of fp32 rows at a time and multiplied by torch's GEMM (docs/quantization.md)."""
 
     def __init__(self, lib, mode: str, K: int, weight, scales, zeros=None, bias=None, group_size: int | None = None):
         if scales.dtype not in DTYPE_CODES:
@@ -136,6 +141,10 @@ class QuantMatmul:
         if x.dim() != 2 or x.shape[1] != self.K:
             raise ValueError(f"cpu_quant: x must be [M, {self.K}], got {list(x.shape)}")
         x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [M, K]
+        y = self._prompt(x32) if x32.shape[0] > PROMPT_ROWS else self._rows(x32)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _rows(self, x32):  # the matrix-vector kernel
         M, (q, s, z, b) = x32.shape[0], self.ptrs
         y = torch.empty(M, self.N)  # [M, N] fp32
         threads = torch.get_num_threads()
@@ -144,4 +153,22 @@ class QuantMatmul:
         elif self.lib.gptneox_int4_matmul(x32.data_ptr(), M, self.K, q, s, z, b, self.code, self.G, self.g,
                                           y.data_ptr(), self.N, threads):
             raise MemoryError(f"cpu_quant: no memory for the int4 scratch of {M} x {self.K} floats")
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return y
+
+    def _prompt(self, x32):  # many rows: weight rows dequantized CHUNK_BYTES at a time, then torch's fp32 GEMM
+        M, (q, s, z, _) = x32.shape[0], self.ptrs
+        y = torch.empty(M, self.N)  # [M, N] fp32
+        rows = min(self.N, max(64, CHUNK_BYTES // (4 * self.K)))
+        chunk = torch.empty(rows, self.K)  # [rows, K] fp32, reused
+        threads = torch.get_num_threads()
+        for n0 in range(0, self.N, rows):
+            n1 = min(n0 + rows, self.N)
+            if self.mode == "int8":
+                self.lib.gptneox_int8_dequant(q, self.K, s, self.code, n0, n1, chunk.data_ptr(), threads)
+            else:
+                self.lib.gptneox_int4_dequant(q, self.K, s, z, self.code, self.G, self.g, n0, n1, chunk.data_ptr(),
+                                              threads)
+            torch.mm(x32, chunk[:n1 - n0].t(), out=y[:, n0:n1])
+        if self.bias is not None:
+            y += self.bias.float()
+        return y

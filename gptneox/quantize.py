@@ -152,8 +152,8 @@ def cpu_kernels() -> frozenset:
 @functools.cache
 def own_cpu_kernels() -> frozenset:
     """The modes that gptneox/cpu_quant.c runs here: built by this machine's compiler (cpu_quant.library()) and
-    agreeing with dequantize_weight on small odd cases (a short last group, an odd K, a scalar tail, a bias, a
-    partial and a whole block of 8 rows), so that a broken build falls back instead of computing wrong numbers."""
+    agreeing with dequantize_weight on small odd cases (a short last group, an odd K, a scalar tail, a bias, both
+    of its paths), so that a broken build falls back instead of computing wrong numbers."""
     from . import cpu_quant
     lib = cpu_quant.library()
     if lib is None:
@@ -165,7 +165,7 @@ def own_cpu_kernels() -> frozenset:
         t = quantize_weight(w, mode, g)
         matmul = cpu_quant.QuantMatmul(lib, mode, 75, t["weight"], t["scales"], t.get("zeros"), bias, g)
         dense = dequantize_weight(t["weight"], t["scales"], t.get("zeros"), 75, mode, g)
-        for M in (3, 17):
+        for M in (3, 17, cpu_quant.PROMPT_ROWS + 1):  # the kernel's partial and whole 8-row blocks, a prompt
             x = torch.randn(M, 75, generator=gen)
             if not torch.allclose(matmul(x), torch.addmm(bias, x, dense.t()), rtol=1e-4, atol=1e-4):
                 break

@@ -68,6 +68,14 @@ def test_cpu_quant_int4_matches_dequantized_matmul(lib, M, N, K, g, dtype, with_
     check(lib, M, N, K, "int4", g, dtype, with_bias)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,g,K", [("int8", None, 77), ("int4", 32, 75), ("int4", 128, 256)])
+def test_cpu_quant_long_prompts_dequantize_chunks_for_torch_gemm(lib, mode, g, K, dtype, monkeypatch):
+    """More than PROMPT_ROWS rows: dequantized chunks of weight rows (here 3 chunks and a short one) + torch.mm."""
+    monkeypatch.setattr(cpu_quant, "CHUNK_BYTES", 64 * 4 * K)  # 64 rows per chunk
+    check(lib, cpu_quant.PROMPT_ROWS + 3, 3 * 64 + 5, K, mode, g, dtype, True)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 64)])
 def test_cpu_quant_half_activations_come_back_in_their_dtype(lib, mode, g, x_dtype):
@@ -79,7 +87,7 @@ def test_cpu_quant_plain_c_build_matches_too(mode, g):
     """The loops without AVX2 (what a non-x86 CPU compiles) give the same numbers."""
     plain = cpu_quant.library(())
     assert plain is not None
-    for M, N, K in [(1, 7, 64), (9, 13, 75), (3, 5, 300)]:
+    for M, N, K in [(1, 7, 64), (9, 13, 75), (3, 5, 300), (cpu_quant.PROMPT_ROWS + 1, 9, 70)]:
         check(plain, M, N, K, mode, g, torch.float32, True)
 
 
