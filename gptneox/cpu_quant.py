@@ -30,8 +30,8 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the sca
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("GPTNEOX_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptneox"
-    return Path(root)
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return Path(os.environ.get("GPTNEOX_CACHE") or xdg / "gptneox")
 
 
 def compiler() -> str | None:
@@ -47,7 +47,7 @@ def arch_flags() -> list[str]:
 
 def _build(cc: str, flags: list[str]) -> Path:
     """Compile SOURCE with these flags into the cache (once per source, compiler and flags); the library's path."""
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_quant-{key}.so"
     if target.exists():
@@ -56,7 +56,7 @@ def _build(cc: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} {' '.join(flags)} {SOURCE} failed:\n{done.stderr.strip()}")
         os.replace(tmp, target)
@@ -130,7 +130,7 @@ class QuantMatmul:
             raise ValueError(f"cpu_quant: {mode} tensors of shapes {got} do not fit K = {K} (expected {want})")
         self.lib, self.mode, self.N, self.K, self.G, self.g = lib, mode, N, K, G, group_size
         self.code = DTYPE_CODES[scales.dtype]
-        same = dict(dtype=scales.dtype)
+        same = {"dtype": scales.dtype}
         self.weight, self.scales = weight.contiguous(), scales.contiguous()  # kept: the pointers point into them
         self.zeros = zeros.to(**same).contiguous() if zeros is not None else None
         self.bias = bias.to(**same).contiguous() if bias is not None else None
