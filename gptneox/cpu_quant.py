@@ -137,15 +137,41 @@ class QuantMatmul:
         self.ptrs = [t.data_ptr() if t is not None else None for t in (self.weight, self.scales, self.zeros,
                                                                          self.bias)]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # x [M, K] -> [M, N] in x's dtype
+    def __call__(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:  # x [M, K] -> [M, N] in x's dtype
         if x.dim() != 2 or x.shape[1] != self.K:
             raise ValueError(f"cpu_quant: x must be [M, {self.K}], got {list(x.shape)}")
         x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [M, K]
-        y = self._prompt(x32) if x32.shape[0] > PROMPT_ROWS else self._rows(x32)
+        y = self._prompt(x32, bias) if x32.shape[0] > PROMPT_ROWS else self._rows(x32, bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def _rows(self, x32):  # the matrix-vector kernel
+    def grad_input(self, dy: torch.Tensor) -> torch.Tensor:  # dy [M, N] -> dx = dy W [M, K] in dy's dtype
+        """The backward of __call__ for an adapter on top (QLoRA): dx accumulated over CHUNK_BYTES chunks of
+        dequantized weight rows, so no float copy of a whole layer (embed_out's is 4 bytes x 50k x C) is made."""
+        dy32 = dy.to(torch.float32).contiguous()  # [M, N]
+        dx = torch.zeros(dy.shape[0], self.K)  # [M, K] fp32
+        for n0, n1, chunk in self._chunks():
+            dx.addmm_(dy32[:, n0:n1], chunk)
+        return dx.to(dy.dtype)
+
+    def _chunks(self):
+        """(n0, n1, the fp32 weight rows n0 .. n1 - 1 [n1 - n0, K]) over all rows, CHUNK_BYTES at a time; the buffer
+        is reused, so each chunk is valid until the next one."""
+        q, s, z, _ = self.ptrs
+        rows = min(self.N, max(64, CHUNK_BYTES // (4 * self.K)))
+        buf = torch.empty(rows, self.K)  # [rows, K] fp32
+        threads = torch.get_num_threads()
+        for n0 in range(0, self.N, rows):
+            n1 = min(n0 + rows, self.N)
+            if self.mode == "int8":
+                self.lib.gptneox_int8_dequant(q, self.K, s, self.code, n0, n1, buf.data_ptr(), threads)
+            else:
+                self.lib.gptneox_int4_dequant(q, self.K, s, z, self.code, self.G, self.g, n0, n1, buf.data_ptr(),
+                                              threads)
+            yield n0, n1, buf[:n1 - n0]
+
+    def _rows(self, x32, bias):  # the matrix-vector kernel
         M, (q, s, z, b) = x32.shape[0], self.ptrs
+        b = b if bias else None
         y = torch.empty(M, self.N)  # [M, N] fp32
         threads = torch.get_num_threads()
         if self.mode == "int8":
@@ -155,20 +181,10 @@ class QuantMatmul:
             raise MemoryError(f"cpu_quant: no memory for the int4 scratch of {M} x {self.K} floats")
         return y
 
-    def _prompt(self, x32):  # many rows: weight rows dequantized CHUNK_BYTES at a time, then torch's fp32 GEMM
-        M, (q, s, z, _) = x32.shape[0], self.ptrs
-        y = torch.empty(M, self.N)  # [M, N] fp32
-        rows = min(self.N, max(64, CHUNK_BYTES // (4 * self.K)))
-        chunk = torch.empty(rows, self.K)  # [rows, K] fp32, reused
-        threads = torch.get_num_threads()
-        for n0 in range(0, self.N, rows):
-            n1 = min(n0 + rows, self.N)
-            if self.mode == "int8":
-                self.lib.gptneox_int8_dequant(q, self.K, s, self.code, n0, n1, chunk.data_ptr(), threads)
-            else:
-                self.lib.gptneox_int4_dequant(q, self.K, s, z, self.code, self.G, self.g, n0, n1, chunk.data_ptr(),
-                                              threads)
-            torch.mm(x32, chunk[:n1 - n0].t(), out=y[:, n0:n1])
-        if self.bias is not None:
+    def _prompt(self, x32, bias):  # many rows: dequantized chunks of weight rows, then torch's fp32 GEMM
+        y = torch.empty(x32.shape[0], self.N)  # [M, N] fp32
+        for n0, n1, chunk in self._chunks():
+            torch.mm(x32, chunk.t(), out=y[:, n0:n1])
+        if bias and self.bias is not None:
             y += self.bias.float()
         return y

@@ -176,15 +176,18 @@ def own_cpu_kernels() -> frozenset:
 
 # --------------------------------------------------------------------------------------------------- the module
 class _DequantGrad(torch.autograd.Function):
-    """y = x W^T by the module's fast path; dx = dy W with W dequantized (the weights themselves get no gradient)."""
+    """y = x W^T by the module's fast path; dx = dy W with W dequantized (the weights themselves get no gradient):
+    on CPU in chunks of rows by cpu_quant.c, elsewhere the whole layer at once."""
 
     @staticmethod
     def forward(ctx, x, module):
-        ctx.module = module
-        return module._matmul(x)
+        ctx.module, ctx.own = module, module._own_cpu(x)
+        return module._cpu_matmul()(x, bias=False) if ctx.own else module._matmul(x)
 
     @staticmethod
     def backward(ctx, dy):  # dy [M, N] -> dx [M, K]
+        if ctx.own:
+            return ctx.module._cpu_matmul().grad_input(dy), None
         return dy @ ctx.module.dequantize().to(dy.dtype), None
 
 
@@ -244,7 +247,7 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]; a copy only if x is not viewable
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DequantGrad.apply(x2, self)
-        elif not ops.compiling() and x.device.type == "cpu" and self.mode in own_cpu_kernels():
+        elif self._own_cpu(x2):
             return self._cpu_matmul()(x2).view(*x.shape[:-1], self.out_features)  # bias added by the kernel
         else:
             y = self._matmul(x2)
@@ -263,6 +266,10 @@ class QuantizedLinear(nn.Module):
                 return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales.to(x.dtype))
             return _cpu_int4_mm(x, *self._cpu_int4(x.dtype), K, N, g)
         return x @ self.dequantize().to(x.dtype).t()  # no fast kernel here: one dequantize per call
+
+    def _own_cpu(self, x) -> bool:
+        """x runs through gptneox/cpu_quant.c: eager (not while compiling), on CPU, where it built."""
+        return not ops.compiling() and x.device.type == "cpu" and self.mode in own_cpu_kernels()
 
     def _cpu_matmul(self):
         """gptneox/cpu_quant.c bound to this layer's tensors (built on the first CPU forward; __setattr__ and _apply

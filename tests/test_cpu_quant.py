@@ -74,6 +74,20 @@ def test_cpu_quant_long_prompts_dequantize_chunks_for_torch_gemm(lib, mode, g, K
     check(lib, cpu_quant.PROMPT_ROWS + 3, 3 * 64 + 5, K, mode, g, dtype, True)
 
 
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
+def test_quantized_linear_gradient_through_cpu_quant_matches_the_dequantized_weight(mode, g, monkeypatch):
+    """QLoRA's backward on CPU: dx = dy W, accumulated over chunks of dequantized rows (three here), no bias term."""
+    monkeypatch.setattr(cpu_quant, "CHUNK_BYTES", 64 * 4 * 75)  # 64 rows per chunk
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(75, 150), mode, g)
+    x = torch.randn(5, 75, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = layer.dequantize()
+    torch.testing.assert_close(y, x.detach() @ w.t() + layer.bias)
+    torch.testing.assert_close(x.grad, dy @ w)
+
+
 @pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 64)])
 def test_cpu_quant_half_activations_come_back_in_their_dtype(lib, mode, g, x_dtype):
