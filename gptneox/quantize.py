@@ -13,9 +13,10 @@ reads one row per token, not the table). The schemes (docs/quantization.md):
 
 Scales and zeros keep the float dtype of the weight they came from; the bias stays float. Nothing is trainable: a
 quantized model is adapted with LoRA on top (QLoRA), never by training these integers. Forward runs, by device:
-CUDA with Triton, our kernels (kernels/quant_matmul.py); CPU, torch's packed operators (aten._weight_int8pack_mm,
-aten._weight_int4pack_mm_for_cpu), after a one-time check that they exist and agree with dequantize() here; else a
-dequantize-then-matmul. Its gradient with respect to x is dy @ dequantize(), so LoRA's gradients flow through.
+CUDA with Triton, our kernels (kernels/quant_matmul.py); CPU, our own matmul (gptneox/cpu_quant.c, built by the
+machine's compiler), else torch's packed operators (aten._weight_int8pack_mm, aten._weight_int4pack_mm_for_cpu), each
+after a one-time check that it builds or exists and agrees with dequantize_weight here; else a dequantize-then-matmul.
+Its gradient with respect to x is dy @ dequantize() (on CPU in chunks of rows), so LoRA's gradients flow through.
 """
 
 import functools
