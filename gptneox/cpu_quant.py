@@ -14,6 +14,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,7 +48,8 @@ def arch_flags() -> list[str]:
 
 def _build(cc: str, flags: list[str]) -> Path:
     """Compile SOURCE with these flags into the cache (once per source, compiler and flags); the library's path."""
-    version = subprocess.run([cc, "--version"], check=False, capture_output=True, text=True).stdout
+    command = shlex.split(cc)  # CC may carry a wrapper or flags ("ccache gcc")
+    version = subprocess.run([*command, "--version"], check=False, capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / f"cpu_quant-{key}.so"
     if target.exists():
@@ -56,7 +58,7 @@ def _build(cc: str, flags: list[str]) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True)
+        done = subprocess.run([*command, *flags, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} {' '.join(flags)} {SOURCE} failed:\n{done.stderr.strip()}")
         os.replace(tmp, target)
@@ -140,6 +142,8 @@ class QuantMatmul:
     def __call__(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:  # x [M, K] -> [M, N] in x's dtype
         if x.dim() != 2 or x.shape[1] != self.K:
             raise ValueError(f"cpu_quant: x must be [M, {self.K}], got {list(x.shape)}")
+        if x.shape[0] == 0:  # an empty batch: nothing to compute (and malloc(0) may fail)
+            return x.new_empty(0, self.N)
         x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [M, K]
         y = self._prompt(x32, bias) if x32.shape[0] > PROMPT_ROWS else self._rows(x32, bias)
         return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -130,6 +130,7 @@ def test_cpu_quant_refuses_shapes_that_disagree(lib):
     matmul = cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], None, 32)
     with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
         matmul(torch.randn(2, 63))
+    assert matmul(torch.randn(0, 64, dtype=torch.bfloat16)).shape == (0, 16)  # an empty batch is no error
     t8 = quantize_weight(torch.randn(16, 64), "int8")
     with pytest.raises(ValueError, match="scales dtype torch.float64"):
         cpu_quant.QuantMatmul(lib, "int8", 64, t8["weight"], t8["scales"].double())
@@ -201,6 +202,14 @@ def test_cpu_quant_without_a_compiler_falls_back_to_torch_with_a_warning(tmp_pat
     if says:
         assert says in done.stderr and "slower operators" in done.stderr
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_cpu_quant_cc_may_carry_a_wrapper_and_flags(tmp_path, monkeypatch):
+    """CC="env gcc -O2", as "ccache gcc" is set: split into words, not run as one file name."""
+    monkeypatch.setenv("CC", f"env {cpu_quant.compiler()} -O2")
+    monkeypatch.setenv("GPTNEOX_CACHE", str(tmp_path))
+    path = cpu_quant._build(cpu_quant.compiler(), ["-O1", "-shared", "-fPIC"])
+    assert path.exists() and path.parent == tmp_path
 
 
 def test_cpu_quant_compiler_without_openmp_still_builds(tmp_path, monkeypatch):
