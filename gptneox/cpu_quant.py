@@ -61,6 +61,7 @@ def _build(cc: str, flags: list[str]) -> Path:
         done = subprocess.run([*command, *flags, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"{cc} {' '.join(flags)} {SOURCE} failed:\n{done.stderr.strip()}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache from loading it
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -96,7 +97,7 @@ def library(arch: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
     try:
         try:
             return _bind(_build(cc, base + ["-fopenmp"]))
-        except RuntimeError:  # a compiler without OpenMP (Apple's clang): one thread, still reading fewer bytes
+        except (OSError, RuntimeError):  # no OpenMP (Apple's clang), or its runtime missing: one thread
             lib = _bind(_build(cc, base))
             warnings.warn(f"{cc} has no OpenMP: the quantized CPU matmul runs on one thread")
             return lib
@@ -105,54 +106,61 @@ def library(arch: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
         return None
 
 
+def supports(mode: str, K: int, group_size: int | None, scales_dtype: torch.dtype) -> bool:
+    """Whether the kernels take this layout: scales in fp32 / bf16 / fp16 and, for int4, at most GROUPS_MAX groups of
+    a multiple of 32 columns per row (every scheme gptneox.quantize makes, for K up to 32768)."""
+    return scales_dtype in DTYPE_CODES and (mode == "int8" or (group_size % 32 == 0
+                                                               and -(-K // group_size) <= GROUPS_MAX))
+
+
 class QuantMatmul:
     """y = x W^T + bias for one quantized layer on CPU (the tensors of gptneox/quantize.py: int8 weight [N, K] and
     scales [N]; int4 weight uint8 [N, ceil(K/2)], scales and zeros [N, ceil(K/g)]; bias [N] or None).
 
-    Built once per layer, holding its tensors and their pointers, so that a call costs one ctypes call and an empty
-    output (a pythia-160m decode step makes 49, at about 6 us each here). Up to PROMPT_ROWS rows of x run the
-    matrix-vector kernel, which converts each weight once per 8 rows; a longer prompt is compute-bound, so its weight
-    is dequantized CHUNK_BYTES of fp32 rows at a time and multiplied by torch's GEMM (docs/quantization.md)."""
+    It checks the tensors (device, dtype, shape) and holds them while it holds their pointers; QuantizedLinear makes
+    a new one whenever a tensor's storage or shape changed (a load, `.data =`, functional_call). Up to
+    PROMPT_ROWS rows of x run the matrix-vector kernel, which converts each weight once per 8 rows; a longer prompt is
+    compute-bound, so its weight is dequantized CHUNK_BYTES of fp32 rows at a time and multiplied by torch's GEMM
+    (docs/quantization.md)."""
 
     def __init__(self, lib, mode: str, K: int, weight, scales, zeros=None, bias=None, group_size: int | None = None):
-        if scales.dtype not in DTYPE_CODES:
-            raise ValueError(f"cpu_quant: scales dtype {scales.dtype} is not one of {list(DTYPE_CODES)}")
         N = weight.shape[0]
+        if not supports(mode, K, group_size, scales.dtype):
+            raise ValueError(f"cpu_quant: no kernel for {mode} with scales in {scales.dtype}, K {K}, g {group_size}")
         G = -(-K // group_size) if mode == "int4" else 1
-        want = {"weight": (N, K if mode == "int8" else (K + 1) // 2), "scales": (N,) if mode == "int8" else (N, G)}
-        got = {"weight": tuple(weight.shape), "scales": tuple(scales.shape)}
-        if mode == "int4":
-            want["zeros"], got["zeros"] = (N, G), tuple(zeros.shape)
-            if group_size % 32 or G > GROUPS_MAX:
-                raise ValueError(f"cpu_quant: int4 needs a group size that is a multiple of 32 and at most "
-                                 f"{GROUPS_MAX} groups per row, got g {group_size} for K {K}")
-        if bias is not None:
-            want["bias"], got["bias"] = (N,), tuple(bias.shape)
-        if want != got:
-            raise ValueError(f"cpu_quant: {mode} tensors of shapes {got} do not fit K = {K} (expected {want})")
+        want = [(weight, torch.int8 if mode == "int8" else torch.uint8, (N, K if mode == "int8" else (K + 1) // 2)),
+                (scales, scales.dtype, (N,) if mode == "int8" else (N, G))]
+        want += [(zeros, scales.dtype, (N, G))] if mode == "int4" else []
+        want += [(bias, bias.dtype, (N,))] if bias is not None else []
+        for t, dtype, shape in want:
+            if t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != shape:
+                raise ValueError(f"cpu_quant: a {mode} tensor is {t.dtype} {list(t.shape)} on {t.device}, expected "
+                                 f"{dtype} {list(shape)} on the CPU (K = {K})")
         self.lib, self.mode, self.N, self.K, self.G, self.g = lib, mode, N, K, G, group_size
         self.code = DTYPE_CODES[scales.dtype]
-        same = {"dtype": scales.dtype}
-        self.weight, self.scales = weight.contiguous(), scales.contiguous()  # kept: the pointers point into them
-        self.zeros = zeros.to(**same).contiguous() if zeros is not None else None
-        self.bias = bias.to(**same).contiguous() if bias is not None else None
+        self.weight, self.scales = weight.contiguous(), scales.contiguous()  # held for the call: the pointers' owners
+        self.zeros = zeros.contiguous() if zeros is not None else None
+        self.bias = bias.contiguous() if bias is not None else None
+        self.fused_bias = bias is not None and bias.dtype == scales.dtype  # the kernel reads it in the scales' dtype
         self.ptrs = [t.data_ptr() if t is not None else None for t in (self.weight, self.scales, self.zeros,
-                                                                         self.bias)]
+                                                                         self.bias if self.fused_bias else None)]
 
     def __call__(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:  # x [M, K] -> [M, N] in x's dtype
-        if x.dim() != 2 or x.shape[1] != self.K:
-            raise ValueError(f"cpu_quant: x must be [M, {self.K}], got {list(x.shape)}")
+        if x.dim() != 2 or x.shape[1] != self.K or x.device.type != "cpu":
+            raise ValueError(f"cpu_quant: x must be [M, {self.K}] on the CPU, got {list(x.shape)} on {x.device}")
         if x.shape[0] == 0:  # an empty batch: nothing to compute (and malloc(0) may fail)
             return x.new_empty(0, self.N)
-        x32 = x if x.dtype == torch.float32 and x.is_contiguous() else x.to(torch.float32).contiguous()  # [M, K]
-        y = self._prompt(x32, bias) if x32.shape[0] > PROMPT_ROWS else self._rows(x32, bias)
+        x32 = x.to(torch.float32).contiguous()  # [M, K]; no copy when x is fp32 and contiguous
+        y = self._prompt(x32) if x32.shape[0] > PROMPT_ROWS else self._rows(x32, bias)
+        if self.bias is not None and bias and not (self.fused_bias and x32.shape[0] <= PROMPT_ROWS):
+            y += self.bias.float()
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def grad_input(self, dy: torch.Tensor) -> torch.Tensor:  # dy [M, N] -> dx = dy W [M, K] in dy's dtype
         """The backward of __call__ for an adapter on top (QLoRA): dx accumulated over CHUNK_BYTES chunks of
         dequantized weight rows, so no float copy of a whole layer (embed_out's is 4 bytes x 50k x C) is made."""
         dy32 = dy.to(torch.float32).contiguous()  # [M, N]
-        dx = torch.zeros(dy.shape[0], self.K)  # [M, K] fp32
+        dx = torch.zeros(dy.shape[0], self.K, dtype=torch.float32, device="cpu")  # [M, K]
         for n0, n1, chunk in self._chunks():
             dx.addmm_(dy32[:, n0:n1], chunk)
         return dx.to(dy.dtype)
@@ -162,7 +170,7 @@ class QuantMatmul:
         is reused, so each chunk is valid until the next one."""
         q, s, z, _ = self.ptrs
         rows = min(self.N, max(64, CHUNK_BYTES // (4 * self.K)))
-        buf = torch.empty(rows, self.K)  # [rows, K] fp32
+        buf = torch.empty(rows, self.K, dtype=torch.float32, device="cpu")  # [rows, K]
         threads = torch.get_num_threads()
         for n0 in range(0, self.N, rows):
             n1 = min(n0 + rows, self.N)
@@ -173,10 +181,10 @@ class QuantMatmul:
                                               threads)
             yield n0, n1, buf[:n1 - n0]
 
-    def _rows(self, x32, bias):  # the matrix-vector kernel
+    def _rows(self, x32, bias):  # the matrix-vector kernel; the bias fused when it has the scales' dtype
         M, (q, s, z, b) = x32.shape[0], self.ptrs
         b = b if bias else None
-        y = torch.empty(M, self.N)  # [M, N] fp32
+        y = torch.empty(M, self.N, dtype=torch.float32, device="cpu")  # [M, N]
         threads = torch.get_num_threads()
         if self.mode == "int8":
             self.lib.gptneox_int8_matmul(x32.data_ptr(), M, self.K, q, s, b, self.code, y.data_ptr(), self.N, threads)
@@ -185,10 +193,8 @@ class QuantMatmul:
             raise MemoryError(f"cpu_quant: no memory for the int4 scratch of {M} x {self.K} floats")
         return y
 
-    def _prompt(self, x32, bias):  # many rows: dequantized chunks of weight rows, then torch's fp32 GEMM
-        y = torch.empty(x32.shape[0], self.N)  # [M, N] fp32
+    def _prompt(self, x32):  # many rows: dequantized chunks of weight rows, then torch's fp32 GEMM (bias after)
+        y = torch.empty(x32.shape[0], self.N, dtype=torch.float32, device="cpu")  # [M, N]
         for n0, n1, chunk in self._chunks():
             torch.mm(x32, chunk.t(), out=y[:, n0:n1])
-        if bias and self.bias is not None:
-            y += self.bias.float()
         return y

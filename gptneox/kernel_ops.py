@@ -240,8 +240,9 @@ def quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None
     from . import cpu_quant
     from .quantize import dequantize_weight, own_cpu_kernels
     mode = "int8" if zeros is None else "int4"
-    if x.device.type == "cpu" and mode in own_cpu_kernels():
-        K = weight.shape[1] if mode == "int8" else x.shape[1]
+    K = weight.shape[1] if mode == "int8" else x.shape[1]
+    if x.device.type == weight.device.type == "cpu" and cpu_quant.supports(mode, K, group_size, scales.dtype) \
+            and mode in own_cpu_kernels():
         return cpu_quant.QuantMatmul(cpu_quant.library(), mode, K, weight, scales, zeros, None, group_size)(x)
     return x @ dequantize_weight(weight, scales, zeros, x.shape[1], mode, group_size).to(x.dtype).t()
 

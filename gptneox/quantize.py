@@ -25,11 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernel_ops, ops
+from . import cpu_quant, kernel_ops, ops
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)  # what torch's int4 CPU kernel and tinygemm take; the issue's sweep
 INT4_MID = 8  # q = 8 dequantizes to zeros[n, j]
+HALF_OR_FP32 = (torch.float32, torch.bfloat16, torch.float16)  # what torch's packed CPU operators take
 ROW_CHUNK = 4096  # rows quantized at once: bounds the fp32 temporaries of a 50k-row embed_out
 LORA_POINTER = ("a quantized model's weights are frozen integers and cannot be trained; train LoRA adapters on top "
                 "of it (QLoRA), or train the unquantized model and quantize it afterwards")
@@ -155,19 +156,19 @@ def own_cpu_kernels() -> frozenset:
     """The modes that gptneox/cpu_quant.c runs here: built by this machine's compiler (cpu_quant.library()) and
     agreeing with dequantize_weight on small odd cases (a short last group, an odd K, a scalar tail, a bias, both
     of its paths), so that a broken build falls back instead of computing wrong numbers."""
-    from . import cpu_quant
     lib = cpu_quant.library()
     if lib is None:
         return frozenset()
     ok = set()
     gen = torch.Generator().manual_seed(0)
-    w, bias = torch.randn(21, 75, generator=gen), torch.randn(21, generator=gen)
+    f32 = {"generator": gen, "dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
+    w, bias = torch.randn(21, 75, **f32), torch.randn(21, **f32)
     for mode, g in (("int8", None), ("int4", 32)):
         t = quantize_weight(w, mode, g)
         matmul = cpu_quant.QuantMatmul(lib, mode, 75, t["weight"], t["scales"], t.get("zeros"), bias, g)
         dense = dequantize_weight(t["weight"], t["scales"], t.get("zeros"), 75, mode, g)
         for M in (3, 17, cpu_quant.PROMPT_ROWS + 1):  # the kernel's partial and whole 8-row blocks, a prompt
-            x = torch.randn(M, 75, generator=gen)
+            x = torch.randn(M, 75, **f32)
             if not torch.allclose(matmul(x), torch.addmm(bias, x, dense.t()), rtol=1e-4, atol=1e-4):
                 break
         else:
@@ -182,13 +183,13 @@ class _DequantGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, module):
-        ctx.module, ctx.own = module, module._own_cpu(x)
-        return module._cpu_matmul()(x, bias=False) if ctx.own else module._matmul(x)
+        ctx.module, ctx.matmul = module, module._cpu_matmul(x)
+        return ctx.matmul(x, bias=False) if ctx.matmul is not None else module._matmul(x)
 
     @staticmethod
     def backward(ctx, dy):  # dy [M, N] -> dx [M, K]
-        if ctx.own:
-            return ctx.module._cpu_matmul().grad_input(dy), None
+        if ctx.matmul is not None:
+            return ctx.matmul.grad_input(dy), None
         return dy @ ctx.module.dequantize().to(dy.dtype), None
 
 
@@ -248,8 +249,8 @@ class QuantizedLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, K]; a copy only if x is not viewable
         if torch.is_grad_enabled() and x.requires_grad:
             y = _DequantGrad.apply(x2, self)
-        elif self._own_cpu(x2):
-            return self._cpu_matmul()(x2).view(*x.shape[:-1], self.out_features)  # bias added by the kernel
+        elif (matmul := self._cpu_matmul(x2)) is not None:
+            return matmul(x2).view(*x.shape[:-1], self.out_features)  # bias added by the kernel
         else:
             y = self._matmul(x2)
         if self.bias is not None:
@@ -262,34 +263,38 @@ class QuantizedLinear(nn.Module):
             return kernel_ops.quant_matmul(x, self.weight, self.scales, self.zeros, g)
         if x.is_cuda and ops.triton_available():
             return ops.kernels().quant_matmul(x, self.weight, self.scales, self.zeros, g)
-        if x.device.type == "cpu" and self.mode in cpu_kernels():
+        if x.device.type == "cpu" and x.dtype in HALF_OR_FP32 and self.mode in cpu_kernels():
             if self.mode == "int8":
                 return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.weight, self.scales.to(x.dtype))
             return _cpu_int4_mm(x, *self._cpu_int4(x.dtype), K, N, g)
         return x @ self.dequantize().to(x.dtype).t()  # no fast kernel here: one dequantize per call
 
-    def _own_cpu(self, x) -> bool:
-        """x runs through gptneox/cpu_quant.c: eager (not while compiling), on CPU, where it built."""
-        return not ops.compiling() and x.device.type == "cpu" and self.mode in own_cpu_kernels()
+    def _cpu_matmul(self, x) -> "cpu_quant.QuantMatmul | None":
+        """gptneox/cpu_quant.c bound to this layer's tensors as they are now, or None where x does not run through it
+        (while compiling, off the CPU, a layout the kernels do not take, a failed build).
 
-    def _cpu_matmul(self):
-        """gptneox/cpu_quant.c bound to this layer's tensors (built on the first CPU forward; __setattr__ and _apply
-        drop it when a tensor is replaced or moved)."""
+        A load, `.data =` or torch.func.functional_call may have replaced any tensor since the last call, so the
+        binding is reused only while every tensor still has the same storage and shape; it holds the tensors it
+        points into, so no storage it knows can be freed and its address handed to another tensor meanwhile."""
+        if x.device.type != "cpu" or ops.compiling():
+            return None
+        bufs = self._buffers  # what self.weight etc. read, without nn.Module.__getattr__ (a decode step makes 49)
+        w, s, z, b = bufs["weight"], bufs["scales"], bufs["zeros"], bufs["bias"]
+        key = (w.data_ptr(), w.shape, s.data_ptr(), s.shape, z.data_ptr() if z is not None else None,
+               b.data_ptr() if b is not None else None, b.shape if b is not None else None)
         matmul = self._runtime.get("cpu")
-        if matmul is None or matmul.weight.data_ptr() != self.weight.data_ptr():
-            from . import cpu_quant
-            matmul = cpu_quant.QuantMatmul(cpu_quant.library(), self.mode, self.in_features, self.weight,
-                                           self.scales, self.zeros, self.bias, self.group_size)
-            self._runtime = {"cpu": matmul}
+        if matmul is not None and matmul.key == key:
+            return matmul
+        if w.device.type != "cpu" or self.mode not in own_cpu_kernels() or \
+                not cpu_quant.supports(self.mode, self.in_features, self.group_size, s.dtype):
+            return None
+        matmul = cpu_quant.QuantMatmul(cpu_quant.library(), self.mode, self.in_features, w, s, z, b, self.group_size)
+        matmul.key = key
+        self._runtime = {"cpu": matmul}
         return matmul
 
-    def __setattr__(self, name, value):
-        if name in ("weight", "scales", "zeros", "bias") and "_runtime" in self.__dict__:
-            self._runtime = {}
-        super().__setattr__(name, value)
-
     def _cpu_int4(self, dtype):
-        key = (self.weight.device, dtype, self.weight.data_ptr())  # a reloaded or moved weight repacks
+        key = (self.weight.device, dtype, self.weight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr())
         if key not in self._runtime:
             self._runtime = {key: _cpu_int4_pack(self.weight, self.scales, self.zeros, self.in_features,
                                                  self.group_size, dtype)}

@@ -121,18 +121,147 @@ def test_cpu_quant_threads_give_identical_results(lib, mode, g):
 
 
 # -------------------------------------------------------------------------------------------- bad operands
-def test_cpu_quant_refuses_shapes_that_disagree(lib):
+def test_cpu_quant_refuses_tensors_that_disagree(lib):
     t = quantize_weight(torch.randn(16, 64), "int4", 32)
-    with pytest.raises(ValueError, match="do not fit K = 65"):
+    with pytest.raises(ValueError, match=r"torch.uint8 \[16, 32\] on cpu, expected torch.uint8 \[16, 33\]"):
         cpu_quant.QuantMatmul(lib, "int4", 65, t["weight"], t["scales"], t["zeros"], None, 32)
-    with pytest.raises(ValueError, match="bias"):
+    with pytest.raises(ValueError, match=r"\[15\] on cpu, expected torch.float32 \[16\]"):
         cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], torch.zeros(15), 32)
+    with pytest.raises(ValueError, match="on meta"):
+        cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"].to("meta"), t["scales"], t["zeros"], None, 32)
+    with pytest.raises(ValueError, match="expected torch.int8"):  # int4's bytes are not int8 weights
+        cpu_quant.QuantMatmul(lib, "int8", 32, t["weight"], t["scales"][:, 0])
     matmul = cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], None, 32)
-    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\] on the CPU"):
         matmul(torch.randn(2, 63))
     assert matmul(torch.randn(0, 64, dtype=torch.bfloat16)).shape == (0, 16)  # an empty batch is no error
     t8 = quantize_weight(torch.randn(16, 64), "int8")
-    with pytest.raises(ValueError, match="scales dtype torch.float64"):
+    with pytest.raises(ValueError, match="no kernel for int8 with scales in torch.float64"):
+        cpu_quant.QuantMatmul(lib, "int8", 64, t8["weight"], t8["scales"].double())
+
+
+# --------------------------------------------------------------------------------------------- the module
+def test_quantized_linear_reads_its_tensors_as_they_are_at_each_call():
+    """A load assigns new tensors, `.data =` swaps a storage, functional_call substitutes buffers: every call must
+    read the tensors the layer holds then (an earlier version kept pointers: freed memory, or a stale bias)."""
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), "int4", 32)
+    x = torch.randn(2, 64)
+
+    def expected(m):
+        return x @ m.dequantize().t() + m.bias
+
+    with torch.no_grad():
+        layer(x)
+        other = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), "int4", 32)
+        for name in ("weight", "scales", "zeros", "bias"):
+            setattr(layer, name, getattr(other, name).clone())
+        torch.testing.assert_close(layer(x), expected(other))
+        layer.weight.data = torch.randint_like(layer.weight, 0, 256)
+        torch.testing.assert_close(layer(x), expected(layer))
+        swapped = {"bias": torch.zeros(16), "scales": layer.scales * 2}
+        out = torch.func.functional_call(layer, swapped, (x,))
+        torch.testing.assert_close(out, x @ dequantize_weight(layer.weight, swapped["scales"], layer.zeros, 64,
+                                                              "int4", 32).t())
+        layer.half().float()  # _apply
+        torch.testing.assert_close(layer(x), expected(layer))
+
+
+@pytest.mark.parametrize("default", [torch.float64, torch.bfloat16])
+def test_cpu_quant_ignores_torchs_default_dtype(default):
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(64, 16), "int8")
+    x = torch.randn(60, 64)  # the prompt path too
+    before = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(default)
+        with torch.no_grad():
+            got = layer(x), layer(x[:3])
+    finally:
+        torch.set_default_dtype(before)
+    torch.testing.assert_close(got[0], x @ layer.dequantize().t() + layer.bias)
+    torch.testing.assert_close(got[1], got[0][:3])
+
+
+def test_layouts_the_kernels_do_not_take_fall_back_to_torch():
+    """More than GROUPS_MAX int4 groups per row, or float64 scales: the torch path, not an error."""
+    wide = QuantizedLinear.from_linear(torch.nn.Linear(40000, 4), "int4", 32)  # 1250 groups
+    double = QuantizedLinear.from_linear(torch.nn.Linear(64, 8), "int8").double()
+    with torch.no_grad():
+        for layer in (wide, double):
+            x = torch.randn(2, layer.in_features, dtype=layer.scales.dtype)
+            torch.testing.assert_close(layer(x), x @ layer.dequantize().t() + layer.bias)
+
+
+def test_weights_off_the_cpu_are_refused_not_read():
+    """x on the CPU and the weights elsewhere (meta here, CUDA for a user): an error, never a pointer into them."""
+    layer = QuantizedLinear(64, 16, True, "int8", device="meta")
+    with pytest.raises((RuntimeError, ValueError, NotImplementedError)):
+        with torch.no_grad():
+            layer(torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
+def test_quantized_linear_gradient_through_cpu_quant_matches_the_dequantized_weight(mode, g, monkeypatch):
+    """QLoRA's backward on CPU: dx = dy W, accumulated over chunks of dequantized rows (three here), no bias term."""
+    monkeypatch.setattr(cpu_quant, "CHUNK_BYTES", 64 * 4 * 75)  # 64 rows per chunk
+    layer = QuantizedLinear.from_linear(torch.nn.Linear(75, 150), mode, g)
+    x = torch.randn(5, 75, requires_grad=True)
+    y = layer(x)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    w = layer.dequantize()
+    torch.testing.assert_close(y, x.detach() @ w.t() + layer.bias)
+    torch.testing.assert_close(x.grad, dy @ w)
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 64)])
+def test_cpu_quant_half_activations_come_back_in_their_dtype(lib, mode, g, x_dtype):
+    check(lib, 5, 24, 200, mode, g, x_dtype, True, x_dtype=x_dtype)
+
+
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
+def test_cpu_quant_plain_c_build_matches_too(mode, g):
+    """The loops without AVX2 (what a non-x86 CPU compiles) give the same numbers."""
+    plain = cpu_quant.library(())
+    assert plain is not None
+    for M, N, K in [(1, 7, 64), (9, 13, 75), (3, 5, 300), (cpu_quant.PROMPT_ROWS + 1, 9, 70)]:
+        check(plain, M, N, K, mode, g, torch.float32, True)
+
+
+@pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 128)])
+def test_cpu_quant_threads_give_identical_results(lib, mode, g):
+    """Each output row is computed whole by one thread, in one order: the thread count cannot change a bit."""
+    t = quantize_weight(torch.randn(300, 512), mode, g)
+    matmul = cpu_quant.QuantMatmul(lib, mode, 512, t["weight"], t["scales"], t.get("zeros"), None, g)
+    x = torch.randn(3, 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = matmul(x)
+        torch.set_num_threads(2)
+        two = matmul(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+# -------------------------------------------------------------------------------------------- bad operands
+def test_cpu_quant_refuses_tensors_that_disagree(lib):
+    t = quantize_weight(torch.randn(16, 64), "int4", 32)
+    with pytest.raises(ValueError, match=r"torch.uint8 \[16, 32\] on cpu, expected torch.uint8 \[16, 33\]"):
+        cpu_quant.QuantMatmul(lib, "int4", 65, t["weight"], t["scales"], t["zeros"], None, 32)
+    with pytest.raises(ValueError, match=r"\[15\] on cpu, expected torch.float32 \[16\]"):
+        cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], torch.zeros(15), 32)
+    with pytest.raises(ValueError, match="on meta"):
+        cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"].to("meta"), t["scales"], t["zeros"], None, 32)
+    with pytest.raises(ValueError, match="expected torch.int8"):  # int4's bytes are not int8 weights
+        cpu_quant.QuantMatmul(lib, "int8", 32, t["weight"], t["scales"][:, 0])
+    matmul = cpu_quant.QuantMatmul(lib, "int4", 64, t["weight"], t["scales"], t["zeros"], None, 32)
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\] on the CPU"):
+        matmul(torch.randn(2, 63))
+    assert matmul(torch.randn(0, 64, dtype=torch.bfloat16)).shape == (0, 16)  # an empty batch is no error
+    t8 = quantize_weight(torch.randn(16, 64), "int8")
+    with pytest.raises(ValueError, match="no kernel for int8 with scales in torch.float64"):
         cpu_quant.QuantMatmul(lib, "int8", 64, t8["weight"], t8["scales"].double())
 
 
