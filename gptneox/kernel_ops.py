@@ -237,13 +237,11 @@ def quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None
     tested against."""
     if _on_kernels(x):
         return ops.kernels().quant_matmul(x, weight, scales, zeros, group_size)
-    from . import cpu_quant
-    from .quantize import dequantize_weight, own_cpu_kernels
+    from .quantize import cpu_matmul, dequantize_weight
     mode = "int8" if zeros is None else "int4"
-    K = weight.shape[1] if mode == "int8" else x.shape[1]
-    if x.device.type == weight.device.type == "cpu" and cpu_quant.supports(mode, K, group_size, scales.dtype) \
-            and mode in own_cpu_kernels():
-        return cpu_quant.QuantMatmul(cpu_quant.library(), mode, K, weight, scales, zeros, None, group_size)(x)
+    matmul = cpu_matmul(mode, x.shape[1], weight, scales, zeros, None, group_size) if x.device.type == "cpu" else None
+    if matmul is not None:
+        return matmul(x)
     return x @ dequantize_weight(weight, scales, zeros, x.shape[1], mode, group_size).to(x.dtype).t()
 
 

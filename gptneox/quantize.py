@@ -176,6 +176,15 @@ def own_cpu_kernels() -> frozenset:
     return frozenset(ok)
 
 
+def cpu_matmul(mode: str, K: int, weight, scales, zeros, bias, group_size):
+    """gptneox/cpu_quant.c bound to these tensors, or None where they do not run through it (not on the CPU, a
+    layout the kernels do not take, a failed build): QuantizedLinear's and the custom op's one test."""
+    if weight.device.type != "cpu" or not cpu_quant.supports(mode, K, group_size, scales.dtype) \
+            or mode not in own_cpu_kernels():
+        return None
+    return cpu_quant.QuantMatmul(cpu_quant.library(), mode, K, weight, scales, zeros, bias, group_size)
+
+
 # --------------------------------------------------------------------------------------------------- the module
 class _DequantGrad(torch.autograd.Function):
     """y = x W^T by the module's fast path; dx = dy W with W dequantized (the weights themselves get no gradient):
@@ -214,7 +223,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer("scales", torch.empty(N, G, **f))
             self.register_buffer("zeros", torch.empty(N, G, **f))
         self.register_buffer("bias", torch.empty(N, **f) if bias else None)
-        self._runtime = {}  # (device, dtype) -> torch's packed CPU int4 form, built on the first CPU forward
+        self._runtime = {}  # "cpu": the cpu_quant.c binding; or torch's packed CPU int4 form (fallback)
 
     @classmethod
     @torch.no_grad()
@@ -285,10 +294,9 @@ class QuantizedLinear(nn.Module):
         matmul = self._runtime.get("cpu")
         if matmul is not None and matmul.key == key:
             return matmul
-        if w.device.type != "cpu" or self.mode not in own_cpu_kernels() or \
-                not cpu_quant.supports(self.mode, self.in_features, self.group_size, s.dtype):
+        matmul = cpu_matmul(self.mode, self.in_features, w, s, z, b, self.group_size)
+        if matmul is None:
             return None
-        matmul = cpu_quant.QuantMatmul(cpu_quant.library(), self.mode, self.in_features, w, s, z, b, self.group_size)
         matmul.key = key
         self._runtime = {"cpu": matmul}
         return matmul
