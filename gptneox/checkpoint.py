@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from . import progress as progress_bars
 from .atomic import atomic_dir
 from .config import Config
+from .devices import resolve_device, resolve_dtype
 
 # (index file, single file) pairs, most preferred first: safetensors over pickles, as transformers
 LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
@@ -135,6 +136,7 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
     no more than one float weight is ever held; a quantized checkpoint (config.json "quantization") loads as it is."""
     from .hub import checkpoint_path  # hub imports this module: a lazy import breaks the cycle
     from .quantize import quantize_weight
+    device, dtype = resolve_device(device), resolve_dtype(dtype)  # "cuda" without CUDA, "bf16": checked first
     path = checkpoint_path(name_or_path, revision=revision)
     files = weight_files(path)
     config = Config.from_hf_config(path)

@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-          "fp32": torch.float32, "float32": torch.float32}
+from .devices import DTYPES, DeviceError, auto_dtype, resolve_device, resolve_dtype
+
 RUNTIME_ERRORS = (ValueError, OSError, RuntimeError, MemoryError)  # torch.OutOfMemoryError is a RuntimeError
 
 
@@ -25,11 +25,7 @@ class UsageError(Exception):
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """torch.dtype for one of the spellings in DTYPES (a torch.dtype passes through)."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return resolve_dtype(name)
 
 
 def dtype_arg(allowed: tuple[str, ...] = tuple(DTYPES), extra: tuple[str, ...] = ()):
@@ -59,28 +55,31 @@ def device_arg(text: str) -> str:
     return text
 
 
-def pick_device(device: str) -> torch.device:
-    """--device's torch.device: auto is cuda when there is a GPU, else cpu; a device this machine lacks is a usage
-    error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(device: str | None, flag: str = "--device") -> torch.device:
+    """--device's torch.device (None or auto: cuda when there is a GPU, else cpu); a device this machine lacks is a
+    usage error, the same line from every script (gptneox.devices.resolve_device)."""
     try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device}: not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: CUDA is not available on this machine (try --device cpu)")
-    return dev
+        return resolve_device(device or "auto", name=flag)
+    except DeviceError as e:
+        raise UsageError(str(e)) from None
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """--dtype's torch.dtype. auto: bf16 on GPUs that have it (Dolly's own choice), else fp16 on GPU; fp32 on CPU
-    (fast and exact there)."""
-    if dtype != "auto":
-        return parse_dtype(dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    """--dtype's torch.dtype; auto: gptneox.devices.auto_dtype (bf16 / fp16 on a GPU, fp32 on the CPU)."""
+    return auto_dtype(device) if dtype == "auto" else parse_dtype(dtype)
+
+
+def add_threads_flag(parser: argparse.ArgumentParser) -> None:
+    """--threads N: torch's CPU threads for this run (set_threads)."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for torch's operators (default: torch's own choice, one per physical core). "
+                        "Fewer threads are often faster on a busy machine, or for a small model whose operators are "
+                        "too short to share out: try 1")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 def positive_int(text: str) -> int:
