@@ -1,5 +1,27 @@
 """gptneox: GPT-NeoX (Pythia, Dolly v2) from scratch in PyTorch, numerically equal to Hugging Face's GPTNeoX."""
 
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _mount_kernels() -> None:
+    """The repository's kernels/ folder as the namespace package gptneox.kernels, where no installer put it there.
+
+    kernels/ has no __init__.py, so that it never shadows PyPI's `kernels` (README, "Install"). A wheel installs it
+    as gptneox/kernels/, which Python finds by itself; setuptools' editable finder cannot map a namespace package
+    nested in a regular one, and an uninstalled checkout has no mapping at all: both get the folder here (no import
+    of Triton happens until gptneox.kernels.api is imported)."""
+    folder = Path(__file__).resolve().parent.parent / "kernels"
+    if importlib.util.find_spec(__name__ + ".kernels") is None and (folder / "api.py").is_file():
+        spec = importlib.machinery.ModuleSpec(__name__ + ".kernels", None, is_package=True)
+        spec.submodule_search_locations = [str(folder)]
+        sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+
+
+_mount_kernels()
+
 from .checkpoint import CheckpointError
 from .config import PRESETS, Config
 from .dolly import extract_response, format_prompt

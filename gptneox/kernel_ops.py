@@ -33,7 +33,7 @@ def _on_kernels(t: Tensor) -> bool:
     """Whether the Triton kernels run on t's device: CUDA, or CPU under the interpreter."""
     if t.is_cuda:
         return True
-    return t.device.type == "cpu" and ops.triton_available() and ops.kernels()._utils.interpreting()
+    return t.device.type == "cpu" and ops.triton_available() and ops.kernels().interpreting()
 
 
 def _empty_bthd(B: int, nh: int, T: int, hs: int, like: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ rot rotary dims.
 Facts: docs/architecture.md, "Forward pass" and "Half precision".
 """
 
+import importlib
 import importlib.util
 import math
 import sys
@@ -32,6 +33,10 @@ SPANS_ERROR = ("backend='triton' takes left padding only (attention_mask rows 0.
 
 
 # ---------------------------------------------------------------------------------------------------- backends
+TRITON_MISSING = ("backend='triton' needs the triton package, which CUDA builds of torch bring on Linux (else pip "
+                  "install triton, or the gptneox[triton] extra); use backend='sdpa' or 'eager'")
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -47,7 +52,7 @@ def check_backend(name: str | None) -> None:
     if name is not None and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     if name == "triton" and not triton_available():
-        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux)")
+        raise ValueError(TRITON_MISSING)
 
 
 def default_backend(device: torch.device, dtype: torch.dtype) -> str:
@@ -61,31 +66,17 @@ def default_backend(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def kernels():
-    """gptneox.kernels (the Triton kernels), imported on first use.
-
-    Installed, the repository's kernels/ folder is the package gptneox.kernels (setup.py package_dir); from an
-    uninstalled checkout it is loaded from ../kernels under that same name, so its relative imports work.
-    """
-    if "gptneox.kernels" in sys.modules:
-        return sys.modules["gptneox.kernels"]
+    """gptneox.kernels.api (the Triton kernels' public functions), imported on first use. The repository's kernels/
+    folder is the namespace package gptneox.kernels, installed or mounted by gptneox/__init__.py."""
     if not triton_available():
-        raise ValueError("backend='triton' needs the triton package (pip install triton, Linux); "
-                         "use backend='sdpa' or 'eager'")
-    if importlib.util.find_spec("gptneox.kernels") is None:  # uninstalled checkout: the top-level kernels/ folder
-        init = Path(__file__).resolve().parent.parent / "kernels" / "__init__.py"
-        if not init.is_file():
-            raise ValueError(f"backend='triton': the Triton kernels are not installed and {init} does not exist")
-        spec = importlib.util.spec_from_file_location("gptneox.kernels", init,
-                                                      submodule_search_locations=[str(init.parent)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gptneox.kernels"] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules["gptneox.kernels"]
+        raise ValueError(TRITON_MISSING)
+    try:
+        return importlib.import_module("gptneox.kernels.api")
+    except ModuleNotFoundError as e:
+        if e.name not in ("gptneox.kernels", "gptneox.kernels.api"):
             raise
-        return module
-    return importlib.import_module("gptneox.kernels")
+        raise ValueError("backend='triton': the Triton kernels (gptneox.kernels) are not installed; reinstall "
+                         "gptneox, or use backend='sdpa' or 'eager'") from None
 
 
 # ------------------------------------------------------------------------------------------------------ rotary

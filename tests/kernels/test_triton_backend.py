@@ -162,16 +162,16 @@ def test_default_backend_is_triton_for_half_precision_on_cuda_only():
 
 
 def test_kernels_load_from_an_uninstalled_checkout(tmp_path):
-    """Without the installed package mapping, ops.kernels() loads the top-level kernels/ folder as gptneox.kernels."""
+    """Without the installed package mapping, the top-level kernels/ folder is mounted as gptneox.kernels."""
     for folder in ("gptneox", "kernels"):
         shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "benchmarks"))
     code = ("import sys, torch; from gptneox import ops; k = ops.kernels(); "
-            "assert k.__name__ == 'gptneox.kernels', k.__name__; print(k.__file__); "
+            "assert k.__name__ == 'gptneox.kernels.api', k.__name__; print(k.__file__); "
             "print(sys.modules['gptneox.kernels.attention'].__file__)")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *site.getsitepackages()]), TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == [str(tmp_path / "kernels" / "__init__.py"), str(tmp_path / "kernels" / "attention.py")]
+    assert out.stdout.split() == [str(tmp_path / "kernels" / "api.py"), str(tmp_path / "kernels" / "attention.py")]
 
 
 def test_triton_backend_traces_fullgraph_under_torch_compile():

@@ -1,9 +1,11 @@
-"""Triton kernels for GPT-NeoX (fused partial rotary, flash attention), installed as `gptneox.kernels`.
+"""The public functions of the Triton kernels for GPT-NeoX (fused partial rotary, flash attention, flash-decoding,
+int8 / int4 matmul): `gptneox.kernels.api`.
 
-This folder is a top-level directory of the repository, but the wheel maps it to the package `gptneox.kernels`
-(setup.py `package_dir`), so an installed gptneox never shadows, and is never shadowed by, the unrelated PyPI
-distribution named `kernels`. Imports inside this package are relative for that reason. From an uninstalled
-checkout, gptneox.ops loads this folder under the same name (ops.kernels()).
+The repository's kernels/ folder installs as `gptneox.kernels` (setup.py `package_dir`) and is deliberately not a
+regular package: it has no __init__.py, so from any working directory (the repository root included, which Python
+puts first on sys.path) `import kernels` finds a regular package of that name first, such as the PyPI distribution
+`kernels` that transformers imports, and never this folder (README, "Install"). Imports inside this folder are
+relative for that reason; from an uninstalled checkout, gptneox.ops loads it under the same name (ops.kernels()).
 
 The reference for every kernel is the torch path in gptneox/ops.py; gptneox.ops dispatches here for
 backend="triton". Public functions (each differentiable unless noted):
@@ -19,10 +21,11 @@ torch.compile(fullgraph=True) and CUDA graphs keep them; this package itself imp
 """
 
 from .attention import AttentionFunction, attention, attention_bwd, attention_fwd, best_configs
+from ._utils import interpreting
 from .decode import decode_attention
 from .quant_matmul import quant_matmul, quant_matmul_fwd
 from .rotary import RotaryFunction, rotary, rotary_bwd, rotary_fwd
 
 __all__ = ["rotary", "attention", "decode_attention", "rotary_fwd", "rotary_bwd", "attention_fwd", "attention_bwd",
            "RotaryFunction", "AttentionFunction", "best_configs",
-           "quant_matmul", "quant_matmul_fwd"]
+           "quant_matmul", "quant_matmul_fwd", "interpreting"]
