@@ -36,8 +36,8 @@ def _parse_line(raw: bytes, where: str) -> dict:
         rec = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise DataError(f"{where}: not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 4]!r})") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not a JSON object ({e.msg} at column {e.colno})") from None
+    except json.JSONDecodeError as e:  # some of json's messages end in " at" ("Invalid control character at")
+        raise DataError(f"{where}: not a JSON object ({e.msg.removesuffix(' at')} at column {e.colno})") from None
     if not isinstance(rec, dict):
         raise DataError(f"{where}: expected a JSON object with {', '.join(FIELDS)}, found {type(rec).__name__}")
     for field in FIELDS:

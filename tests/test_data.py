@@ -98,6 +98,7 @@ def test_tokenize_records_refuses_tokenizer_without_dolly_tokens(pythia_tok):
 # ----------------------------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize("line, message", [
     ("{not json", "not a JSON object"),
+    ('{"instruction": "a\tb"}', r"not a JSON object \(Invalid control character at column 19\)$"),  # not "at at"
     ('["a list"]', "expected a JSON object"),
     (json.dumps(dict(instruction="q", response="r")), "missing field 'context'"),
     (json.dumps(dict(instruction="q", context=None, response="r")), "field 'context' must be a string"),
