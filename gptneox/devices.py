@@ -20,8 +20,11 @@ class DeviceError(ValueError):
 
 
 def shown(name: str, value) -> str:
-    """The setting as the user wrote it: "--device cuda" on a command line, "device='cuda'" in Python."""
-    return f"{name} {value}" if name.startswith("--") else f"{name}={str(value)!r}"
+    """The setting as the user wrote it: "--device cuda" on a command line ("--model_args device=cuda" for a name
+    ending in "="), "device='cuda'" in Python."""
+    if name.startswith("--"):
+        return f"{name}{value}" if name.endswith("=") else f"{name} {value}"
+    return f"{name}={str(value)!r}"
 
 
 def resolve_dtype(dtype, *, name: str = "dtype") -> torch.dtype | None:

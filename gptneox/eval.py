@@ -36,7 +36,8 @@ except ImportError as e:  # lm-eval is an extra, never a runtime dependency
     raise ImportError(f"gptneox.eval needs lm-eval ({e}): pip install -e \".[eval]\" or pip install lm-eval") from None
 from tqdm import tqdm  # an lm-eval dependency
 
-from .cli import RUNTIME_ERRORS, parse_dtype
+from . import devices
+from .cli import RUNTIME_ERRORS, UsageError, parse_dtype, pick_device
 from .dolly import END_KEY, format_prompt
 from .generation import GenerationConfig, Generator, left_pad
 from .model import GPTNeoX
@@ -44,26 +45,32 @@ from .tokenizer import Tokenizer
 
 MODEL_NAME = "gptneox"
 MAX_GEN_TOKS = 256  # HFLM.max_gen_toks: the default when a task's generation_kwargs give none
-MODEL_ARGS = ("pretrained", "revision", "tokenizer", "adapter", "quantize", "group_size", "dtype", "device",
-              "batch_size", "max_batch_size", "backend", "max_length", "dolly_template")
+# --model_args of "gptneox" (GPTNeoXLM's keyword arguments), as `python -m gptneox.eval --help` explains them
+MODEL_ARGS_HELP = {
+    "pretrained": "a checkpoint directory or a model name: pythia-160m, EleutherAI/pythia-1.4b@step3000 (required)",
+    "revision": "a hub revision of a named model (step3000, main)",
+    "tokenizer": "a tokenizer.json or a directory holding one (default: the adapter's, else pretrained's)",
+    "adapter": "a LoRA adapter directory (train.py --lora-r's, or PEFT's) attached to pretrained",
+    "quantize": "int8 or int4: weight-only quantization while loading (a quantized checkpoint needs none)",
+    "group_size": "with quantize=int4: input columns per scale and zero (default 128)",
+    "dtype": "auto (default: the checkpoint's own, as HFLM), float32, bfloat16, float16 (or fp32, bf16, fp16)",
+    "device": "auto (default: cuda when present), cpu, cuda, cuda:N; the same as --device",
+    "batch_size": "requests per forward (default 1; lm-eval's --batch_size sets it too)",
+    "max_batch_size": "accepted, unused",
+    "backend": "attention: eager, sdpa or triton (default: sdpa, triton for fp16 / bf16 on CUDA)",
+    "max_length": "the context window in tokens (default and at most: the model's)",
+    "dolly_template": "true: wrap generation prompts in Dolly v2's instruction template, stop at ### End",
+}
+MODEL_ARGS = tuple(MODEL_ARGS_HELP)
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")  # generation kwargs passed through
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
 def resolve_device(name) -> torch.device:
-    """torch.device for model_args device: None or "auto" picks CUDA when present. A CUDA device on a machine
-    without one falls back to the CPU with a warning, as HFLM does (lm-eval's command line passes cuda:0 by default)."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"model_args device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        log.warning("device %s was asked for but CUDA is not available: running on the CPU", name)
-        return torch.device("cpu")
-    return device
+    """torch.device for model_args device: None or "auto" picks CUDA when present; a device this machine lacks is
+    refused in one line, the rule of every gptneox entry point (gptneox.devices.resolve_device)."""
+    return devices.resolve_device("auto" if name is None else name, name="device")
 
 
 def positive_int(value, name: str) -> int:
@@ -102,17 +109,8 @@ class GPTNeoXLM(TemplateLM):
     """The lm-eval model "gptneox": GPTNeoX and its Tokenizer behind loglikelihood, loglikelihood_rolling and
     generate_until (see the module docstring for the conventions).
 
-    pretrained: a checkpoint directory, a model name resolved as GPTNeoX.from_pretrained does ("pythia-160m",
-        "EleutherAI/pythia-1.4b@step3000", downloaded when the network allows), or a GPTNeoX (then give tokenizer).
-    revision: a hub revision of a named model; tokenizer: a tokenizer.json, a directory holding one, or a Tokenizer
-        (default: the adapter's if it holds one, else pretrained's). adapter: a LoRA adapter directory, ours or
-        PEFT's (gptneox.lora.load_adapter), attached to pretrained. quantize: int8 or int4 (with group_size, default
-        128) weight-only quantization while loading (gptneox.quantize); a quantized checkpoint needs neither.
-    dtype: auto (the checkpoint's own, as HFLM), float32, bfloat16, float16.
-    device: auto, cpu, cuda, cuda:N. batch_size: requests per forward (max_batch_size is accepted and unused).
-    backend: the attention backend, eager / sdpa / triton (default: ops.default_backend).
-    max_length: the context window in tokens (default and at most: the model's max_position_embeddings).
-    dolly_template: wrap generation prompts in Dolly v2's instruction template and end them at "### End".
+    The keyword arguments are MODEL_ARGS_HELP's; in Python, pretrained may also be a GPTNeoX (then give its tokenizer)
+    and tokenizer a Tokenizer.
     """
 
     def __init__(self, pretrained=None, *, revision=None, tokenizer=None, adapter=None, quantize=None, group_size=128,
@@ -419,6 +417,26 @@ def _flag_value(args: list[str], *names: str) -> str | None:
     return None
 
 
+def usage() -> str:
+    """What gptneox adds to lm-eval's command line; `--help` prints it before lm-eval's own help."""
+    width = max(map(len, MODEL_ARGS_HELP))
+    rows = "\n".join(f"  {k:<{width}}  {v}" for k, v in MODEL_ARGS_HELP.items())
+    return ("usage: python -m gptneox.eval --model_args pretrained=NAME_OR_DIR[,KEY=VALUE...] --tasks TASKS "
+            "[lm-eval's flags]\n\n"
+            f"lm-evaluation-harness with gptneox's model (--model {MODEL_NAME}, set for you; --device auto unless "
+            "given).\nExit status: 0 done, 2 a usage error, 1 a runtime error (one line; GPTNEOX_TRACEBACK=1 shows the "
+            "traceback). Guide: docs/evaluation.md.\n\n"
+            f"--model_args of {MODEL_NAME}, comma-separated KEY=VALUE:\n{rows}\n\n"
+            "lm-eval's own flags follow.\n")
+
+
+def _model_args_device(args: list[str]) -> str | None:
+    """device=... inside --model_args (lm-eval's KEY=VALUE,KEY=VALUE string), or None."""
+    text = _flag_value(args, "--model_args", "--model-args", "-a") or ""
+    pairs = dict(kv.split("=", 1) for kv in text.split(",") if "=" in kv)
+    return pairs.get("device")
+
+
 def main(argv=None) -> int:
     """`python -m gptneox.eval ARGS`: lm-eval's own command line (`lm_eval run --help` lists its flags) with
     --model gptneox and, unless given, --device auto. Errors from the model exit 1 with one line (GPTNEOX_TRACEBACK=1
@@ -426,6 +444,8 @@ def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["run"]:
         args = args[1:]
+    if "-h" in args or "--help" in args:
+        print(usage(), flush=True)
     model = _flag_value(args, "--model", "-M")
     if model not in (None, MODEL_NAME):
         print(f"gptneox.eval: error: --model {model}: this command evaluates --model {MODEL_NAME}; run lm_eval itself "
@@ -435,6 +455,12 @@ def main(argv=None) -> int:
         args = ["--model", MODEL_NAME, *args]
     if _flag_value(args, "--device") is None:
         args += ["--device", "auto"]
+    try:  # the device rule of every gptneox command, before lm-eval loads anything
+        pick_device(_flag_value(args, "--device"))
+        pick_device(_model_args_device(args), flag="--model_args device=")
+    except UsageError as e:
+        print(f"gptneox.eval: error: {e}", file=sys.stderr)
+        return 2
     from lm_eval.__main__ import cli_evaluate
     argv0, sys.argv = sys.argv, ["lm-eval", *args]  # lm-eval parses sys.argv itself
     try:

@@ -26,7 +26,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from tiny import hf_model  # noqa: E402
 
 from gptneox.dolly import END_KEY, format_prompt  # noqa: E402
-from gptneox.eval import GPTNeoXLM, main  # noqa: E402
+from gptneox.eval import MODEL_ARGS, GPTNeoXLM, main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHIA_TOKENS, PADDED_ROWS = 50277, 50304  # Pythia's tokenizer and embedding sizes
@@ -318,3 +318,27 @@ def test_cli_runs_an_offline_task_with_the_same_results_as_model_hf(ckpt, tmp_pa
 def test_cli_refuses_another_model(capsys):
     assert main(["--model", "hf", "--tasks", "x"]) == 2
     assert "this command evaluates --model gptneox" in capsys.readouterr().err
+
+
+def test_cli_help_leads_with_gptneox_model_args_then_lm_evals_flags():
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    run = subprocess.run([sys.executable, "-m", "gptneox.eval", "--help"], env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout
+    ours = out.index("--model_args of gptneox")
+    assert all(f"\n  {key} " in out[ours:] for key in MODEL_ARGS)  # every key, explained
+    theirs = out.index("usage: lm-eval")  # lm-eval's help follows ours, whole
+    assert ours < out.index("lm-eval's own flags follow") < theirs < out.index("--batch_size <size>")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer of a machine without CUDA")
+def test_cli_device_this_machine_lacks_is_a_usage_error_in_one_line(ckpt, capsys):
+    """The rule of every gptneox command (sample.py, train.py, the server): one line, exit 2, before any load."""
+    assert main(["--model_args", f"pretrained={ckpt}", "--tasks", "x", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == ("gptneox.eval: error: --device cuda: CUDA is not available on this machine "
+                                       "(try --device cpu)\n")
+    assert main(["--model_args", f"pretrained={ckpt},device=cuda:0", "--tasks", "x"]) == 2
+    assert "--model_args device=cuda:0: CUDA is not available" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"^device='cuda': CUDA is not available on this machine \(try device='cpu'\)$"):
+        GPTNeoXLM(pretrained=ckpt, device="cuda")
