@@ -12,16 +12,57 @@ gptneox.serve_app's; this file is the command line. Needs the serve extra: pip i
 0 after Ctrl-C, 2 a usage error, 1 a runtime error. Guide: docs/serving.md.
 """
 
+import errno
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
 import torch
 
 from . import cli
+from .adapter import ADAPTER_CONFIG
+from .config import Config
+from .hub import resolve_checkpoint
 
 GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
+log = logging.getLogger("gptneox.serve")
+
+
+def port_arg(text: str) -> int:
+    """An argparse type for --port: a TCP port, 0 (any free port) to 65535."""
+    port = cli.non_negative_int(text)
+    if port > 65535:
+        raise cli.argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535 (0: any free port), got {port}")
+    return port
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads, so that a bad --host (a usage error) or a busy --port (a
+    runtime error) is said in one line at once, not after a minute of loading. uvicorn serves on it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise cli.UsageError(f"--host {host}: not a host name or address ({getattr(e, 'strerror', None) or e})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait for TIME_WAIT
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise cli.UsageError(f"--host {host}: not an address of this machine (127.0.0.1 serves this machine, "
+                                 "0.0.0.0 every network it is on)") from None
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(f"--port {port}: {host}:{port} is already in use (another server?); choose another --port, "
+                          "or 0 for any free one") from None
+        if e.errno == errno.EACCES:
+            raise OSError(f"--port {port}: permission denied (ports below 1024 need privileges); choose a port of "
+                          "1024 or more") from None
+        raise OSError(f"--host {host} --port {port}: {e.strerror}") from None
+    return sock
 
 
 def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | None = None, quantize: str | None = None,
@@ -30,31 +71,41 @@ def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | Non
     --adapter (ours or PEFT's) attached, and merged into the weights when the base is float, so that serving costs
     what the base costs (on a quantized base it stays beside it: QLoRA). The adapter's tokenizer.json wins when it
     has one (a Dolly run resizes the vocabulary)."""
-    from .hub import resolve_checkpoint
-    from .adapter import ADAPTER_CONFIG
     from .lora import merge_lora
-    from .quantize import QuantizedLinear
+    from .quantize import describe, settings_of
     from .model import GPTNeoX
     from .tokenizer import Tokenizer
-    try:
-        path = resolve_checkpoint(ckpt)
-    except (ValueError, FileNotFoundError) as e:
-        raise cli.UsageError(str(e)) from None
-    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        raise cli.UsageError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, ours or "
-                             "PEFT's)")
+    path = checkpoint_dir(ckpt)
+    check_adapter(adapter)
     own = Path(adapter) / "tokenizer.json" if adapter is not None else None
     tokenizer = Tokenizer.from_pretrained(own if own is not None and own.is_file() else path)
     q = dict(quantize=quantize, group_size=group_size) if quantize else {}
     model = GPTNeoX.from_pretrained(path, device=device, dtype=dtype, adapter=adapter, **q)
-    if adapter is not None and not any(isinstance(m, QuantizedLinear) for m in model.modules()):
+    quantized = settings_of(model)
+    if adapter is not None and quantized is None:
         merge_lora(model)
+    how = f", LoRA adapter {adapter} {'beside the quantized weights' if quantized else 'merged'}" if adapter else ""
+    log.info("loaded %s on %s: %s weights%s", path, device, describe(quantized, dtype), how)
     return model, tokenizer, path
+
+
+def checkpoint_dir(ckpt: str) -> Path:
+    """--ckpt's directory (a name is looked up or fetched as sample.py does); nothing usable there: a usage error."""
+    try:
+        return resolve_checkpoint(ckpt)
+    except (ValueError, FileNotFoundError) as e:
+        raise cli.UsageError(str(e)) from None
+
+
+def check_adapter(adapter: str | None) -> None:
+    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
+        raise cli.UsageError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, ours or "
+                             "PEFT's)")
 
 
 def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
          max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
-         template="auto", log_level="info") -> int:
+         template="auto", log_level="info", threads=None) -> int:
     try:
         import fastapi  # noqa: F401 (checked here, imported by serve_app)
         import uvicorn
@@ -62,21 +113,31 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
         raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
                            "pip install -e \".[serve]\"") from None
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    cli.set_threads(threads)
     dev = cli.pick_device(device)
     if group_size is not None and quantize != "int4":
         raise cli.UsageError("--group-size is the int4 group size: give it with --quantize int4")
-    model, tokenizer, path = load(ckpt, dev, cli.pick_dtype(dtype, dev), adapter, quantize, group_size or 128)
-    window = model.config.max_position_embeddings
+    path = checkpoint_dir(ckpt)
+    check_adapter(adapter)
+    window = Config.from_hf_config(path).max_position_embeddings
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
                              f"got {max_model_len}")
+    sock = bind(host, port)  # every check before the model loads
+    model, tokenizer, path = load(str(path), dev, cli.pick_dtype(dtype, dev), adapter, quantize, group_size or 128)
     from .batching import Engine
     from .serve_app import Service, create_app
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len)
     template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
     service = Service(engine, tokenizer, model_name=model_name or path.name, template=template)
-    uvicorn.run(create_app(service, api_key=api_key), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=GRACE_S)
+    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), log_level=log_level,
+                                           timeout_graceful_shutdown=GRACE_S))
+    bound_host, bound_port = sock.getsockname()[:2]
+    log.info("serving %s as model %r on http://%s:%d/v1 (Ctrl-C to stop)", path, service.model_name,
+             f"[{bound_host}]" if ":" in bound_host else bound_host, bound_port)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise RuntimeError("the server did not start (its log above says why)")
     return 0
 
 
@@ -92,7 +153,8 @@ def build_parser() -> cli.ArgumentParser:
                    help="with --quantize int4: input columns per scale and zero (default 128)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only; "
                    "0.0.0.0 serves the network: use --api-key then)")
-    p.add_argument("--port", type=cli.non_negative_int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--port", type=port_arg, default=8000, help="TCP port, 0 to 65535 (default 8000; 0: any free port, "
+                   "the log says which); checked, with --host, before the model loads")
     p.add_argument("--max-batch-size", type=cli.positive_int, default=8,
                    help="requests decoded together, each in its own KV-cache slot (default 8)")
     p.add_argument("--max-queue", type=cli.non_negative_int,
@@ -112,6 +174,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--template", default="auto", choices=["auto", "dolly", "plain"],
                    help="chat template: dolly (Dolly's instruction prompt, answers end at '### End'), plain "
                    "('User: / Assistant:' transcript); auto (default): dolly when the tokenizer has Dolly's tokens")
+    cli.add_threads_flag(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="server log level (default info: one line per request)")
     return p
