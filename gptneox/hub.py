@@ -14,7 +14,9 @@ A Pythia revision stepN that EleutherAI never published (pythia_steps() lists th
 
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .checkpoint import LAYOUTS
 from .config import HUB_IDS, PRESETS
@@ -30,6 +32,7 @@ _STEP = re.compile(r"step(\d+)")
 # log-spaced step1 ... step512 (powers of two), then every 1000 steps up to step143000, the last (== main)
 PYTHIA_LOG_STEPS = [0] + [2 ** i for i in range(10)]
 PYTHIA_LAST_STEP, PYTHIA_STEP_EVERY = 143000, 1000
+PROBE_S = 5  # seconds a connection to the hub may take before the machine counts as offline
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -114,6 +117,22 @@ def _hub_snapshots(repo_id: str, revision: str | None) -> list[Path]:
     return []
 
 
+def offline_reason() -> str | None:
+    """Why the hub cannot be reached now, or None: HF_HUB_OFFLINE is set, or the endpoint does not answer within
+    PROBE_S seconds. A machine without network then fails at once, instead of after huggingface_hub's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # through a proxy: only huggingface_hub knows whether it answers
+    url = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                 timeout=PROBE_S).close()
+    except OSError as e:
+        return f"{url.hostname} cannot be reached from this machine ({e.strerror or e})"
+    return None
+
+
 def fetch_command(repo_id: str, revision: str | None) -> str:
     rev = f" --revision {revision}" if revision else ""
     return f"hf download {repo_id}{rev}"
@@ -169,17 +188,21 @@ def resolve_checkpoint(name_or_path: str, *, revision: str | None = None, downlo
     if not download_missing:
         raise CheckpointNotFound(f"no local copy of {repo_id}{'@' + revision if revision else ''}; looked in:\n  "
                                  f"{looked}\n{how}")
-    try:
-        fetched = download(repo_id, revision)
-    except ImportError:
-        reason = "huggingface_hub is not installed"
-    except Exception as e:  # offline, unknown repository or revision, gated, disk full: all say the same to a user
-        first_line = (str(e).splitlines() or [""])[0][:200]
-        reason = f"fetching from the Hugging Face hub failed ({type(e).__name__}: {first_line})"
+    reason = offline_reason()
+    if reason is not None:
+        reason = f"the Hugging Face hub cannot be reached ({reason})"
     else:
-        if is_checkpoint(fetched):
-            return fetched
-        reason = f"the download at {fetched} holds no config.json with weights"
+        try:
+            fetched = download(repo_id, revision)
+        except ImportError:
+            reason = "huggingface_hub is not installed"
+        except Exception as e:  # unknown repository or revision, gated, disk full: all say the same to a user
+            first_line = (str(e).splitlines() or [""])[0][:200]
+            reason = f"fetching from the Hugging Face hub failed ({type(e).__name__}: {first_line})"
+        else:
+            if is_checkpoint(fetched):
+                return fetched
+            reason = f"the download at {fetched} holds no config.json with weights"
     raise CheckpointNotFound(f"no local copy of {repo_id}{'@' + revision if revision else ''} and {reason}; "
                              f"looked in:\n  {looked}\n{how}")
 

@@ -1,5 +1,10 @@
 """gptneox.hub.resolve_checkpoint: paths, names, revisions, ./checkpoints, $GPTNEOX_HOME and a fake HF hub cache."""
 
+import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -7,7 +12,9 @@ import torch
 from tiny import hf_model, save_checkpoint
 
 from gptneox import GPTNeoX
-from gptneox.hub import CheckpointNotFound, parse_name, resolve_checkpoint
+from gptneox.hub import CheckpointNotFound, offline_reason, parse_name, resolve_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -20,7 +27,61 @@ def env(tmp_path, monkeypatch):
     def offline(repo_id, revision):
         raise ConnectionError("no network in tests")
     monkeypatch.setattr("gptneox.hub.download", offline)
+    monkeypatch.setattr("gptneox.hub.offline_reason", lambda: None)  # the hub "answers": download() decides
     return tmp_path
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once it is closed
+
+
+@pytest.mark.parametrize("why", ["HF_HUB_OFFLINE", "no network"])
+def test_resolve_checkpoint_offline_fails_fast_without_trying_to_download(tmp_path, monkeypatch, why):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("GPTNEOX_HOME", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr("gptneox.hub.download", lambda *a: pytest.fail("download() must not be tried offline"))
+    if why == "HF_HUB_OFFLINE":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointNotFound) as e:
+        resolve_checkpoint("pythia-14m")
+    assert time.perf_counter() - t0 < 5
+    message = str(e.value)
+    assert "the Hugging Face hub cannot be reached" in message
+    assert ("HF_HUB_OFFLINE is set" if why == "HF_HUB_OFFLINE" else "127.0.0.1 cannot be reached") in message
+    assert "hf download EleutherAI/pythia-14m" in message
+
+
+def test_offline_reason_leaves_a_proxy_to_huggingface_hub(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert offline_reason() is None
+
+
+def test_sample_offline_names_the_fetch_command_at_once(tmp_path):
+    """`python sample.py --ckpt pythia-14m` on a machine without network: one line and the fetch command, in seconds
+    (huggingface_hub's own retries took ~25 s before)."""
+    env = {**os.environ, "HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "",
+           "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}", "PYTHONPATH": str(ROOT)}
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "GPTNEOX_HOME", "HF_HUB_CACHE"):
+        env.pop(proxy, None)
+    t0 = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", "pythia-14m", "--prompt", "Hi"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 2, done.stderr
+    assert "the Hugging Face hub cannot be reached" in done.stderr and "hf download EleutherAI/pythia-14m" in done.stderr
+    assert "Traceback" not in done.stderr and "Retrying" not in done.stderr
+    assert elapsed < 60  # imports on a busy machine; the probe itself is immediate
 
 
 def fake_checkpoint(path, weights="pytorch_model.bin"):
