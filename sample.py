@@ -231,7 +231,18 @@ def interact(gen: Generator, tokenizer, template, context, config: GenerationCon
         run_one(gen, tokenizer, ids, turn, strip=template == "dolly")
 
 
-def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None, quantized=None):
+def warm_up(gen: Generator, tokenizer, prompts: list[list[int]]) -> float:
+    """--compile: compile the decode step on the prompts' shapes before the timed run (two greedy tokens), saying so
+    first, since it takes a while; returns the seconds it took. The run's tokens/s then count decoding alone."""
+    print("compiling the decode step (first call only) ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    gen.generate(prompts, GenerationConfig(max_new_tokens=2, temperature=0), tokenizer=tokenizer)
+    gen.tokens_generated = 0
+    return time.perf_counter() - t0
+
+
+def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None, quantized=None, adapter=None,
+           compile_s=None):
     weights = weight_bytes(model)  # read once per decode step: everything but the input embedding
     embed = model.gpt_neox.embed_in.weight
     total = weights + embed.numel() * embed.element_size()
@@ -242,7 +253,9 @@ def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None, q
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB (process RSS)"
     source = files[0].name if len(files) == 1 else f"{len(files)} shards of {files[0].suffix}"
-    print(f"load {load_s:.1f} s ({source}) | {new_tokens} tokens in {gen_s:.2f} s: {rate:.1f} tokens/s, "
+    source += f" + LoRA adapter {adapter}" if adapter else ""
+    compiled = f"compile {compile_s:.1f} s (first call only) | " if compile_s is not None else ""
+    print(f"load {load_s:.1f} s ({source}) | {compiled}{new_tokens} tokens in {gen_s:.2f} s: {rate:.1f} tokens/s, "
           f"{weights * steps / gen_s / 1e9 if gen_s > 0 else 0:.1f} GB/s of weights | weights "
           f"{describe(quantized, embed.dtype)}: {total / 1e9:.2f} GB | peak memory {peak}"
           + (f" | speculative: {stats}" if stats is not None else ""), file=sys.stderr)
@@ -251,10 +264,11 @@ def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None, q
 def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=None, temperature=None, top_k=None,
          top_p=None, repetition_penalty=None, seed=None, num_samples=1, device="auto", dtype="auto",
          template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True, draft=None,
-         draft_tokens=4, adapter=None, quantize=None, group_size=None) -> int:
+         draft_tokens=4, adapter=None, quantize=None, group_size=None, threads=None) -> int:
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), num_draft_tokens=draft_tokens)
     # setup
+    cli.set_threads(threads)
     dev = cli.pick_device(device)
     torch_dtype = cli.pick_dtype(dtype, dev)
     if num_samples < 1:
@@ -283,6 +297,7 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
         draft_quantized = quantization(draft_path, quantize, group_size)
         draft_model = load_model(draft_path, draft_config, dev, torch_dtype, progress, draft_quantized)
     load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile, draft_model=draft_model)
+    compile_s = warm_up(gen, tok, ids or [[tok.eos_id]]) if compile else None
     if interactive:
         try:
             interact(gen, tok, template, context, gen_config, window)
@@ -295,7 +310,8 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
                                               strip=template == "dolly")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats, quantized)
+    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats, quantized,
+           adapter, compile_s)
     return 0
 
 
@@ -320,7 +336,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--num-samples", type=cli.positive_int, default=1, help="completions per prompt (default 1)")
     p.add_argument("--device", type=cli.device_arg, default="auto",
                    help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",)), default="auto",
+    p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",), quantize_flag="--quantize"), default="auto",
                    help="weights and activations: bf16, fp16, fp32 (or bfloat16, float16, float32); auto (default): "
                    "bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU")
     p.add_argument("--template", default="auto", choices=["auto", "dolly", "none"],
@@ -344,6 +360,7 @@ def build_parser() -> cli.ArgumentParser:
                    "checkpoint directory needs no flag (docs/quantization.md)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="with --quantize int4: input columns per scale and zero (default 128)")
+    cli.add_threads_flag(p)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar while the checkpoint loads")
     return p

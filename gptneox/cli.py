@@ -28,14 +28,18 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return resolve_dtype(name)
 
 
-def dtype_arg(allowed: tuple[str, ...] = tuple(DTYPES), extra: tuple[str, ...] = ()):
+def dtype_arg(allowed: tuple[str, ...] = tuple(DTYPES), extra: tuple[str, ...] = (), quantize_flag: str | None = None):
     """An argparse type: the dtype spellings of `allowed` (canonical names: bf16, fp16, fp32), plus `extra` words
-    (such as "auto") returned as they are. The value is the canonical short name, e.g. "bf16"."""
+    (such as "auto") returned as they are. The value is the canonical short name, e.g. "bf16". int8 / int4 are
+    weights, not a dtype: the error points at quantize_flag (e.g. "--quantize") when the script has one."""
     short = {v: k for k, v in DTYPES.items() if len(k) == 4}  # torch.bfloat16 -> "bf16"
 
     def parse(text: str) -> str:
         if text in extra:
             return text
+        if text in ("int8", "int4") and quantize_flag:
+            raise argparse.ArgumentTypeError(f"{text} is a weight format, not a dtype: use {quantize_flag} {text} "
+                                             "(--dtype stays the activations' float dtype)")
         spellings = [s for s in DTYPES if short[DTYPES[s]] in allowed]
         if text not in spellings:
             raise argparse.ArgumentTypeError(f"invalid dtype {text!r}; choose from {', '.join([*extra, *spellings])}")
@@ -133,8 +137,8 @@ def run(main, parser: argparse.ArgumentParser, argv=None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
+    except KeyboardInterrupt as e:  # its message, if any, says where the work stopped (train.py: how to resume)
+        print(e.args[0] if e.args else "", file=sys.stderr)
         return 130
     except RUNTIME_ERRORS as e:
         if os.environ.get("GPTNEOX_TRACEBACK"):

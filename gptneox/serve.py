@@ -164,7 +164,7 @@ def build_parser() -> cli.ArgumentParser:
                    "the model's context window); a shorter one shrinks the KV cache")
     p.add_argument("--device", type=cli.device_arg, default="auto",
                    help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",)), default="auto",
+    p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",), quantize_flag="--quantize"), default="auto",
                    help="bf16, fp16, fp32; auto (default): bf16 on GPUs that have it, else fp16 on GPU, fp32 on CPU")
     p.add_argument("--api-key", default=os.environ.get("GPTNEOX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 requests (401 without it); default: the "

@@ -4,6 +4,7 @@ bit, convert_weights.py and sample.py flags, and every bad input the issue names
 
 import importlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -272,6 +273,12 @@ def test_sample_compile_with_quantized_weights_generates_what_eager_does(tmp_pat
                             *flags], capture_output=True, text=True, cwd=ROOT)
         assert r.returncode == 0 and "weights int8:" in r.stderr, r.stderr
         out[bool(flags)] = r.stdout
+        report = r.stderr.strip().splitlines()[-1]
+        if flags:  # said before the wait, and timed apart from the tokens/s
+            assert "compiling the decode step (first call only) ..." in r.stderr
+            assert re.search(r"\| compile \d+\.\d s \(first call only\) \| 6 tokens in", report), report
+        else:
+            assert "compil" not in r.stderr
     assert out[True] == out[False] and out[True].strip()
 
 

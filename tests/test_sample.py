@@ -221,6 +221,9 @@ def test_sample_broken_checkpoint_is_one_line_with_status_1(ckpts, tmp_path, cap
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be positive"),
     (["--dtype", "half"], "invalid dtype 'half'"),
+    (["--dtype", "int8"], "int8 is a weight format, not a dtype: use --quantize int8"),
+    *([(["--device", "cuda"], "--device cuda: CUDA is not available on this machine (try --device cpu)")]
+      if not torch.cuda.is_available() else []),
 ])
 def test_sample_usage_errors_exit_2_with_the_usage_line(ckpts, capsys, argv, message):
     status, err = cli_status(capsys, "--ckpt", str(ckpts[1]), "--prompt", "Hi", *argv)
@@ -263,3 +266,28 @@ def test_sample_refuses_a_draft_with_another_tokenizer(ckpts):
         sample.main(ckpt=str(pythia), prompt="Hi", draft=str(dolly))
     with pytest.raises(sample.UsageError, match="--compile does not work with --draft"):
         sample.main(ckpt=str(pythia), prompt="Hi", draft=str(pythia), compile=True)
+
+
+def test_sample_threads_flag_sets_torchs_cpu_threads(ckpts, capsys):
+    before = torch.get_num_threads()
+    try:
+        status, err = cli_status(capsys, "--ckpt", str(ckpts[1]), "--prompt", "Hi", "--max-new-tokens", "2",
+                                 "--threads", "1", "--no-progress")
+        assert status == 0, err
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert "--threads N" in sample.build_parser().format_help() and "try 1" in sample.build_parser().format_help()
+    assert cli_status(capsys, "--ckpt", str(ckpts[1]), "--prompt", "Hi", "--threads", "0")[0] == 2
+
+
+def test_sample_report_names_the_adapter_it_applied(ckpts, tmp_path, capsys):
+    from gptneox import LoRAConfig, add_lora, save_adapter
+    model = GPTNeoX.from_pretrained(ckpts[1])
+    add_lora(model, LoRAConfig(r=2, alpha=4, dropout=0.0, targets="query,value"))
+    save_adapter(model, tmp_path / "adapter")
+    status, err = cli_status(capsys, "--ckpt", str(ckpts[1]), "--adapter", str(tmp_path / "adapter"), "--prompt", "Hi",
+                             "--max-new-tokens", "2", "--quantize", "int8", "--no-progress")
+    assert status == 0, err
+    report = err.strip().splitlines()[-1]
+    assert f"(model.safetensors + LoRA adapter {tmp_path / 'adapter'})" in report and "weights int8:" in report
