@@ -10,7 +10,8 @@ answer from sample.py.
 3. asks the trained model one of the instructions through sample.py, which sees Dolly's special tokens in the
    tokenizer and so wraps the prompt in Dolly's template and prints the response up to "### End".
 
-The model memorises its 61 answers; it shows that the pipeline works end to end, not that it generalises.
+The model memorises its 61 answers; it shows that the pipeline works end to end, not that it generalises. Run again,
+the demo asks the model it trained the first time (in --out, default out/dolly-tiny: delete it to train again).
 """
 
 import argparse
@@ -68,17 +69,28 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"demo: {cmd[1]} failed with exit status {status}")
 
 
+def trained(out: Path, steps: int) -> bool:
+    """OUT holds this demo's finished run: its exported model, trained for `steps` steps."""
+    run_file = out / "run.json"
+    return (out / "model.safetensors").is_file() and run_file.is_file() and \
+        json.loads(run_file.read_text()).get("max_steps") == steps
+
+
 def main(*, out, steps, prompt, context):
     out = Path(out).resolve()
-    work = out.parent / f"{out.name}-init"
-    vocab = train_tokenizer(work / "tokenizer.json", vocab_size=1000)
-    write_config(work / "config.json", vocab)
-    print(f"tokenizer: {vocab} tokens; model: {TINY}", flush=True)
-    run([sys.executable, "train.py", "--config", str(work / "config.json"), "--tokenizer", str(work / "tokenizer.json"),
-         "--data", str(DATA), "--out", str(out), "--max-steps", str(steps),
-         "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3",
-         "--warmup-steps", "20", "--schedule", "cosine", "--val-size", "0", "--eval-every", "0",
-         "--sample-every", "0", "--save-every", str(steps), "--device", "cpu", "--dtype", "fp32"])
+    if trained(out, steps):  # run again: the model trained last time answers (a demo is run again and again)
+        print(f"using the model trained in {out} (delete it to train again)", flush=True)
+    else:
+        work = out.parent / f"{out.name}-init"
+        vocab = train_tokenizer(work / "tokenizer.json", vocab_size=1000)
+        write_config(work / "config.json", vocab)
+        print(f"tokenizer: {vocab} tokens; model: {TINY}", flush=True)
+        resume = ["--resume"] if list((out / "checkpoints").glob("step-*.pt")) else []  # stopped while exporting
+        run([sys.executable, "train.py", "--config", str(work / "config.json"), "--tokenizer",
+             str(work / "tokenizer.json"), "--data", str(DATA), "--out", str(out), "--max-steps", str(steps),
+             "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3",
+             "--warmup-steps", "20", "--schedule", "cosine", "--val-size", "0", "--eval-every", "0",
+             "--sample-every", "0", "--save-every", str(steps), "--device", "cpu", "--dtype", "fp32", *resume])
     ask = [sys.executable, "sample.py", "--ckpt", str(out), "--prompt", prompt, "--temperature", "0",
            "--max-new-tokens", "64", "--device", "cpu"]
     run(ask + (["--context", context] if context else []))
