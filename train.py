@@ -4,8 +4,8 @@ text, from one CPU to many GPUs (torchrun + FSDP full sharding). A guide: docs/t
     python train.py --init EleutherAI/pythia-2.8b --data dolly-15k --out out/dolly-v2-3b      # Dolly v2's recipe
     torchrun --nproc_per_node 8 train.py --init EleutherAI/pythia-12b --data dolly-15k --out out/dolly-v2-12b
     python train.py --config pythia-70m --tokenizer tokenizer.json --data tokens.bin --out out/p70m \\
-        --max-steps 2000 --schedule cosine --lr 6e-4 --warmup-steps 100 --seq-len 2048
-    ... the same command --resume                                  # continue a killed run, bit for bit
+        --max-steps 2000             # from scratch: Pythia's lr (1e-3 at 70m), warmup and cosine schedule by default
+    ... the same command --resume          # continue a stopped run, bit for bit (Ctrl-C prints this command)
     python train.py --init EleutherAI/pythia-2.8b --data dolly-15k --out out/lora --lora-r 8   # LoRA adapters only
 
 OUT receives the model in the Hugging Face layout (config.json, model.safetensors, tokenizer.json), metrics.jsonl
@@ -29,8 +29,8 @@ import torch
 from gptneox import distributed as dist
 from gptneox import progress
 from gptneox import train_state as disk
-from gptneox.checkpoint import quantization_settings
-from gptneox.cli import ArgumentParser, device_arg, dtype_arg, non_negative_int, positive_int, run as run_cli
+from gptneox.cli import (ArgumentParser, UsageError, add_threads_flag, device_arg, dtype_arg, non_negative_int,
+                         pick_device, positive_int, run as run_cli, set_threads)
 from gptneox.config import Config
 from gptneox.data import (DOLLY_15K, IGNORE_INDEX, add_dolly_tokens, batch_indices, build_datasets, collate,
                           count_targets, is_instruction_data, steps_per_epoch)
@@ -38,11 +38,10 @@ from gptneox.dolly import format_prompt
 from gptneox.generation import generate, stop_ids
 from gptneox.lora import add_lora, base_state_dict, load_adapter, merge_lora, save_adapter
 from gptneox.model import GPTNeoX, causal_lm_loss
-from gptneox.quantize import LORA_POINTER
 from gptneox.schedule import SCHEDULES, lr_at
 from gptneox.streaming import completion_text
 from gptneox.tokenizer import Tokenizer
-from gptneox.train_config import QUANTIZE_MODES, TrainConfig
+from gptneox.train_config import QUANTIZE_MODES, TrainConfig, quantized_init
 from gptneox.train_state import RunError
 
 SAMPLE_INSTRUCTION = "Explain to me the difference between nuclear fission and fusion."  # Dolly's README example
@@ -61,9 +60,8 @@ def load_model(cfg: TrainConfig, meta: bool = False) -> tuple[GPTNeoX, Tokenizer
         if not path.is_dir():
             from gptneox.hub import resolve_checkpoint  # a hub name or a file: resolved like sample.py --ckpt
             path = Path(resolve_checkpoint(cfg.init))
-        if quantization_settings(path) is not None:  # frozen integers (docs/quantization.md)
-            raise ValueError(f"--init {cfg.init}: a quantized checkpoint ({quantization_settings(path)}); "
-                             f"{LORA_POINTER}")
+        if problem := quantized_init(cfg.init, path):  # frozen integers (docs/quantization.md); a hub name's here
+            raise ValueError(problem)
         if meta:
             with torch.device("meta"):
                 model = GPTNeoX(Config.from_hf_config(path))
@@ -71,17 +69,13 @@ def load_model(cfg: TrainConfig, meta: bool = False) -> tuple[GPTNeoX, Tokenizer
             model = GPTNeoX.from_pretrained(path, dtype=torch.float32, progress=cfg.progress)
         tok_file = Path(cfg.tokenizer) if cfg.tokenizer else path / "tokenizer.json"
     else:
-        name = cfg.config
-        config = Config.from_hf_config(name) if name.endswith(".json") else Config.from_name(name)
         torch.manual_seed(cfg.seed)
         with torch.device("meta" if meta else "cpu"):
-            model = GPTNeoX(config)
+            model = GPTNeoX(cfg.model_config())
         if not meta:
             model.init_weights()
         tok_file = Path(cfg.tokenizer) if cfg.tokenizer else None
-    if cfg.tokenizer and not tok_file.exists():
-        raise FileNotFoundError(f"--tokenizer {cfg.tokenizer}: file not found")
-    tok = Tokenizer.from_pretrained(tok_file) if tok_file and tok_file.exists() else None
+    tok = Tokenizer.from_pretrained(tok_file) if tok_file and tok_file.exists() else None  # --tokenizer: checked
     return model.train(), tok
 
 
@@ -155,6 +149,10 @@ class Log:
         if self.enabled:
             progress.write(msg)
 
+    def warn(self, msg):
+        if self.enabled:
+            progress.write(f"warning: {msg}", file=sys.stderr)
+
 
 def export(model_state, config, tok, out: Path, dtype) -> None:
     """The model in the HF layout in OUT (config.json, safetensors, tokenizer.json), through save_pretrained's
@@ -181,29 +179,6 @@ def export_run(run) -> None:
         load_adapter(base, run.out, resize_embeddings=True)
         merge_lora(base)
         export(base_state_dict(base), base.config, run.tok, run.out / "merged", dtype)
-
-
-def plot_losses(out: Path) -> Path | None:
-    """loss.png from metrics.jsonl (train loss per step, validation loss where measured); None without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    rows = disk.read_metrics(out)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
-    val = [r for r in rows if "val_loss" in r]
-    if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="loss (nats / token)", title=out.name)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out / f".loss-{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return tmp.replace(out / "loss.png")
 
 
 def make_optimizer(model, lr, weight_decay, device):
@@ -244,14 +219,22 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
-    """Processes, devices and every check that needs them, before any weight is read or file written."""
-    device = dist.local_device(cfg.device)
+    """Device, threads, paths, processes and every check that needs them, before any weight is read or file written;
+    the run's defaults resolved (cfg.resolve: a resumed run keeps the lr and schedule it recorded)."""
+    device = dist.local_device(pick_device(cfg.device))  # a device this machine lacks: one line, exit 2
+    set_threads(cfg.threads)
+    cfg.check_paths()
+    cfg, notes = cfg.resolve(disk.read_run(Path(cfg.out)) if cfg.resume else None)
     rank, world = dist.setup(device)
     dtype = cfg.dtype or ("bf16" if device.type == "cuda" else "fp32")
     batch, micro = cfg.batches(world)
     run = Run(cfg, Path(cfg.out), Log(rank == 0), device, rank, world, dtype,
               torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16" else nullcontext(), batch, micro)
     resume_file = disk.check_out(run.out, cfg.run_settings(dtype=dtype, batch_size=batch), cfg.resume)
+    if cfg.resume and resume_file is None:
+        raise UsageError(disk.nothing_to_resume(run.out))
+    for note in notes:
+        run.log(note)
     return run, resume_file
 
 
@@ -288,8 +271,10 @@ def prepare(run: Run, resume_file: Path | None) -> None:
     epochs, max_steps = cfg.run_length
     run.total_steps = max_steps or epochs * steps_per_epoch(len(run.train), run.batch)
     run.log(f"{len(run.train)} training / {len(run.val)} validation examples, {run.total_steps} steps of {run.batch} "
-            f"({run.micro} per forward), {cfg.warmup(run.total_steps)} warmup, {run.world} process(es) on "
-            f"{run.device}, {run.dtype}")
+            f"({run.micro} per forward), lr {cfg.lr:g} {cfg.schedule} after {cfg.warmup(run.total_steps)} warmup, "
+            f"{run.world} process(es) on {run.device}, {run.dtype}")
+    for warning in cfg.size_warnings(len(run.train), run.batch, run.total_steps):
+        run.log.warn(warning)
     if cfg.lora:
         attach_lora(run)
     run.model.gradient_checkpointing = cfg.grad_checkpointing
@@ -314,7 +299,8 @@ def prepare(run: Run, resume_file: Path | None) -> None:
 
 
 def main(**flags):
-    """train.py's order of events; flags are TrainConfig's fields."""
+    """train.py's order of events; flags are TrainConfig's fields. Ctrl-C says where the run stopped, and how to
+    go on."""
     cfg = TrainConfig(**flags)  # every value checked before any work
     run, resume_file = setup(cfg)
     try:
@@ -322,10 +308,12 @@ def main(**flags):
         train_loop(run)
         export_run(run)
         if run.rank == 0:
-            png = plot_losses(run.out)
+            png = disk.plot_losses(run.out)
             run.log(f"saved the model to {run.out}" + (f", loss curve {png}" if png else
                                                        " (pip install matplotlib for loss.png)"))
         dist.barrier()
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(disk.stop_message(run.out, run.step) if run.rank == 0 else "") from None
     finally:
         dist.teardown()
 
@@ -344,11 +332,10 @@ def train_loop(run: Run) -> None:
                 mfu = f", MFU {row['mfu']:.1%}" if peak else ""
                 run.log(f"step {run.step}: loss {row['loss']:.4f}, val_loss {row['val_loss']:.4f}, lr {row['lr']:.2e}, "
                         f"{row['tokens_per_s']:.0f} tokens/s{mfu}")
-            every = cfg.every_sample
-            if run.tok is not None and run.tok.is_dolly and every and (run.step % every == 0
-                                                                       or run.step == run.total_steps):
+            every = cfg.every_sample  # instruction data only
+            if every and (run.step % every == 0 or run.step == run.total_steps):
                 answer = sample_answer(run.model, run.tok, run.device, run.autocast)
-                run.log(f"step {run.step} sample: {SAMPLE_INSTRUCTION!r} -> {answer!r}")
+                run.log(f"step {run.step} sample: {SAMPLE_INSTRUCTION!r} -> {progress.one_line(answer)}")
             if run.rank == 0:
                 disk.append_metrics(run.out, row)
             bar.update(1)
@@ -418,12 +405,15 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--micro-batch-size", type=positive_int, help="examples per forward pass per process; "
                    "batch-size / (micro x processes) micro-batches are accumulated per step (default: the largest "
                    "divisor of the per-process batch up to Dolly's 6)")
-    g.add_argument("--lr", type=float, help="peak learning rate (default 5e-6, as Dolly; 2e-4 with --lora-r, "
-                                           "QLoRA's for models up to 13B)")
-    g.add_argument("--warmup-steps", type=non_negative_int, help="warmup steps (default: 50, as Dolly, but at most a "
-                   "tenth of the run's steps)")
-    g.add_argument("--schedule", choices=SCHEDULES, default="constant", help="constant: DeepSpeed WarmupLR's log "
-                   "warmup then constant (Dolly, the default); cosine: linear warmup then cosine decay to lr/10")
+    g.add_argument("--lr", type=float, help="peak learning rate. Default: fine-tuning (--init) 5e-6, as Dolly; "
+                   "2e-4 with --lora-r, QLoRA's for models up to 13B; pretraining (--config) Pythia's for the model's "
+                   "size (70m 1e-3, 160m 6e-4, 410m and 1b 3e-4, 1.4b 2e-4, 2.8b 1.6e-4, 6.9b and 12b 1.2e-4; another "
+                   "size takes the nearest's). --resume keeps the run's recorded value")
+    g.add_argument("--warmup-steps", type=non_negative_int, help="warmup steps (default: fine-tuning 50, as Dolly; "
+                   "pretraining 1430, Pythia's 1%% of 143000; either way at most a tenth of the run's steps)")
+    g.add_argument("--schedule", choices=SCHEDULES, help="constant: DeepSpeed WarmupLR's log warmup then constant "
+                   "(Dolly's: the default for fine-tuning); cosine: linear warmup then cosine decay to lr/10 "
+                   "(Pythia's: the default for pretraining). --resume keeps the run's recorded value")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay on matrices "
                                                                    "(not biases or LayerNorms); default 0, as Dolly")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (default 1.0, HF's; "
@@ -448,18 +438,21 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--eval-every", type=non_negative_int, default=50, help="validation loss every N steps and "
                    "at the end (default 50, as Dolly; 0 = never)")
     g.add_argument("--sample-every", type=non_negative_int, help="greedy answer to a fixed instruction every N "
-                   "steps and at the end (instruction data only; default: --eval-every; 0 = never)")
+                   "steps and at the end, logged on one line (instruction data only: pretraining runs never sample; "
+                   "default: --eval-every; 0 = never)")
     g.add_argument("--save-every", type=non_negative_int, default=200, help="save the full training state every "
                    "N steps (default 200, as Dolly; 0 = only the final state); the end is always saved")
     g.add_argument("--keep", type=non_negative_int, default=3, help="training states kept, the newest "
                                                                         "(default 3; 0 = all)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state; "
-                                                         "give the same other arguments")
+                   "give the same other arguments (an --out with no saved state is an error). Ctrl-C prints the "
+                   "command")
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", type=device_arg, help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available, "
-                                                         "else cpu)")
+    g.add_argument("--device", type=device_arg, help="auto, cpu, cuda, cuda:1 (default auto: cuda:LOCAL_RANK if "
+                   "available, else cpu; a device this machine lacks is refused)")
     g.add_argument("--dtype", type=dtype_arg(("bf16", "fp32")), help="bf16 (or bfloat16): autocast with fp32 "
                    "master weights (default on CUDA, as Dolly); fp32 (or float32): default elsewhere")
+    add_threads_flag(g)
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save "
                                                                      "memory (Dolly: on)")

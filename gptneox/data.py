@@ -22,7 +22,9 @@ FIELDS = ("instruction", "context", "response")  # databricks-dolly-15k; "catego
 DOLLY_15K = "dolly-15k"  # the --data name of the real dataset
 DOLLY_15K_URL = ("https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/"
                  "databricks-dolly-15k.jsonl")
+INSTRUCTION_FILES = (".jsonl", ".json")  # JSON lines of {instruction, context, response}
 TOKEN_FILES = (".bin", ".npy")  # uint16 token ids, memory-mapped (the 50k vocabulary fits in 16 bits)
+DATA_FILES = (*INSTRUCTION_FILES, ".txt", *TOKEN_FILES)  # what --data may name, besides DOLLY_15K
 PAD_TO_MULTIPLE = 8  # Dolly's DataCollatorForLanguageModeling(pad_to_multiple_of=8)
 
 
@@ -251,7 +253,12 @@ class Subset:
 
 
 def is_instruction_data(data: str) -> bool:
-    return data == DOLLY_15K or Path(data).suffix in (".jsonl", ".json")
+    return data == DOLLY_15K or Path(data).suffix in INSTRUCTION_FILES
+
+
+def needs_tokenizer(data: str) -> bool:
+    """Instruction records and text are tokenized; .bin / .npy files already hold token ids."""
+    return is_instruction_data(data) or Path(data).suffix == ".txt"
 
 
 def build_datasets(data: str, tok: Tokenizer | None, *, seq_len: int, val_size: int | None, seed: int,
@@ -277,7 +284,7 @@ def build_datasets(data: str, tok: Tokenizer | None, *, seq_len: int, val_size: 
         summary = f"{path}: {len(examples.tokens)} tokens, {len(examples)} sequences of {seq_len}"
     else:
         raise DataError(f"--data {data}: expected {DOLLY_15K!r}, a .jsonl/.json file of instruction records, "
-                        "or pretraining tokens (.txt, .bin, .npy)")
+                        "or pretraining text or tokens (.txt, .bin, .npy)")
     val_size = default_val_size(len(examples)) if val_size is None else val_size
     train, val = split_indices(len(examples), val_size, seed)
     return Subset(examples, train), Subset(examples, val), summary

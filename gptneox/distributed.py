@@ -22,12 +22,9 @@ def setup(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def local_device(name: str | None) -> torch.device:
-    """The device of this process: --device, else cuda:LOCAL_RANK when CUDA is present, else cpu."""
-    if name:
-        device = torch.device(name)
-    else:
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def local_device(device: torch.device) -> torch.device:
+    """The device of this process: `device` (checked by cli.pick_device), with an unnumbered cuda read as
+    cuda:LOCAL_RANK, one GPU per process under torchrun."""
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

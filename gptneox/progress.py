@@ -32,6 +32,13 @@ def write(message: str, file=None) -> None:
     file.flush()
 
 
+def one_line(text: str, width: int = 160) -> str:
+    """text for a line of a log: quoted and escaped as Python's repr (a newline shows as \\n), cut to width
+    characters with "..."."""
+    shown = repr(text)
+    return shown if len(shown) <= width else shown[:width - 3] + "..."
+
+
 class _Silent:
     """What a tqdm bar offers, doing nothing."""
 

@@ -1,15 +1,24 @@
-"""One training run's settings: TrainConfig, with Dolly v2's recipe as its defaults, checked before any work.
+"""One training run's settings: TrainConfig, with Dolly v2's recipe as its defaults when fine-tuning and Pythia's
+when pretraining, checked before any work.
 
-Every field is checked when the config is made (a range per field, named by its train.py flag), before a model is
-loaded or a file written. Fields left None were not given: their defaults then adapt to what was given (the batch
-split to the number of processes, the run's length to --max-steps), so that only values the user set can
-contradict each other. The recipe: docs/architecture.md, "Dolly v2".
+Every field is checked when the config is made (a range per field, named by its train.py flag), and every path by
+check_paths, before a model is loaded or a file written. Fields left None were not given: their defaults then adapt
+to what was given (the batch split to the number of processes, the run's length to --max-steps, the learning rate
+to the kind of run and the model's size: resolve), so that only values the user set can contradict each other. The
+recipes: docs/architecture.md, "Dolly v2", and docs/training.md, "Settings, defaults, and bad values".
 """
 
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
+from .checkpoint import quantization_settings
 from .cli import UsageError
+from .config import HUB_IDS, PRESETS, Config
+from .data import DATA_FILES, DOLLY_15K, is_instruction_data, needs_tokenizer, steps_per_epoch
+from .hub import parse_name
+from .quantize import LORA_POINTER
 from .schedule import SCHEDULES
 
 DOLLY_EPOCHS = 2  # databrickslabs/dolly train_dolly.py
@@ -21,6 +30,14 @@ DOLLY_LR = 5e-6  # full fine-tuning (train_dolly.py)
 # B.2: 2e-4 for 7B and 13B, 1e-4 for 33B and 65B); alpha = 2 r and dropout 0.05, litgpt's LoRA defaults (r 8,
 # alpha 16, dropout 0.05)
 LORA_LR, LORA_DROPOUT, LORA_TARGETS = 2e-4, 0.05, "query,key,value"
+# Pretraining from scratch (--config): Pythia's peak lr per size (Biderman et al. 2023, arXiv:2304.01373, table 1;
+# the 1b config file says 2.5e-4 where the paper says 3e-4: ../shared/docs/neox-spec.md, section 10), a model of
+# another size taking that of the nearest by parameter count (pythia-14m's own config, models/14M/pythia-14m.yml,
+# also has 1e-3). Pythia warmed up linearly for 1% of its 143000 steps ("warmup": 0.01, "train-iters": 143000 in
+# EleutherAI/pythia models/*/*.yml), then decayed by cosine to a tenth ("min_lr" = lr / 10): our "cosine" schedule.
+PYTHIA_LR = {"pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4, "pythia-1b": 3e-4, "pythia-1.4b": 2e-4,
+             "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4}
+PYTHIA_WARMUP, PYTHIA_SCHEDULE, DOLLY_SCHEDULE = 1430, "cosine", "constant"
 QUANTIZE_MODES = ("int8", "int4")
 # the settings that define a run: a resumed run must repeat them, and an --out holding other values is refused
 RUN_KEYS = ("init", "config", "tokenizer", "data", "epochs", "max_steps", "val_size", "batch_size", "lr",
@@ -31,6 +48,56 @@ LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged", "qu
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def pythia_size(config: Config) -> str:
+    """The PYTHIA_LR entry nearest to config by parameter count (on a log scale)."""
+    n = config.num_parameters
+    return min(PYTHIA_LR, key=lambda name: abs(math.log(Config.from_name(name).num_parameters / n)))
+
+
+def _file_problem(name: str, value: str) -> str | None:
+    path = Path(value)
+    if not path.exists():
+        return f"{name} {value}: no such file"
+    if path.is_dir():
+        return f"{name} {value}: a directory, not a file"
+    if not os.access(path, os.R_OK):
+        return f"{name} {value}: not readable (permission denied)"
+    return None
+
+
+def _init_problem(init: str) -> str | None:
+    """A checkpoint directory without config.json, a file, a path that does not exist or a string that is no model
+    name; a model name passes (it is looked up or fetched when the model loads)."""
+    path = Path(init)
+    if path.is_dir():
+        return None if (path / "config.json").is_file() else (
+            f"--init {init}: no config.json there; a checkpoint is a directory holding config.json and the weights")
+    if path.exists():
+        return f"--init {init}: a file; a checkpoint is a directory holding config.json and the weights"
+    if init.startswith("."):  # parse_name would read "./x" as organisation ".", model "x"
+        return f"--init {init}: no such directory"
+    try:
+        parse_name(init)
+    except ValueError as e:
+        return f"--init {e}"
+    return None
+
+
+def quantized_init(init: str, path: Path) -> str | None:
+    """Why checkpoint directory `path` (--init) cannot be trained: its weights are quantized, frozen integers."""
+    settings = quantization_settings(path)
+    return None if settings is None else f"--init {init}: a quantized checkpoint ({settings}); {LORA_POINTER}"
+
+
+def _out_problem(out: str) -> str | None:
+    """An --out that is a file, lies under a file, or cannot be created or written."""
+    path = Path(out)
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if existing.is_dir():
+        return None if os.access(existing, os.W_OK | os.X_OK) else f"--out {out}: {existing} is not writable"
+    return f"--out {out}: {'a file' if existing == path else f'{existing} is a file'}, not a directory"
 
 
 @dataclass(frozen=True)
@@ -45,9 +112,9 @@ class TrainConfig:
     val_size: int | None = None  # default data.default_val_size
     batch_size: int | None = None  # global, in examples; default DOLLY_BATCH
     micro_batch_size: int | None = None  # per forward and process; default: the largest divisor <= 6 that fits
-    lr: float | None = None  # default DOLLY_LR, or LORA_LR with lora_r
-    warmup_steps: int | None = None  # default DOLLY_WARMUP, at most a tenth of the run
-    schedule: str = "constant"
+    lr: float | None = None  # default (resolve): DOLLY_LR, LORA_LR with lora_r, PYTHIA_LR when pretraining
+    warmup_steps: int | None = None  # default DOLLY_WARMUP, PYTHIA_WARMUP when pretraining; at most a tenth of the run
+    schedule: str | None = None  # default (resolve): DOLLY_SCHEDULE, PYTHIA_SCHEDULE when pretraining
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0 = off
     seq_len: int | None = None  # default: the model's context
@@ -59,6 +126,7 @@ class TrainConfig:
     resume: bool = False
     device: str | None = None
     dtype: str | None = None  # bf16 (autocast) or fp32; default bf16 on CUDA, fp32 elsewhere
+    threads: int | None = None  # torch's CPU threads; default: torch's own
     compile: bool = False
     grad_checkpointing: bool = False
     skip_bad_lines: bool = False
@@ -71,8 +139,6 @@ class TrainConfig:
     quantize_base: str | None = None  # QLoRA: hold the frozen base in int8 or int4 (gptneox.quantize)
 
     def __post_init__(self):
-        if self.lr is None:  # the one default resolved here: a LoRA run's differs (run.json records the value)
-            object.__setattr__(self, "lr", LORA_LR if self.lora_r else DOLLY_LR)
         for problem in self._problems():
             raise UsageError(problem)
 
@@ -82,23 +148,37 @@ class TrainConfig:
         if self.epochs is not None and self.max_steps is not None:
             yield "give --epochs or --max-steps, not both: each sets the run's length"
         at_least = dict(epochs=1, max_steps=1, val_size=0, batch_size=1, micro_batch_size=1, warmup_steps=0,
-                        seq_len=2, save_every=0, keep=0, eval_every=0, sample_every=0)
+                        seq_len=2, save_every=0, keep=0, eval_every=0, sample_every=0, threads=1)
         for name, low in at_least.items():
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
                 yield f"{flag(name)} must be an integer >= {low}, got {value!r}"
         for name, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("grad_clip", 0.0, False)):
             value = getattr(self, name)
+            if name == "lr" and value is None:
+                continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or strict and value == low:
                 yield f"{flag(name)} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}"
-        if self.schedule not in SCHEDULES:
+        if self.schedule not in (None, *SCHEDULES):
             yield f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
         if self.dtype not in (None, "bf16", "fp32"):
             yield (f"--dtype {self.dtype}: training runs in bf16 (autocast over fp32 master weights) or fp32; fp16 "
                    "would need loss scaling")
         if not isinstance(self.seed, int):
             yield f"--seed must be an integer, got {self.seed!r}"
+        yield from self._name_problems()
         yield from self._lora_problems()
+
+    def _name_problems(self):
+        """What --data, --config and --sample-every say, before any file is looked at."""
+        if self.data != DOLLY_15K and Path(self.data).suffix not in DATA_FILES:
+            yield (f"--data {self.data}: train.py reads {DOLLY_15K!r}, instruction records (.jsonl, .json) or "
+                   "pretraining text or tokens (.txt, or uint16 ids in .bin / .npy)")
+        if self.config and not self.config.endswith(".json") and HUB_IDS.get(self.config, self.config) not in PRESETS:
+            yield f"--config {self.config}: neither a config.json nor a preset; presets: {', '.join(PRESETS)}"
+        if self.sample_every and not is_instruction_data(self.data):
+            yield (f"--sample-every answers an instruction, so it needs instruction data (dolly-15k, .jsonl, .json); "
+                   f"--data {self.data} is pretraining data")
 
     def _lora_problems(self):
         if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
@@ -148,13 +228,92 @@ class TrainConfig:
         return batch, micro
 
     def warmup(self, total_steps: int) -> int:
-        """Warmup steps: the ones given, else Dolly's 50 but never more than a tenth of the run, so that a short run
-        (--max-steps 20, or a small dataset) still reaches its --lr (Dolly's own run is ~620 steps: 50 is 8%)."""
-        return self.warmup_steps if self.warmup_steps is not None else min(DOLLY_WARMUP, total_steps // 10)
+        """Warmup steps: the ones given, else Dolly's 50 (Pythia's 1430 when pretraining) but never more than a tenth
+        of the run, so that a short run (--max-steps 20, or a small dataset) still reaches its --lr (Dolly's own run is
+        ~620 steps: 50 is 8%; Pythia's 143000: 1430 is 1%)."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return min(PYTHIA_WARMUP if self.config else DOLLY_WARMUP, total_steps // 10)
 
     @property
     def every_sample(self) -> int:
+        """Steps between samples: --sample-every, else --eval-every for instruction data; never for pretraining."""
+        if not is_instruction_data(self.data):
+            return 0
         return self.eval_every if self.sample_every is None else self.sample_every
+
+    def model_config(self) -> Config:
+        """--config's model: a preset, or read from a config.json (pretraining from scratch)."""
+        return Config.from_hf_config(self.config) if self.config.endswith(".json") else Config.from_name(self.config)
+
+    def size_warnings(self, n_train: int, batch: int, total_steps: int) -> list[str]:
+        """A line for each way the data is small for the run's settings (said before training starts): a batch
+        larger than the data, an epoch shorter than the warmup."""
+        warnings, per_epoch, warmup = [], steps_per_epoch(n_train, batch), self.warmup(total_steps)
+        if batch > n_train:
+            which = "the default batch (Dolly's)" if self.batch_size is None else "--batch-size"
+            warnings.append(f"{which} of {batch} is larger than the {n_train} training examples: every step sees each "
+                            f"of them about {batch / n_train:.0f} times, at {batch / n_train:.0f}x the compute of "
+                            f"--batch-size {n_train}")
+        if per_epoch < warmup:
+            warnings.append(f"an epoch is {per_epoch} step{'s' if per_epoch > 1 else ''}, shorter than the {warmup} "
+                            f"warmup steps: the learning rate reaches its peak {self.lr:g} only after "
+                            f"{warmup / per_epoch:.1f} epochs")
+        return warnings
+
+    # ------------------------------------------------------------------------------------- paths and defaults
+    def check_paths(self) -> None:
+        """Raise UsageError for the first path that cannot work, without loading anything: a --data, --tokenizer or
+        --config file missing or unreadable, an --init directory that does not exist (and is no model name; a name
+        is resolved when the model loads), an --out that is or lies under a file, data that needs a tokenizer
+        where there is none. A quantized --init, which cannot be trained, is a ValueError."""
+        problems = [_file_problem("--data", self.data) if self.data != DOLLY_15K else None,
+                    _file_problem("--config", self.config) if self.config and self.config.endswith(".json") else None,
+                    self.tokenizer and self._tokenizer_problem(), self.init and _init_problem(self.init),
+                    _out_problem(self.out)]
+        for problem in filter(None, problems):
+            raise UsageError(problem)
+        if self.init and Path(self.init).is_dir() and (problem := quantized_init(self.init, Path(self.init))):
+            raise ValueError(problem)  # the file's content, not how it was named: a runtime error (exit 1)
+        if problem := self._missing_tokenizer():
+            raise UsageError(problem)
+
+    def _tokenizer_problem(self) -> str | None:
+        path = Path(self.tokenizer)
+        if path.is_dir():
+            return None if (path / "tokenizer.json").is_file() else f"--tokenizer {path}: no tokenizer.json there"
+        return _file_problem("--tokenizer", self.tokenizer)
+
+    def _missing_tokenizer(self) -> str | None:
+        if not needs_tokenizer(self.data) or self.tokenizer:
+            return None
+        what = "instruction data" if is_instruction_data(self.data) else "a text file"
+        if self.config:
+            return f"--data {self.data}: {what} needs a tokenizer; add --tokenizer (a --config model has none)"
+        if Path(self.init).is_dir() and not (Path(self.init) / "tokenizer.json").is_file():
+            return f"--data {self.data}: {what} needs a tokenizer, and --init {self.init} has no tokenizer.json; " \
+                   "add --tokenizer"
+        return None
+
+    def resolve(self, recorded: dict | None = None) -> tuple["TrainConfig", list[str]]:
+        """This config with --lr and --schedule resolved, and a line for each default that needs saying.
+
+        recorded: run.json of the run being resumed; its lr and schedule are kept where none was given, so that a
+        run resumes with the values it started with even if the defaults changed since. Otherwise fine-tuning takes
+        Dolly's (LORA_LR with LoRA), pretraining Pythia's for the nearest size (PYTHIA_LR, PYTHIA_SCHEDULE)."""
+        given = {k: getattr(self, k) if getattr(self, k) is not None else (recorded or {}).get(k)
+                 for k in ("lr", "schedule")}
+        notes = [f"--resume: {k} {v} as run.json recorded it" for k, v in given.items() if getattr(self, k) is None
+                 and v is not None]
+        lr, schedule = (LORA_LR if self.lora_r else DOLLY_LR), DOLLY_SCHEDULE
+        if self.config and None in given.values():
+            config = self.model_config()
+            size, n = pythia_size(config), config.num_parameters
+            lr, schedule = (LORA_LR if self.lora_r else PYTHIA_LR[size]), PYTHIA_SCHEDULE
+            notes.append(f"pretraining defaults: Pythia's for {size}, the nearest size to this model's "
+                         f"{f'{n / 1e9:.3g}B' if n >= 1e9 else f'{n / 1e6:.3g}M'} parameters (lr {PYTHIA_LR[size]:g}, "
+                         f"{PYTHIA_WARMUP} warmup steps but at most a tenth of the run, cosine decay to lr / 10)")
+        return replace(self, lr=given["lr"] or lr, schedule=given["schedule"] or schedule), notes
 
     def run_settings(self, *, dtype: str, batch_size: int) -> dict:
         """The settings that define the run (RUN_KEYS), as resolved: what run.json holds and a resume must repeat."""

@@ -6,12 +6,15 @@
 
 Every file is written to a temporary name, flushed, then renamed, so a crash, a kill or a full disk leaves the
 previous version as the newest valid one; only the newest `keep` states are kept. Under FSDP the state is gathered
-whole on process 0, which alone writes; any process can resume any state (each keeps its own shard).
+whole on process 0, which alone writes; any process can resume any state (each keeps its own shard). Also here:
+OUT/loss.png from the metrics, and what Ctrl-C prints (stop_message: the step reached and the command that resumes).
 """
 
 import json
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +55,20 @@ def check_out(out: Path, run: dict, resume: bool) -> Path | None:
     return states[-1] if resume and states else None
 
 
+def read_run(out: Path) -> dict:
+    """The settings run.json recorded in OUT; {} when there is none (or it cannot be read: check_out says why)."""
+    try:
+        return json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def nothing_to_resume(out: Path) -> str:
+    """Why --resume cannot go on in an OUT that check_out found no state in (a usage error: a typo in --out?)."""
+    found = "holds no saved training state" if out.exists() else "does not exist"
+    return f"--resume: --out {out} {found}, so there is nothing to resume; without --resume the run starts from step 0"
+
+
 def write_run(out: Path, run: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / "run.json", json.dumps(run, indent=2) + "\n")
@@ -61,6 +78,30 @@ def _write_atomic(file: Path, text: str) -> None:
     tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(file)
+
+
+def command_line(resume: bool) -> str:
+    """The command that started this run as the user typed it, shell-quoted, with --resume added (resume) or taken
+    out: sys.orig_argv (the interpreter and the script as typed); under torchrun, whose processes run
+    `python -u SCRIPT ...`, a torchrun launch of sys.argv."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        argv = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', '1')}", *sys.argv]
+    else:
+        argv = list(sys.orig_argv)
+    argv = [a for a in argv if a != "--resume"] + (["--resume"] if resume else [])
+    return shlex.join(argv)
+
+
+def stop_message(out: Path, step: int) -> str:
+    """What Ctrl-C prints: the step reached, the newest saved state and the command that continues from it (or,
+    with none saved, starts the run again)."""
+    states = state_files(out / "checkpoints")
+    torchrun = " (under torchrun: with your other torchrun options, on any number of processes)" \
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    if not states:
+        return f"stopped at step {step}, before any state was saved; start again with: {command_line(False)}{torchrun}"
+    saved = int(STATE_FILE.fullmatch(states[-1].name).group(1))
+    return f"stopped at step {step} (last state saved at step {saved}); resume with: {command_line(True)}{torchrun}"
 
 
 # ------------------------------------------------------------------------------------------------ metrics.jsonl
@@ -78,6 +119,29 @@ def truncate_metrics(out: Path, step: int) -> None:
     """Keep the rows up to `step`: those a killed run logged after its last checkpoint would be there twice."""
     rows = [r for r in read_metrics(out) if r["step"] <= step]
     _write_atomic(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def plot_losses(out: Path) -> Path | None:
+    """loss.png from metrics.jsonl (train loss per step, validation loss where measured); None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(out)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train", lw=1)
+    val = [r for r in rows if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats / token)", title=out.name)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out / f".loss-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    return tmp.replace(out / "loss.png")
 
 
 # ------------------------------------------------------------------------------------------------ state files

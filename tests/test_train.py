@@ -5,6 +5,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from tiny import hf_config, hf_model, hf_state_dict
 from tolerances import FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, assert_rel_close
 
 from gptneox.cli import UsageError
-from gptneox.config import Config
+from gptneox.config import PRESETS, Config
 from gptneox.data import IGNORE_INDEX, DataError, count_targets
 from gptneox.dolly import INTRO_BLURB
 from gptneox.model import GPTNeoX, causal_lm_loss
@@ -278,19 +280,20 @@ def test_train_names_file_and_line_of_a_bad_record_or_skips_it(ckpt, tmp_path):
 
 
 def test_train_cli_prints_clear_errors(ckpt, tmp_path, capsys):
-    assert train.cli(["--init", str(ckpt), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 1
-    assert "missing.jsonl" in capsys.readouterr().err
     assert train.cli(["--init", str(ckpt), "--config", "pythia-14m", "--data", "x.jsonl", "--out", "o"]) == 2
     assert "exactly one of --init" in capsys.readouterr().err  # a usage error: exit 2, after the usage line
     help_text = train.build_parser().format_help()
     for flag in ("--init", "--config", "--data", "--out", "--epochs", "--max-steps", "--val-size", "--batch-size",
                  "--micro-batch-size", "--lr", "--warmup-steps", "--schedule", "--weight-decay", "--seq-len",
                  "--seed", "--save-every", "--eval-every", "--resume", "--device", "--dtype", "--compile",
-                 "--grad-checkpointing", "--skip-bad-lines"):
+                 "--grad-checkpointing", "--skip-bad-lines", "--threads"):
         assert flag in help_text
+    assert "Fewer threads are often faster" in " ".join(help_text.split())
     args = TrainConfig(**vars(train.build_parser().parse_args(["--init", "x", "--data", "dolly-15k", "--out", "o"])))
+    args, notes = args.resolve()
     assert (args.run_length[0], args.lr, args.warmup(620), args.schedule, args.weight_decay) == (2, 5e-6, 50,
                                                                                                   "constant", 0)
+    assert notes == [], "fine-tuning defaults need no word"
     assert args.warmup(20) == 2, "a short run still reaches its lr: warmup at most a tenth of it"
 
 
@@ -326,7 +329,10 @@ def test_train_cli_with_default_flags_draws_a_bar_samples_and_exports(ckpt, data
     assert "100%" in r.stderr
     steps = len(metrics(out))  # Dolly's defaults: 2 epochs of a global batch of 48, micro-batches of 6
     assert steps == 2 and f"step {steps}: loss" in r.stdout and f"step {steps} sample:" in r.stdout
-    assert "48 (6 per forward)" in r.stdout
+    assert "48 (6 per forward), lr 5e-06 constant" in r.stdout
+    sample = next(line for line in r.stdout.splitlines() if "sample:" in line)  # escaped, cut: one line
+    assert len(sample) <= 250 and sample.count("'") >= 4, sample
+    assert "warning: the default batch (Dolly's) of 48 is larger than the 11 training examples" in r.stderr
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert (out / "loss.png").stat().st_size > 0 and (out / "checkpoints" / "step-00000002.pt").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "a temporary was left behind"
@@ -397,3 +403,216 @@ def test_train_cli_runtime_error_is_one_line_with_status_1(ckpt, tmp_path):
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"train.py: error: {data}:4: not a JSON object (Expecting value at " \
                                                 "column 1)" and "Traceback" not in r.stderr
+
+
+# --------------------------------------------------------------------------- paths, devices: checked before loading
+def assert_refused_before_loading(tmp_path, monkeypatch, capsys, argv, message):
+    """A usage error (exit 2, the usage line, one message) raised before the model would load; nothing is written."""
+    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    before = sorted(tmp_path.rglob("*"))
+    status = train.cli([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("usage: ") and err.strip().splitlines()[-1] == f"train.py: error: {message}"
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+PATH_CASES = {  # flags over `--init CKPT --data DATA --out TMP/out`; TMP stands for the test's directory
+    "data missing": (dict(data="TMP/nope.jsonl"), "--data TMP/nope.jsonl: no such file"),
+    "data a directory": (dict(data="TMP/dir.jsonl"), "--data TMP/dir.jsonl: a directory, not a file"),
+    "data a format train cannot read": (dict(data="TMP/d.csv"), "--data TMP/d.csv: train.py reads 'dolly-15k', "
+                                        "instruction records (.jsonl, .json) or pretraining text or tokens (.txt, or "
+                                        "uint16 ids in .bin / .npy)"),
+    "out a file": (dict(out="TMP/file"), "--out TMP/file: a file, not a directory"),
+    "out under a file": (dict(out="TMP/file/run"), "--out TMP/file/run: TMP/file is a file, not a directory"),
+    "init a path that does not exist": (dict(init="./no-such-model"), "--init ./no-such-model: no such directory"),
+    "init neither a directory nor a name": (dict(init="TMP/no/such/model"), "--init 'TMP/no/such/model' is neither an "
+                                            "existing directory nor a model name like 'dolly-v2-12b', "
+                                            "'EleutherAI/pythia-1.4b' or 'pythia-160m@step3000'"),
+    "init a file": (dict(init="TMP/file"), "--init TMP/file: a file; a checkpoint is a directory holding config.json "
+                    "and the weights"),
+    "init a directory without config.json": (dict(init="TMP/dir.jsonl"), "--init TMP/dir.jsonl: no config.json "
+                                             "there; a checkpoint is a directory holding config.json and the weights"),
+    "tokenizer missing": (dict(tokenizer="TMP/tok.json"), "--tokenizer TMP/tok.json: no such file"),
+    "config.json missing": (dict(init=None, config="TMP/c.json"), "--config TMP/c.json: no such file"),
+    "config not a preset": (dict(init=None, config="pythia-7m"), "--config pythia-7m: neither a config.json nor a "
+                            f"preset; presets: {', '.join(PRESETS)}"),
+    "instruction data without a tokenizer": (dict(init=None, config="pythia-14m"), "--data DATA: instruction data "
+                                             "needs a tokenizer; add --tokenizer (a --config model has none)"),
+    "sample-every on pretraining data": (dict(data="TMP/t.bin", sample_every=5), "--sample-every answers an "
+                                         "instruction, so it needs instruction data (dolly-15k, .jsonl, .json); --data "
+                                         "TMP/t.bin is pretraining data"),
+    "resume where nothing was saved": (dict(resume=True), "--resume: --out TMP/out does not exist, so there is "
+                                       "nothing to resume; without --resume the run starts from step 0"),
+    "resume in an empty directory": (dict(resume=True, out="TMP/dir.jsonl"), "--resume: --out TMP/dir.jsonl holds "
+                                     "no saved training state, so there is nothing to resume; without --resume the "
+                                     "run starts from step 0"),
+}
+
+
+@pytest.mark.parametrize("case", PATH_CASES)
+def test_train_cli_checks_every_path_before_loading(ckpt, data, tmp_path, monkeypatch, capsys, case):
+    (tmp_path / "dir.jsonl").mkdir()
+    (tmp_path / "file").write_text("not a directory")
+    flags, message = PATH_CASES[case]
+    flags = {"init": ckpt, "data": data, "out": "TMP/out", **flags}
+    argv = [x for k, v in flags.items() if v is not None
+            for x in ((flag(k),) if v is True else (flag(k), str(v).replace("TMP", str(tmp_path))))]
+    message = message.replace("TMP", str(tmp_path)).replace("DATA", str(data))
+    assert_refused_before_loading(tmp_path, monkeypatch, capsys, argv, message)
+
+
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_train_cli_refuses_a_device_this_machine_lacks_in_one_line(ckpt, data, tmp_path, monkeypatch, capsys):
+    assert_refused_before_loading(tmp_path, monkeypatch, capsys, ["--init", ckpt, "--data", data, "--out",
+                                                                  tmp_path / "out", "--device", "cuda"],
+                                  "--device cuda: CUDA is not available on this machine (try --device cpu)")
+
+
+def test_train_cli_typos_in_paths_are_one_line_before_the_model_loads_from_any_directory(ckpt, data, tmp_path):
+    """The issue's commands as a user types them, from another directory: a typo in --data, --device cuda on a
+    machine without CUDA; one line each, exit 2, no traceback, nothing written."""
+    cases = [(["--data", "nope.jsonl"], "train.py: error: --data nope.jsonl: no such file")]
+    if not torch.cuda.is_available():
+        cases.append((["--data", data.name, "--device", "cuda"],
+                      "train.py: error: --device cuda: CUDA is not available on this machine (try --device cpu)"))
+    for argv, line in cases:
+        r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(ckpt), "--out", "out", *argv],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == line, r.stderr
+        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ defaults that adapt
+def test_train_pretraining_defaults_are_pythias_for_the_nearest_size():
+    def resolved(**kw):
+        return TrainConfig(data="t.bin", out="o", **kw).resolve()[0]
+    expected = {"pythia-70m": 1e-3, "pythia-160m-deduped": 6e-4, "pythia-410m": 3e-4, "pythia-1b": 3e-4,
+                "pythia-1.4b": 2e-4, "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4,
+                "pythia-14m": 1e-3, "pythia-31m": 1e-3, "dolly-v2-3b": 1.6e-4}  # the last three: the nearest size's
+    for name, lr in expected.items():
+        cfg = resolved(config=name)
+        assert (cfg.lr, cfg.schedule, cfg.warmup(143000), cfg.warmup(2000)) == (lr, "cosine", 1430, 200), name
+    assert resolved(config="pythia-70m", lr=3e-3, schedule="constant").lr == 3e-3  # a value given is kept
+    assert resolved(config="pythia-70m", lora_r=8).lr == 2e-4
+    tuned = resolved(init="x")
+    assert (tuned.lr, tuned.schedule, tuned.warmup(2000)) == (5e-6, "constant", 50)  # fine-tuning: Dolly's
+
+
+def test_train_pretraining_run_says_its_defaults_and_a_resumed_run_keeps_its_recorded_lr(tmp_path, capsys):
+    import numpy as np
+    (tmp_path / "config.json").write_text(json.dumps(Config(**{**TINY, "vocab_size": 64}).to_hf_config()))
+    (np.arange(2048) % 61).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    args = dict(config=str(tmp_path / "config.json"), data=str(tmp_path / "tokens.bin"), out=str(tmp_path / "o"),
+                max_steps=4, batch_size=4, seq_len=32, save_every=2, eval_every=0, progress=False)
+    train.main(**args)
+    cosine = [lr_at(s, lr=1e-3, warmup_steps=0, max_steps=4, schedule="cosine") for s in range(4)]
+    assert [r["lr"] for r in metrics(tmp_path / "o")] == cosine  # pythia-70m's lr, no warmup in a 4-step run
+    out = capsys.readouterr().out
+    assert "pretraining defaults: Pythia's for pythia-70m, the nearest size to this model's 0.0212M parameters" in out
+    assert "lr 0.001 cosine after 0 warmup" in out
+    # a run started when pretraining took Dolly's lr (run.json says so), killed after step 2, resumed: its lr stays
+    run_json = tmp_path / "o" / "run.json"
+    run_json.write_text(json.dumps({**json.loads(run_json.read_text()), "lr": 5e-6, "schedule": "constant"}))
+    (tmp_path / "o" / "checkpoints" / "step-00000004.pt").unlink()
+    train.main(**args, resume=True)
+    assert [r["lr"] for r in metrics(tmp_path / "o")][2:] == [5e-6, 5e-6]
+    assert "--resume: lr 5e-06 as run.json recorded it" in capsys.readouterr().out
+    assert json.loads(run_json.read_text())["lr"] == 5e-6
+
+
+def test_train_says_when_the_batch_is_larger_than_the_data_or_an_epoch_shorter_than_the_warmup(ckpt, data, tmp_path,
+                                                                                             capsys):
+    run(ckpt, data, tmp_path / "a", batch_size=None, micro_batch_size=None, max_steps=1)  # 10 examples after val 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("warning: the default batch (Dolly's) of 48 is larger than the 10 training examples: every "
+                           "step sees each of them about 5 times, at 5x the compute of --batch-size 10")
+    run(ckpt, data, tmp_path / "b", warmup_steps=5, max_steps=1)  # batch 4: an epoch of 10 examples is 3 steps
+    assert capsys.readouterr().err.strip() == ("warning: an epoch is 3 steps, shorter than the 5 warmup steps: the "
+                                               "learning rate reaches its peak 0.001 only after 1.7 epochs")
+    run(ckpt, data, tmp_path / "c", max_steps=1)
+    assert capsys.readouterr().err == ""
+
+
+def test_train_samples_instruction_data_only_and_logs_a_sample_on_one_line(ckpt, tmp_path, capsys):
+    from gptneox import progress
+    from gptneox.data import add_dolly_tokens
+    text = progress.one_line("line\n" * 100)
+    assert "\n" not in text and len(text) == 160 and text.startswith("'line\\nline") and text.endswith("...")
+    add_dolly_tokens(Tokenizer.from_pretrained(ckpt)).save(tmp_path / "dolly-tokenizer.json")
+    (tmp_path / "t.txt").write_text(" ".join(r["response"] for r in RECORDS) * 20)
+    run(ckpt, tmp_path / "t.txt", tmp_path / "out", tokenizer=str(tmp_path / "dolly-tokenizer.json"), seq_len=16,
+        sample_every=None, eval_every=1, max_steps=2)  # a Dolly tokenizer, but pretraining text: no sample
+    out = capsys.readouterr().out
+    assert "step 2: loss" in out and "sample:" not in out
+
+
+def test_train_threads_flag_sets_torchs_threads(ckpt, data, tmp_path):
+    run(ckpt, data, tmp_path / "out", threads=3, max_steps=1)
+    assert torch.get_num_threads() == 3  # the one_thread fixture puts it back
+
+
+# ---------------------------------------------------------------------------------------------------- Ctrl-C
+def test_train_ctrl_c_says_where_it_stopped_and_the_command_that_resumes(ckpt, data, tmp_path):
+    """SIGINT to train.py mid-run (started from another directory, default progress bar): exit 130, one line with
+    the step, the last saved state and the exact command plus --resume, which then finishes the run."""
+    argv = [sys.executable, str(ROOT / "train.py"), "--init", str(ckpt), "--data", data.name, "--out", "out",
+            "--max-steps", "40", "--batch-size", "4", "--val-size", "2", "--save-every", "4", "--eval-every", "0"]
+    p = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    while not ((tmp_path / "out" / "metrics.jsonl").exists() and len(metrics(tmp_path / "out")) >= 6):
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130, stderr
+    last = stderr.strip().splitlines()[-1]
+    m = re.fullmatch(r"stopped at step (\d+) \(last state saved at step (\d+)\); resume with: (.+)", last)
+    assert m, stderr[-2000:]
+    step, saved, command = int(m[1]), int(m[2]), m[3]
+    assert 6 <= step < 40 and saved % 4 == 0 and step - 4 <= saved <= step and "Traceback" not in stderr
+    assert shlex.split(command) == argv + ["--resume"]
+    r = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"at step {saved}" in r.stdout and [x["step"] for x in metrics(tmp_path / "out")] == list(range(1, 41))
+
+
+def test_train_stop_message_under_torchrun_and_before_any_save(tmp_path, monkeypatch):
+    from gptneox.train_state import stop_message
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "my data.jsonl", "--resume"])
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "train.py", "--data", "my data.jsonl", "--resume"])
+    assert stop_message(tmp_path, 3) == ("stopped at step 3, before any state was saved; start again with: python3 "
+                                         "train.py --data 'my data.jsonl'")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step-00000002.pt").write_bytes(b"")
+    assert stop_message(tmp_path, 3) == (
+        "stopped at step 3 (last state saved at step 2); resume with: torchrun --nproc_per_node=2 train.py --data "
+        "'my data.jsonl' --resume (under torchrun: with your other torchrun options, on any number of processes)")
+
+
+# ------------------------------------------------------------------------------------------------------ demo
+def test_dolly_tiny_demo_runs_again_on_the_model_it_trained(tmp_path, monkeypatch):
+    """examples/dolly_tiny/demo.py twice: the second run asks the model the first one trained instead of failing
+    with "already holds this run". train.py runs in this process (the whole demo, in subprocesses, is the slow
+    test_sample.py::test_offline_demo_trains_and_answers); sample.py's command is recorded."""
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "examples" / "dolly_tiny" / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    ran = []
+
+    def run(cmd):
+        ran.append(Path(cmd[1]).name)
+        if cmd[1] == "train.py":
+            assert train.cli([*cmd[2:], "--no-progress"]) == 0
+    monkeypatch.setattr(demo, "run", run)
+    for _ in range(2):
+        demo.main(out=tmp_path / "dolly-tiny", steps=1, prompt="What is the capital of France?", context=None)
+    assert ran == ["train.py", "sample.py", "sample.py"]

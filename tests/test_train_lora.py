@@ -140,9 +140,9 @@ def test_train_qlora_lowers_the_loss_on_a_quantized_base_and_its_adapter_loads_o
 
 
 def test_train_lora_defaults_and_a_different_run_in_the_same_out(ckpt, data, tmp_path):
-    cfg = TrainConfig(init="x", data="d.jsonl", out="o", lora_r=16)
+    cfg, _ = TrainConfig(init="x", data="d.jsonl", out="o", lora_r=16).resolve()
     assert (cfg.lr, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (2e-4, 32, 0.05, ("query", "key", "value"))
-    assert TrainConfig(init="x", data="d.jsonl", out="o").lr == 5e-6  # full fine-tuning keeps Dolly's
+    assert TrainConfig(init="x", data="d.jsonl", out="o").resolve()[0].lr == 5e-6  # full fine-tuning keeps Dolly's
     out = run(ckpt, data, tmp_path / "out", max_steps=2, **LORA)
     with pytest.raises(train.RunError, match=r"holds a different run \(.*lora_r: 8 there, None now"):
         run(ckpt, data, out, max_steps=2, lr=1e-2)
