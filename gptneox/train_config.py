@@ -31,10 +31,10 @@ DOLLY_LR = 5e-6  # full fine-tuning (train_dolly.py)
 # alpha 16, dropout 0.05)
 LORA_LR, LORA_DROPOUT, LORA_TARGETS = 2e-4, 0.05, "query,key,value"
 # Pretraining from scratch (--config): Pythia's peak lr per size (Biderman et al. 2023, arXiv:2304.01373, table 1;
-# the 1b config file says 2.5e-4 where the paper says 3e-4: ../shared/docs/neox-spec.md, section 10), a model of
-# another size taking that of the nearest by parameter count (pythia-14m's own config, models/14M/pythia-14m.yml,
-# also has 1e-3). Pythia warmed up linearly for 1% of its 143000 steps ("warmup": 0.01, "train-iters": 143000 in
-# EleutherAI/pythia models/*/*.yml), then decayed by cosine to a tenth ("min_lr" = lr / 10): our "cosine" schedule.
+# EleutherAI/pythia models/1B/pythia-1b.yml says 2.5e-4 where the paper says 3e-4), a model of another size taking
+# that of the nearest by parameter count (models/14M/pythia-14m.yml also has 1e-3). Pythia warmed up linearly for 1%
+# of its 143000 steps ("warmup": 0.01, "train-iters": 143000 in models/*/*.yml), then decayed by cosine to a tenth
+# ("min_lr" = lr / 10): our "cosine" schedule. docs/training.md, "Settings, defaults, and bad values".
 PYTHIA_LR = {"pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4, "pythia-1b": 3e-4, "pythia-1.4b": 2e-4,
              "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4}
 PYTHIA_WARMUP, PYTHIA_SCHEDULE, DOLLY_SCHEDULE = 1430, "cosine", "constant"
@@ -251,9 +251,9 @@ class TrainConfig:
         larger than the data, an epoch shorter than the warmup."""
         warnings, per_epoch, warmup = [], steps_per_epoch(n_train, batch), self.warmup(total_steps)
         if batch > n_train:
-            which = "the default batch (Dolly's)" if self.batch_size is None else "--batch-size"
-            warnings.append(f"{which} of {batch} is larger than the {n_train} training examples: every step sees each "
-                            f"of them about {batch / n_train:.0f} times, at {batch / n_train:.0f}x the compute of "
+            which = f"the default batch (Dolly's) of {batch}" if self.batch_size is None else f"--batch-size {batch}"
+            warnings.append(f"{which} is larger than the {n_train} training examples: every step sees each of them "
+                            f"{batch / n_train:.1f} times on average, at {batch / n_train:.1f}x the compute of "
                             f"--batch-size {n_train}")
         if per_epoch < warmup:
             warnings.append(f"an epoch is {per_epoch} step{'s' if per_epoch > 1 else ''}, shorter than the {warmup} "
@@ -301,19 +301,28 @@ class TrainConfig:
         recorded: run.json of the run being resumed; its lr and schedule are kept where none was given, so that a
         run resumes with the values it started with even if the defaults changed since. Otherwise fine-tuning takes
         Dolly's (LORA_LR with LoRA), pretraining Pythia's for the nearest size (PYTHIA_LR, PYTHIA_SCHEDULE)."""
-        given = {k: getattr(self, k) if getattr(self, k) is not None else (recorded or {}).get(k)
-                 for k in ("lr", "schedule")}
-        notes = [f"--resume: {k} {v} as run.json recorded it" for k, v in given.items() if getattr(self, k) is None
-                 and v is not None]
-        lr, schedule = (LORA_LR if self.lora_r else DOLLY_LR), DOLLY_SCHEDULE
-        if self.config and None in given.values():
-            config = self.model_config()
-            size, n = pythia_size(config), config.num_parameters
-            lr, schedule = (LORA_LR if self.lora_r else PYTHIA_LR[size]), PYTHIA_SCHEDULE
-            notes.append(f"pretraining defaults: Pythia's for {size}, the nearest size to this model's "
-                         f"{f'{n / 1e9:.3g}B' if n >= 1e9 else f'{n / 1e6:.3g}M'} parameters (lr {PYTHIA_LR[size]:g}, "
-                         f"{PYTHIA_WARMUP} warmup steps but at most a tenth of the run, cosine decay to lr / 10)")
-        return replace(self, lr=given["lr"] or lr, schedule=given["schedule"] or schedule), notes
+        recorded, values, notes = recorded or {}, {}, []
+        lr, schedule, why = self._default_lr_schedule()
+        for name, default in (("lr", lr), ("schedule", schedule)):
+            given, kept = getattr(self, name), recorded.get(name)
+            values[name] = given if given is not None else kept if kept is not None else default
+            if given is None and kept is not None and kept != default:
+                shown = (f"{kept:g}", f"{default:g}") if name == "lr" else (kept, default)
+                notes.append(f"--resume: {name} {shown[0]} as run.json recorded it (the default is now {shown[1]})")
+        if why and any(getattr(self, k) is None and recorded.get(k) is None for k in values):
+            notes.append(why)
+        return replace(self, **values), notes
+
+    def _default_lr_schedule(self) -> tuple[float, str, str | None]:
+        """(lr, schedule) by default for this kind of run, and for pretraining a line that says whose they are."""
+        if not self.config:
+            return (LORA_LR if self.lora_r else DOLLY_LR), DOLLY_SCHEDULE, None
+        config = self.model_config()
+        size, n = pythia_size(config), config.num_parameters
+        why = (f"pretraining defaults: Pythia's for {size}, the nearest size to this model's "
+               f"{f'{n / 1e9:.3g}B' if n >= 1e9 else f'{n / 1e6:.3g}M'} parameters (lr {PYTHIA_LR[size]:g}, "
+               f"{PYTHIA_WARMUP} warmup steps but at most a tenth of the run, cosine decay to lr / 10)")
+        return (LORA_LR if self.lora_r else PYTHIA_LR[size]), PYTHIA_SCHEDULE, why
 
     def run_settings(self, *, dtype: str, batch_size: int) -> dict:
         """The settings that define the run (RUN_KEYS), as resolved: what run.json holds and a resume must repeat."""

@@ -522,7 +522,9 @@ def test_train_pretraining_run_says_its_defaults_and_a_resumed_run_keeps_its_rec
     (tmp_path / "o" / "checkpoints" / "step-00000004.pt").unlink()
     train.main(**args, resume=True)
     assert [r["lr"] for r in metrics(tmp_path / "o")][2:] == [5e-6, 5e-6]
-    assert "--resume: lr 5e-06 as run.json recorded it" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--resume: lr 5e-06 as run.json recorded it (the default is now 0.001)" in out
+    assert "--resume: schedule constant as run.json recorded it (the default is now cosine)" in out
     assert json.loads(run_json.read_text())["lr"] == 5e-6
 
 
@@ -531,7 +533,7 @@ def test_train_says_when_the_batch_is_larger_than_the_data_or_an_epoch_shorter_t
     run(ckpt, data, tmp_path / "a", batch_size=None, micro_batch_size=None, max_steps=1)  # 10 examples after val 2
     err = capsys.readouterr().err
     assert err.strip() == ("warning: the default batch (Dolly's) of 48 is larger than the 10 training examples: every "
-                           "step sees each of them about 5 times, at 5x the compute of --batch-size 10")
+                           "step sees each of them 4.8 times on average, at 4.8x the compute of --batch-size 10")
     run(ckpt, data, tmp_path / "b", warmup_steps=5, max_steps=1)  # batch 4: an epoch of 10 examples is 3 steps
     assert capsys.readouterr().err.strip() == ("warning: an epoch is 3 steps, shorter than the 5 warmup steps: the "
                                                "learning rate reaches its peak 0.001 only after 1.7 epochs")
