@@ -101,6 +101,7 @@ def stop_message(out: Path, step: int) -> str:
     if not states:
         return f"stopped at step {step}, before any state was saved; start again with: {command_line(False)}{torchrun}"
     saved = int(STATE_FILE.fullmatch(states[-1].name).group(1))
+    step = max(step, saved)  # stopped while a resumed run was loading: it had reached its saved state
     return f"stopped at step {step} (last state saved at step {saved}); resume with: {command_line(True)}{torchrun}"
 
 

@@ -598,6 +598,7 @@ def test_train_stop_message_under_torchrun_and_before_any_save(tmp_path, monkeyp
     assert stop_message(tmp_path, 3) == (
         "stopped at step 3 (last state saved at step 2); resume with: torchrun --nproc_per_node=2 train.py --data "
         "'my data.jsonl' --resume (under torchrun: with your other torchrun options, on any number of processes)")
+    assert stop_message(tmp_path, 0).startswith("stopped at step 2 (")  # stopped while a resumed run loaded
 
 
 # ------------------------------------------------------------------------------------------------------ demo
