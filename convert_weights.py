@@ -6,9 +6,12 @@ HF -> gpt-neox model-states files at a chosen tensor-parallel degree.
     python convert_weights.py out/pythia-70m neox/global_step0 --to neox --tp 2 --verify
     python convert_weights.py dolly-v2-12b/ out/dolly-v2-12b-int4 --quantize int4 --group-size 128 --verify
 
-DST is built beside itself under a hidden temporary name and renamed into place when complete. A DST that is,
-contains or lies inside SRC is refused; an existing DST is replaced only with --force, and only when all it holds is
-an earlier conversion's output (never a directory with other files in it). See docs/converting.md.
+DST is built beside itself under a hidden temporary name and renamed into place when complete, with the tokenizer,
+generation-config and pipeline-code files of SRC beside the weights (both ways, so HF -> neox -> HF keeps them). A
+DST that is, contains or lies inside SRC is refused; an existing DST that holds anything is replaced only with
+--force, and only when all it holds is an earlier conversion's output as that conversion wrote it (its manifest,
+.gptneox-manifest.json, lists every file): never a user's files, a training run or an edited conversion. A refused
+command creates nothing. See docs/converting.md.
 """
 
 import argparse
@@ -25,9 +28,9 @@ MAX_SHARD_SIZE = "5GB"  # transformers' save_pretrained default
 
 
 def size_arg(text: str) -> int:
-    """An argparse type: bytes in "5GB" (10^9), "500MiB" (2^20) or a plain number."""
+    """An argparse type: bytes in "5GB" (10^9), "500MiB" (2^20) or a plain number, at least one."""
     try:
-        return parse_size(text)
+        return parse_size(text, name="")  # argparse names the flag
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
@@ -82,7 +85,7 @@ def main(*, src, dst, to, dtype, max_shard_size, verify, force, tp, no_pipe, neo
     kind = source_kind(Path(src))
     check_source(kind, src, to=to, neox_config=neox_config, tokenizer=tokenizer, trust_pickle=trust_pickle,
                  quantize=quantize)
-    common = dict(dtype=dtype, force=force, verify=verify, progress=not no_progress,
+    common = dict(dtype=dtype, force=force, force_flag="--force", verify=verify, progress=not no_progress,
                   logits_max_params=LOGITS_MAX_PARAMS if logits_max_params is None else logits_max_params)
     shard_size = MAX_SHARD_SIZE if max_shard_size is None else max_shard_size
     if to == "neox":
@@ -117,9 +120,10 @@ if __name__ == "__main__":
                         help="re-read the output and check every tensor equals the source's bit for bit, and, for "
                         "a model of at most --logits-max-params parameters, that the logits are identical")
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing DST, only if it holds nothing but an earlier conversion's output "
-                        "(HF: config.json, model*.safetensors, index, tokenizer/generation/*.py files; neox: "
-                        "*model_states.pt, configs/model.yml); without it an existing DST is refused")
+                        help="replace an existing DST, only if all it holds is an earlier conversion's output, "
+                        "unchanged since (its .gptneox-manifest.json lists every file it wrote); anything else there "
+                        "(a user's files, a training run, an edited file) is refused by name and nothing is touched. "
+                        "Without it a DST that holds anything is refused")
     parser.add_argument("--tp", type=cli.positive_int, default=None, metavar="N",
                         help="--to neox: tensor-parallel degree to split into (1, 2, 4, ...; must divide heads, "
                         "intermediate size and vocab); default 1")

@@ -156,11 +156,12 @@ class Log:
 
 def export(model_state, config, tok, out: Path, dtype) -> None:
     """The model in the HF layout in OUT (config.json, safetensors, tokenizer.json), through save_pretrained's
-    atomic directory swap; the run's own files (run.json, metrics, checkpoints/) carry over."""
+    atomic directory swap; the run's own files (run.json, metrics, checkpoints/) carry over. An earlier export is
+    replaced only as gptneox wrote it: a hand-edited config.json there is refused, not overwritten."""
     with torch.device("meta"):
         model = GPTNeoX(config)
     model.load_state_dict({k: v.to(dtype) for k, v in model_state.items()}, assign=True)
-    model.save_pretrained(out, tokenizer=tok)
+    model.save_pretrained(out, tokenizer=tok, force=True)
 
 
 def export_run(run) -> None:
@@ -173,7 +174,7 @@ def export_run(run) -> None:
     if not run.cfg.lora:
         export(state, run.model.config, run.tok, run.out, dtype)
         return
-    save_adapter(run.model, run.out, state=state, tokenizer=run.tok, base_model_name_or_path=run.cfg.init)
+    save_adapter(run.model, run.out, state=state, tokenizer=run.tok, base_model_name_or_path=run.cfg.init, force=True)
     if run.cfg.export_merged:
         base, _ = load_model(run.cfg)
         load_adapter(base, run.out, resize_embeddings=True)

@@ -18,10 +18,11 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, follow_umask
 from .lora import FULL, QKV, TARGETS, LoRALinear, check_no_adapters, lora_modules, target_paths, wrap_layer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN)  # what save_adapter replaces (+ tokenizer.json if given)
 PEFT_PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (LoraModel).model
 PEFT_KEY = re.compile(r"(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
 # whole embedding matrices PEFT saves beside the adapter when a target is an embedding layer (save_embedding_layers)
@@ -76,11 +77,13 @@ def _patterns(shapes: dict) -> dict:
             **{re.escape(name): shape for name, shape in shapes.items() if len(kinds[_kind(name)]) > 1}}
 
 
-def save_adapter(model, path, *, state: dict | None = None, tokenizer=None, base_model_name_or_path=None) -> None:
+def save_adapter(model, path, *, state: dict | None = None, tokenizer=None, base_model_name_or_path=None,
+                 force=False) -> None:
     """Write the adapters as PEFT does: adapter_config.json and adapter_model.safetensors, which
     peft.PeftModel.from_pretrained(GPTNeoXForCausalLM..., path) loads with the same logits; and tokenizer.json if a
     Tokenizer is given. state: the adapters' tensors by model.state_dict() name, if not the model's own (gathered
-    from FSDP shards). Atomic: the directory is replaced whole, its other files kept."""
+    from FSDP shards). Atomic: the directory is replaced whole, its other files kept. An adapter already there is
+    replaced only with force=True, and only if gptneox wrote it and it is unchanged since (atomic.atomic_dir)."""
     modules, state = lora_modules(model), state or {}
     if not modules:
         raise ValueError("save_adapter: the model has no LoRA adapters (add_lora or load_adapter first)")
@@ -102,9 +105,11 @@ def save_adapter(model, path, *, state: dict | None = None, tokenizer=None, base
                   rank_pattern={k: r for k, (r, _) in patterns.items() if r != r0},
                   alpha_pattern={k: a for k, (_, a) in patterns.items() if a != a0})
     metadata = {"format": "pt", META_LAYOUT: json.dumps(layout), META_VOCAB: str(model.config.vocab_size)}
-    with atomic_dir(Path(path), keep=lambda name: name != ADAPTER_BIN) as tmp:
+    replaces = set(ADAPTER_FILES) | ({"tokenizer.json"} if tokenizer is not None else set())
+    with atomic_dir(Path(path), writer="save_adapter", replaces=replaces.__contains__, force=force) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata=metadata)
+        follow_umask(tmp / ADAPTER_WEIGHTS)  # save_file creates it 0600
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer.json")
 

@@ -7,6 +7,7 @@ place, so a crash never leaves a half checkpoint that looks whole. Formats: docs
 
 import json
 import re
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from . import progress as progress_bars
-from .atomic import atomic_dir
+from .atomic import atomic_dir, follow_umask
 from .config import Config
 from .devices import resolve_device, resolve_dtype
 
@@ -23,14 +24,16 @@ LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_mode
 # buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq
 # (docs/architecture.md, "Checkpoint files")
 STALE_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
+# the entries of a directory that are its checkpoint: save_pretrained replaces them (and tokenizer.json when it writes
+# one); any other file there is a user's and carries over
 CHECKPOINT_FILE = re.compile(r"(config\.json|generation_config\.json|(model|pytorch_model)(-\d+-of-\d+)?"
                              r"\.(safetensors|bin)(\.index\.json)?)$")
+TOKENIZER_FILE = "tokenizer.json"
 
 
-def is_user_file(name: str) -> bool:
-    """Whether an entry of a checkpoint directory is not the checkpoint itself (a tokenizer, notes, run files):
-    replacing the checkpoint keeps it."""
-    return not CHECKPOINT_FILE.fullmatch(name)
+def replaced_by_save(name: str, *, tokenizer: bool = True) -> bool:
+    """Whether save_pretrained (with a tokenizer or not) replaces the entry `name` of the directory it writes."""
+    return bool(CHECKPOINT_FILE.fullmatch(name)) or (tokenizer and name == TOKENIZER_FILE)
 
 
 class CheckpointError(ValueError):
@@ -216,16 +219,21 @@ def _stream(files):
 
 
 # ------------------------------------------------------------------------------------------------------ writing
-def parse_size(size) -> int:
-    """Bytes in "5GB" (10^9, as HF), "500MiB" (2^20), or an int."""
+def parse_size(size, name: str = "max_shard_size") -> int:
+    """Bytes in "5GB" (10^9, as HF), "500MiB" (2^20), or an int; at least one. name: what the messages call it."""
+    what = f"{name} {size!r}" if name else repr(size)
     if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"max_shard_size {size!r} is not a size like '5GB' or '500MiB'")
-    unit = (m.group(2) or "B").upper()
-    scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
-    return int(float(m.group(1)) * scale)
+        nbytes = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+        if not m:
+            raise ValueError(f"{what} is not a size like '5GB' or '500MiB'")
+        unit = (m.group(2) or "B").upper()
+        scale = 1 if unit == "B" else (1024 if "I" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+        nbytes = int(float(m.group(1)) * scale)
+    if nbytes < 1:
+        raise ValueError(f"{what} is not a positive size (a shard holds at least one byte)")
+    return nbytes
 
 
 class ShardWriter:
@@ -250,6 +258,7 @@ class ShardWriter:
     def flush(self):
         part = self.folder / f"part-{len(self.parts):05d}.tmp"
         save_file(self.pending, part, metadata={"format": "pt"})
+        follow_umask(part)  # save_file creates it 0600
         self.parts.append((part, list(self.pending)))
         self.pending, self.size = {}, 0
 
@@ -280,22 +289,26 @@ def _base_state(model) -> dict:
     return base_state_dict(model)
 
 
-def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progress=False) -> None:
+def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progress=False, force=False) -> None:
+    """Write the checkpoint (and tokenizer.json if a Tokenizer is given) into directory path, atomically. A checkpoint
+    already there is replaced only with force, and only if gptneox wrote it (atomic.atomic_dir); other files stay."""
     state = _base_state(model)
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
     from .quantize import config_entries, settings_of
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     quantization = settings_of(model)  # int8 / int4 tensors (weight, scales, zeros): gptneox/quantize.py
-    with atomic_dir(path, keep=is_user_file) as tmp:
+    max_bytes = parse_size(max_shard_size)
+    replaces = partial(replaced_by_save, tokenizer=tokenizer is not None)
+    with atomic_dir(path, writer="save_pretrained", replaces=replaces, force=force) as tmp:
         config = {**model.config.to_hf_config(), "torch_dtype": str(dtype).removeprefix("torch.")}
         if quantization is not None:
             config.update(config_entries(quantization))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        writer = ShardWriter(tmp, parse_size(max_shard_size))
+        writer = ShardWriter(tmp, max_bytes)
         for name, t in progress_bars.bar(state.items(), total=len(state), desc="saving", unit="tensor",
                                          enabled=progress):
             writer.add(name, t.detach().cpu())
         writer.close()
         if tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
+            tokenizer.save(tmp / TOKENIZER_FILE)

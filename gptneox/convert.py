@@ -3,12 +3,13 @@
 Every tensor is read from an mmap, cast if asked, and written into the current output shard, which is flushed as
 soon as it is full: host memory stays near one output shard. The output is built in a hidden temporary directory
 beside DST, config.json last, and renamed into place only when complete (atomic.atomic_dir). A destination
-that overlaps the source is refused, and --force replaces only an earlier conversion's output (check_destination).
+that overlaps the source is refused, and --force replaces only an earlier conversion's output, as it wrote it
+(check_destination, manifest.py). Tokenizer, generation-config and pipeline-code files travel with the weights, both
+ways.
 Formats: docs/architecture.md, sections "Checkpoint files" and "gpt-neox checkpoints and tensor-parallel merging".
 """
 
 import json
-import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -22,7 +23,7 @@ from . import atomic, cli
 from . import progress as progress_bars
 from .checkpoint import LAYOUTS, CheckpointError, ShardWriter, checkpoint_name, parse_size, read_tensors, weight_files
 from .config import Config
-from .neox import LAYER_FILE, MP_RANK_FILE, expected_shapes, load_neox, neox_tensors, save_neox
+from .neox import check_split, expected_shapes, load_neox, neox_tensors, save_neox
 
 SHARD_FILE = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
 # files besides the weights that a model directory needs: tokenizer, generation defaults, custom pipeline code (Dolly)
@@ -32,9 +33,7 @@ ARCH_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "max_position_embeddings", "hidden_act", "rotary_pct", "rotary_emb_base", "layer_norm_eps",
                "use_parallel_residual", "attention_bias", "tie_word_embeddings")
 LOGITS_MAX_PARAMS = 500_000_000  # --verify compares logits only below this size (it holds two models in RAM)
-# what write_hf puts in DST besides COPIED_FILES, and what save_neox puts there besides configs/model.yml
-HF_OUTPUT = re.compile(r"config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
-NEOX_OUTPUT = (LAYER_FILE, MP_RANK_FILE)
+CONVERTER = "convert_weights.py"  # the manifest's writer ("... --to hf" / "--to neox"): --force replaces its output
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -203,26 +202,13 @@ def _refuse_overlap(src: Path, dst: Path):
         raise ValueError(f"the destination {dst} lies inside the source {src}; write the conversion somewhere else")
 
 
-def _foreign_entries(dst: Path, to: str) -> list[str]:
-    """The entries of dst that a conversion to `to` ("hf" or "neox") does not write, e.g. ["notes.txt", "runs/"]."""
-    foreign = []
-    for entry in sorted(dst.iterdir()):
-        if to == "neox" and entry.name == "configs" and entry.is_dir() and not entry.is_symlink():
-            inside = sorted(entry.iterdir())
-            foreign += [f"configs/{p.name}" for p in inside if not (p.name == "model.yml" and p.is_file())]
-            continue
-        names = NEOX_OUTPUT if to == "neox" else (HF_OUTPUT, COPIED_FILES)
-        if not (entry.is_file() and any(n.fullmatch(entry.name) for n in names)):
-            foreign.append(entry.name + ("/" if entry.is_dir() else ""))
-    return foreign
-
-
-def check_destination(dst, *, src=None, force=False, to="hf") -> Path:
+def check_destination(dst, *, src=None, force=False, force_flag="force=True") -> Path:
     """The destination rules, checked before anything is written; returns dst with symlinks resolved.
 
     - a dst that is the source, contains it or lies inside it is refused, with or without force;
-    - an existing dst is refused without force, and with force unless all it holds is what a conversion to `to`
-      writes (an earlier conversion's output): never a user's other files.
+    - an existing dst that holds anything is refused without force, and with force unless all it holds is an earlier
+      conversion's output, unchanged since (its manifest proves it): never a user's files, never a training run.
+    force_flag: force as the caller spells it in messages ("--force" on the command line).
     What a killed conversion left beside dst is recovered first (atomic.recover_interrupted).
     """
     dst = Path(dst)
@@ -230,38 +216,37 @@ def check_destination(dst, *, src=None, force=False, to="hf") -> Path:
         _refuse_overlap(Path(src), dst)
     dst = dst.resolve()
     atomic.recover_interrupted(dst)
-    if not os.path.lexists(dst):
-        return dst
-    if not force:
-        raise FileExistsError(f"{dst} already exists; pass --force (force=True) to replace an earlier conversion's "
-                              "output there")
-    if not dst.is_dir():
-        raise FileExistsError(f"{dst} exists and is not a directory; --force replaces only an earlier conversion's "
-                              "output")
-    foreign = _foreign_entries(dst, to)
-    if foreign:
-        shown = ", ".join(foreign[:10]) + (f" and {len(foreign) - 10} more" if len(foreign) > 10 else "")
-        raise FileExistsError(f"{dst} holds entries a conversion to {to} does not write ({shown}); --force replaces "
-                              "only an earlier conversion's output: move them away or choose another destination")
+    atomic.check_replace(dst, force=force, flag=force_flag, owner=CONVERTER)
     return dst
 
 
-def conversion_output(dst, *, force=False, to="hf"):
+def conversion_output(dst, *, to="hf", force=False, force_flag="force=True"):
     """atomic.atomic_dir(dst) after check_destination: yields the hidden directory to write the output into."""
-    return atomic.atomic_dir(check_destination(dst, force=force, to=to))
+    return atomic.atomic_dir(check_destination(dst, force=force, force_flag=force_flag),
+                             writer=f"{CONVERTER} --to {to}", force=force, flag=force_flag, owner=CONVERTER)
+
+
+def copied_files(src: Path) -> dict[str, Path]:
+    """{name: file} of the COPIED_FILES in directory src."""
+    return {p.name: p for p in sorted(src.iterdir()) if p.is_file() and COPIED_FILES.fullmatch(p.name)}
+
+
+def _copy(files: dict[str, Path], folder: Path):
+    for name, file in files.items():
+        shutil.copyfile(file, folder / name)  # a new file, its mode from the umask (copy2 would keep the source's)
 
 
 # ----------------------------------------------------------------------------------------------------- writing
 def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_size="5GB", force=False,
-             raw_config=None, copy_files=None, progress=False, check=None) -> dict:
+             force_flag="force=True", raw_config=None, copy_files=None, progress=False, check=None) -> dict:
     """Write (name, tensor) pairs as an HF safetensors checkpoint directory, atomically. Returns a summary.
 
     copy_files: {name in dst: file to copy}.
     check: called with the finished temporary directory before it is renamed to dst; returns more summary items.
     """
-    dtype = _dtype(dtype)
-    with conversion_output(dst, force=force, to="hf") as tmp:
-        writer = ShardWriter(tmp, parse_size(max_shard_size))
+    dtype, max_bytes = _dtype(dtype), parse_size(max_shard_size)
+    with conversion_output(dst, to="hf", force=force, force_flag=force_flag) as tmp:
+        writer = ShardWriter(tmp, max_bytes)
         stored = None
         for name, tensor in progress_bars.bar(tensors, total=total, desc="converting", unit="tensor", enabled=progress):
             if tensor.is_floating_point():  # the integers of a quantized weight keep their dtype
@@ -269,8 +254,7 @@ def write_hf(dst, config: Config, tensors, *, total: int, dtype=None, max_shard_
                 stored = stored or tensor.dtype
             writer.add(name, tensor)
         files = writer.close()
-        for name, file in (copy_files or {}).items():
-            shutil.copy2(file, tmp / name)
+        _copy(copy_files or {}, tmp)
         dtype_name = str(stored).removeprefix("torch.")
         out = {**(raw_config or {}), **config.to_hf_config(), "torch_dtype": dtype_name}
         if "dtype" in out:  # transformers 5 spelling
@@ -341,13 +325,13 @@ def quantized_tensors(tensors, config: Config, settings: dict, dtype=None):
 
 
 # ------------------------------------------------------------------------------------------------- conversions
-def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verify=False, progress=False,
-               logits_max_params=LOGITS_MAX_PARAMS, quantize=None, group_size=128) -> dict:
+def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, force_flag="force=True", verify=False,
+               progress=False, logits_max_params=LOGITS_MAX_PARAMS, quantize=None, group_size=128) -> dict:
     """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files).
     quantize: "int8" / "int4" writes the weight-only quantized tensors instead (gptneox/quantize.py)."""
     from .checkpoint import quantization_settings
     from .quantize import check_settings, config_entries
-    src, dst = Path(src), check_destination(dst, src=src, force=force, to="hf")
+    src, dst = Path(src), check_destination(dst, src=src, force=force, force_flag=force_flag)
     if (src / "config.json").is_file() and quantization_settings(src) is not None:
         raise CheckpointError(f"{src} is a quantized checkpoint ({quantization_settings(src)}); convert_weights.py "
                               "converts float checkpoints (load it with GPTNeoX.from_pretrained instead)")
@@ -356,7 +340,7 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verif
         check_settings(quantize, group_size)
         settings = {"mode": quantize} if quantize == "int8" else {"mode": quantize, "group_size": group_size}
     ckpt = HFCheckpoint(src)
-    copy = {p.name: p for p in sorted(src.iterdir()) if p.is_file() and COPIED_FILES.fullmatch(p.name)}
+    copy = copied_files(src)
     if settings is None:
         tensors, raw = ckpt.tensors(), ckpt.raw_config
         check = partial(_verify_hf_output, config=ckpt.config, source_tensors=ckpt.tensors, dtype=dtype,
@@ -368,41 +352,47 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, verif
                         logits_max_params=logits_max_params) if verify else None
     try:
         return write_hf(dst, ckpt.config, tensors, total=len(ckpt.entries), dtype=dtype,
-                        max_shard_size=max_shard_size, force=force, raw_config=raw, copy_files=copy,
-                        progress=progress, check=check)
+                        max_shard_size=max_shard_size, force=force, force_flag=force_flag, raw_config=raw,
+                        copy_files=copy, progress=progress, check=check)
     finally:
         ckpt.close()
 
 
 def convert_neox(src, dst, *, config_files=None, tokenizer=None, trust_pickle=False, dtype=None,
-                 max_shard_size="5GB", force=False, verify=False, progress=False,
+                 max_shard_size="5GB", force=False, force_flag="force=True", verify=False, progress=False,
                  logits_max_params=LOGITS_MAX_PARAMS) -> dict:
-    """A gpt-neox global_stepN directory (any TP degree, with or without pipeline files) -> HF safetensors."""
-    src, dst = Path(src), check_destination(dst, src=src, force=force, to="hf")
+    """A gpt-neox global_stepN directory (any TP degree, with or without pipeline files) -> HF safetensors.
+    The COPIED_FILES in src (those export_neox carried there) come along; tokenizer: a file to copy as
+    tokenizer.json instead (e.g. gpt-neox's 20B_tokenizer.json)."""
+    src, dst = Path(src), check_destination(dst, src=src, force=force, force_flag=force_flag)
     ckpt, config, source = load_neox(src, config_files, trust_pickle=trust_pickle)
     total = len(expected_shapes(config))
     if tokenizer and not Path(tokenizer).is_file():
         raise FileNotFoundError(f"{tokenizer}: tokenizer file not found")
-    copy = {"tokenizer.json": Path(tokenizer)} if tokenizer else {}  # e.g. gpt-neox's 20B_tokenizer.json
+    copy = {**copied_files(src), **({"tokenizer.json": Path(tokenizer)} if tokenizer else {})}
     again = partial(neox_tensors, ckpt, config, source)  # a second, independent read of the source
     check = partial(_verify_hf_output, config=config, source_tensors=again, dtype=dtype,
                     logits_max_params=logits_max_params) if verify else None
     summary = write_hf(dst, config, neox_tensors(ckpt, config, source), total=total, dtype=dtype,
-                       max_shard_size=max_shard_size, force=force, copy_files=copy, progress=progress, check=check)
+                       max_shard_size=max_shard_size, force=force, force_flag=force_flag, copy_files=copy,
+                       progress=progress, check=check)
     return {**summary, "tp": ckpt.tp}
 
 
-def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, force=False, verify=False,
-                progress=False, logits_max_params=LOGITS_MAX_PARAMS) -> dict:
-    """An HF-layout checkpoint -> gpt-neox model-states files at tensor-parallel degree tp (+ configs/model.yml)."""
-    src, dst = Path(src), check_destination(dst, src=src, force=force, to="neox")
+def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, force=False, force_flag="force=True",
+                verify=False, progress=False, logits_max_params=LOGITS_MAX_PARAMS) -> dict:
+    """An HF-layout checkpoint -> gpt-neox model-states files at tensor-parallel degree tp (+ configs/model.yml), with
+    the source's COPIED_FILES beside them (convert_neox carries them back)."""
+    src, dst = Path(src), check_destination(dst, src=src, force=force, force_flag=force_flag)
     ckpt = HFCheckpoint(src)
     dtype = _dtype(dtype)
     lazy = _LazyTensors(ckpt, dtype)
     summary = {"tensors": len(ckpt.entries), "tp": tp, "layout": "layers" if pipe else "mp_rank"}
     try:
-        with conversion_output(dst, force=force, to="neox") as tmp:
+        check_split(ckpt.config, tp)  # before anything is created
+        with conversion_output(dst, to="neox", force=force, force_flag=force_flag) as tmp:
             save_neox(lazy, ckpt.config, tmp, tp=tp, pipe=pipe, legacy_names=legacy_names, progress=progress)
+            _copy(copied_files(src), tmp)
             if verify:  # before the rename: a failure leaves nothing behind
                 summary.update(_verify_neox_output(tmp, ckpt, lazy, dtype, logits_max_params))
     finally:

@@ -247,11 +247,13 @@ class GPTNeoX(nn.Module):
         from .generation import generate
         return generate(self, input_ids, **kwargs)
 
-    def save_pretrained(self, path, *, max_shard_size="5GB", tokenizer=None, progress=False) -> None:
+    def save_pretrained(self, path, *, max_shard_size="5GB", tokenizer=None, progress=False, force=False) -> None:
         """Write config.json and safetensors (+ index when sharded) that transformers loads, and tokenizer.json if a
-        Tokenizer is given; atomic: the directory is replaced whole, a user's other files in it are kept."""
+        Tokenizer is given; atomic: the directory is replaced whole, a user's other files in it are kept. A
+        checkpoint already there is replaced only with force=True, and only if gptneox wrote it and it is unchanged."""
         from .checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer, progress=progress)
+        save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer, progress=progress,
+                        force=force)
 
 
 def causal_lm_loss(logits, labels, ignore_index=-100, reduction="mean"):

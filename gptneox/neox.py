@@ -366,6 +366,18 @@ def load_neox(path, config_files=None, *, trust_pickle=False):
 
 
 # ------------------------------------------------------------------------------------------------------ writing
+def check_split(config: Config, tp: int) -> None:
+    """Refuse what save_neox cannot write (a model tp does not divide, no PyYAML) before anything is created."""
+    _yaml()
+    for what, n in (("num_attention_heads", config.num_attention_heads), ("intermediate_size",
+                    config.intermediate_size), ("vocab_size", config.vocab_size)):
+        if n % tp:
+            raise ValueError(f"{what} = {n} is not divisible by the tensor-parallel degree {tp}")
+    if config.hidden_act not in ACTIVATIONS.values():
+        raise ValueError(f"hidden_act {config.hidden_act!r} has no gpt-neox `activation` equivalent here "
+                         f"(supported: {', '.join(ACTIVATIONS.values())})")
+
+
 def save_neox(tensors, config: Config, dst: Path, *, tp: int, pipe: bool = True, legacy_names: bool = True,
               progress: bool = False):
     """Write HF-named tensors (a mapping name -> tensor, fetched lazily) as a gpt-neox checkpoint into dst.
@@ -374,14 +386,7 @@ def save_neox(tensors, config: Config, dst: Path, *, tp: int, pipe: bool = True,
     Writes only model weights (no optimizer or DeepSpeed engine state) plus configs/model.yml.
     """
     yaml = _yaml()
-
-    for what, n in (("num_attention_heads", config.num_attention_heads), ("intermediate_size",
-                    config.intermediate_size), ("vocab_size", config.vocab_size)):
-        if n % tp:
-            raise ValueError(f"{what} = {n} is not divisible by the tensor-parallel degree {tp}")
-    if config.hidden_act not in ACTIVATIONS.values():
-        raise ValueError(f"hidden_act {config.hidden_act!r} has no gpt-neox `activation` equivalent here "
-                         f"(supported: {', '.join(ACTIVATIONS.values())})")
+    check_split(config, tp)
     L, dst = config.num_hidden_layers, Path(dst)
     plan = [(0, EMBED_KEYS, "")] + [(i + 2, LAYER_KEYS, f"gpt_neox.layers.{i}.") for i in range(L)]
     plan.append((L + 3, NORM_KEYS, ""))

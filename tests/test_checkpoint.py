@@ -1,6 +1,7 @@
 """Checkpoint I/O: every published layout loads with HF's logits; saves load in transformers; bad input is named."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,11 +68,11 @@ def test_checkpoint_save_loads_in_transformers(hf, x, tmp_path, max_shard_size):
     ours.save_pretrained(tmp_path / "out", max_shard_size=max_shard_size)
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     if max_shard_size == "30KB":
-        assert "model.safetensors.index.json" in files and "model-00001-of-" in files[1]
+        assert "model.safetensors.index.json" in files and "model-00001-of-" in files[2]  # [0]: the manifest
         index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"]) == set(ours.state_dict())
     else:
-        assert files == ["config.json", "model.safetensors"]
+        assert files == [".gptneox-manifest.json", "config.json", "model.safetensors"]
     back = GPTNeoXForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x).logits, ours(x), rtol=0, atol=0)
@@ -107,20 +108,23 @@ def test_checkpoint_save_is_atomic(hf, tmp_path, monkeypatch):
     save_file = ckpt.save_file
     monkeypatch.setattr(ckpt, "save_file", crash_on_second_shard)
     with pytest.raises(OSError, match="No space left"):
-        ours.save_pretrained(tmp_path / "out", max_shard_size="30KB")
+        ours.save_pretrained(tmp_path / "out", max_shard_size="30KB", force=True)
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before  # the old checkpoint is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporary left
     monkeypatch.undo()
-    ours.save_pretrained(tmp_path / "out", max_shard_size="30KB")  # replace: old weights go, user files stay
+    ours.save_pretrained(tmp_path / "out", max_shard_size="30KB", force=True)  # old weights go, user files stay
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert "tokenizer.json" in names and "model.safetensors" not in names
 
 
 def test_checkpoint_parse_size_and_shard(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("500MiB") == 500 * 2**20 and parse_size(123) == 123
-    assert parse_size("1.5kb") == 1500
-    with pytest.raises(ValueError, match="not a size"):
+    assert parse_size("1.5kb") == 1500 and parse_size("1") == 1
+    with pytest.raises(ValueError, match="max_shard_size 'five gigs' is not a size"):
         parse_size("five gigs")
+    for size in (0, -1, "0", "0GB", "0.0001KB"):  # 0 would write one tensor per shard
+        with pytest.raises(ValueError, match=f"max_shard_size {size!r} is not a positive size"):
+            parse_size(size)
     state = {"a": torch.zeros(10), "b": torch.zeros(30), "c": torch.zeros(5)}  # 40, 120, 20 bytes
 
     def shard(max_bytes):
@@ -134,6 +138,64 @@ def test_checkpoint_parse_size_and_shard(tmp_path):
 
     assert shard(100) == ([["a"], ["b"], ["c"]], [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)])
     assert shard(1000) == ([["a", "b", "c"]], ["model.safetensors"])
+
+
+# ------------------------------------------------------------------------------------ replacing a directory
+def contents(folder: Path) -> dict:
+    """relative path -> bytes of every file under folder (None for a directory), hidden ones included."""
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def ours(hf, tmp_path_factory):
+    return GPTNeoX.from_pretrained(save_checkpoint(hf, tmp_path_factory.mktemp("src") / "src", "safetensors"))
+
+
+def test_checkpoint_save_replaces_a_checkpoint_only_with_force_keeping_user_files(ours, tmp_path, shared_data):
+    from gptneox import Tokenizer
+    out, tok = tmp_path / "out", Tokenizer.from_pretrained(Path(shared_data) / "pythia-tokenizer.json")
+    ours.save_pretrained(out, tokenizer=tok)
+    (out / "notes.txt").write_text("mine")
+    before = contents(out)
+    with pytest.raises(FileExistsError) as e:
+        ours.save_pretrained(out, max_shard_size="30KB")
+    assert str(e.value) == (f"{out} already holds the output of save_pretrained (config.json, model.safetensors); "
+                            "pass force=True to replace it")  # tokenizer.json: not replaced without a tokenizer
+    assert contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    ours.save_pretrained(out, max_shard_size="30KB", tokenizer=tok, force=True)
+    after = contents(out)
+    assert after["notes.txt"] == b"mine" and "model.safetensors" not in after and "model.safetensors.index.json" in after
+    assert Tokenizer.from_pretrained(out).encode("Hello, I am") == [12092, 13, 309, 717]
+
+
+@pytest.mark.parametrize("case", ["edited config.json", "user's tokenizer.json", "transformers' checkpoint"])
+def test_checkpoint_save_with_force_refuses_what_gptneox_did_not_write(case, hf, ours, tmp_path, shared_data):
+    from gptneox import Tokenizer
+    out, tok = tmp_path / "out", Tokenizer.from_pretrained(Path(shared_data) / "pythia-tokenizer.json")
+    if case == "transformers' checkpoint":
+        hf.save_pretrained(out)
+        named = "config.json, generation_config.json, model.safetensors"
+    else:
+        ours.save_pretrained(out)
+        edited = "config.json" if case == "edited config.json" else "tokenizer.json"
+        (out / edited).write_text('{"my": "notes"}')
+        named = edited
+    before = contents(out)
+    with pytest.raises(FileExistsError, match=f"{out} holds {named}, not written by gptneox \\(or changed since\\)"):
+        ours.save_pretrained(out, tokenizer=tok, force=True)
+    assert contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_checkpoint_save_files_follow_the_umask(umask, ours, tmp_path):
+    old = os.umask(umask)
+    try:
+        ours.save_pretrained(tmp_path / "out", max_shard_size="30KB")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()}
+    assert len(modes) > 3 and set(modes.values()) == {0o666 & ~umask}, modes  # safetensors' own default: 0600
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 # ----------------------------------------------------------------------------------------------------- bad input

@@ -121,9 +121,13 @@ def test_convert_hf_copies_tokenizer_files(sources, shared_data, tmp_path):
 def test_convert_hf_never_overwrites_without_force(sources, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
-    with pytest.raises(FileExistsError, match="already exists; pass --force"):
+    convert_hf(sources["safetensors"], dst)  # an empty directory holds nothing to lose
+    before = contents(dst)
+    with pytest.raises(FileExistsError) as e:
         convert_hf(sources["safetensors"], dst)
-    assert list(dst.iterdir()) == []
+    assert str(e.value) == (f"{dst} already holds the output of convert_weights.py --to hf (config.json, "
+                            "generation_config.json, model.safetensors); pass force=True to replace it")
+    assert contents(dst) == before and "--force" not in str(e.value)  # the Python API's spelling only
 
 
 def test_convert_hf_force_replaces_only_an_earlier_conversion(sources, shared_data, tmp_path):
@@ -132,15 +136,43 @@ def test_convert_hf_force_replaces_only_an_earlier_conversion(sources, shared_da
     dst = tmp_path / "out"
     convert_hf(src, dst, max_shard_size="40KB")  # config.json, shards + index, generation_config, tokenizer.json
     convert_hf(src, dst, dtype="bf16", force=True)  # an earlier conversion's output: replaced
-    assert sorted(p.name for p in dst.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
-                                                     "tokenizer.json"]  # the shards and index are gone
+    assert sorted(p.name for p in dst.iterdir()) == [".gptneox-manifest.json", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json"]  # shards, index: gone
     assert all(t.dtype == torch.bfloat16 for t in output_tensors(dst).values())
     (dst / "notes.txt").write_text("mine")
     (dst / "runs").mkdir()
     before = contents(dst)
-    with pytest.raises(FileExistsError, match=r"holds entries a conversion to hf does not write \(notes.txt, runs/\)"):
+    with pytest.raises(FileExistsError, match=r"out holds notes.txt, runs/, not written by convert_weights.py \(or "
+                                              r"changed since\): move them away or choose another destination"):
         convert_hf(src, dst, force=True)
     assert contents(dst) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.mark.parametrize("edit", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_convert_hf_force_refuses_an_earlier_conversion_edited_since(edit, sources, shared_data, tmp_path):
+    src = shutil.copytree(sources["safetensors"], tmp_path / "src")
+    shutil.copy(Path(shared_data) / "pythia-tokenizer.json", src / "tokenizer.json")
+    dst = tmp_path / "out"
+    convert_hf(src, dst)
+    file = dst / edit
+    file.write_bytes(file.read_bytes().replace(b"0", b"1", 1))  # one character: the size stays
+    before = contents(dst)
+    with pytest.raises(FileExistsError, match=f"out holds {edit}, not written by convert_weights.py \\(or changed"):
+        convert_hf(src, dst, force=True)
+    assert contents(dst) == before
+
+
+def test_convert_hf_force_refuses_a_training_run(sources, tmp_path):
+    out = tmp_path / "dolly-tiny-init"  # what train.py leaves: its export (save_pretrained) beside the run's files
+    GPTNeoX.from_pretrained(sources["safetensors"]).save_pretrained(out)
+    (out / "run.json").write_text('{"init": "pythia-14m"}')
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "step-00000004.pt").write_bytes(b"training state")
+    before = contents(out)
+    with pytest.raises(FileExistsError, match="dolly-tiny-init holds checkpoints/, config.json, model.safetensors, "
+                                              "run.json, not written by convert_weights.py"):
+        convert_hf(sources["safetensors"], out, force=True)
+    assert contents(out) == before
 
 
 def test_convert_hf_failure_leaves_no_checkpoint(sources, tmp_path, monkeypatch):
@@ -339,6 +371,42 @@ def test_convert_weights_default_flags_draw_a_bar_and_give_identical_logits(mode
     assert_rel_close(ours, expected, FP32_LOGITS_REL, "gptneox logits of the converted checkpoint")
 
 
+def test_convert_weights_force_never_replaces_a_users_directory(sources, tmp_path):
+    """The user's command, verbatim: default flags (progress bars on), relative paths, a source converted before."""
+    convert_hf(sources["safetensors"], tmp_path / "out" / "model")
+    (tmp_path / "userdir").mkdir()
+    (tmp_path / "userdir" / "config.json").write_text('{"my":"notes"}\n')
+    (tmp_path / "userdir" / "tokenizer.json").write_text("notes\n")
+    env = {k: v for k, v in os.environ.items() if k != "GPTNEOX_TRACEBACK"}
+    run = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "out/model", "userdir", "--force"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and run.stdout == ""
+    assert run.stderr == (f"convert_weights.py: error: {tmp_path / 'userdir'} holds config.json, tokenizer.json, not "
+                          "written by convert_weights.py (or changed since): move them away or choose another "
+                          "destination\n")
+    assert contents(tmp_path / "userdir") == {"config.json": b'{"my":"notes"}\n', "tokenizer.json": b"notes\n"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "userdir"]  # no temporary either
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_convert_weights_files_follow_the_umask(umask, sources, shared_data, tmp_path):
+    """Every output file (safetensors shards too, which safetensors creates 0600) gets 0666 less the umask, as with
+    any other tool; set in a fresh process, as a user's shell does."""
+    src = shutil.copytree(sources["safetensors"], tmp_path / "src")
+    shutil.copy(Path(shared_data) / "pythia-tokenizer.json", src / "tokenizer.json")
+    (src / "tokenizer.json").chmod(0o600)  # the copy's mode comes from the umask, not from the source
+    for args in ([src, tmp_path / "hf", "--max-shard-size", "100KB"], [src, tmp_path / "neox", "--to", "neox"]):
+        run = subprocess.run([sys.executable, "-c", f"import os, runpy, sys; os.umask({umask}); sys.argv[0] = "
+                              "'convert_weights.py'; runpy.run_path('convert_weights.py', run_name='__main__')",
+                              *map(str, args), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    files = [p for p in tmp_path.glob("[hn]*/**/*") if p.is_file()]
+    assert len(files) > 8 and {p.name for p in files} >= {"model-00001-of-00007.safetensors", "tokenizer.json",
+                                                          "layer_00-model_00-model_states.pt", "model.yml"}
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == {
+        str(p.relative_to(tmp_path)): oct(0o666 & ~umask) for p in files}
+
+
 def test_convert_weights_exit_codes_usage_2_runtime_1_without_traceback(tmp_path):
     usage = _script(tmp_path / "src", tmp_path / "out", "--tp", "2")
     assert usage.returncode == 2 and usage.stderr.startswith("usage: convert_weights.py")
@@ -355,12 +423,15 @@ def test_convert_weights_exit_codes_usage_2_runtime_1_without_traceback(tmp_path
     (("--logits-max-params", "10"), "--logits-max-params: only with --verify"),
     (("--neox-config", "x.yml"), "--neox-config: only for a gpt-neox source, but .* is a Hugging Face checkpoint"),
     (("--dtype", "int8"), "argument --dtype: invalid dtype 'int8'"),
-    (("--max-shard-size", "five gigs"), "argument --max-shard-size: .*not a size"),
+    (("--max-shard-size", "five gigs"), "argument --max-shard-size: 'five gigs' is not a size"),
+    (("--max-shard-size", "0"), "argument --max-shard-size: '0' is not a positive size"),  # one tensor per shard
+    (("--max-shard-size", "0GB"), "argument --max-shard-size: '0GB' is not a positive size"),
 ])
 def test_convert_weights_contradicting_flags_are_usage_errors(args, message, sources, tmp_path, monkeypatch, capsys):
     assert _cli(monkeypatch, sources["bin"], tmp_path / "out", *args) == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: convert_weights.py") and re.search(f"convert_weights.py: error: {message}", err)
+    assert "max_shard_size" not in err  # the flag's spelling, never the Python name
     assert not (tmp_path / "out").exists()
 
 
@@ -373,8 +444,8 @@ def test_convert_weights_cli_converts_verifies_and_reports_errors(sources, tmp_p
     assert all(t.dtype == torch.bfloat16 for t in output_tensors(tmp_path / "out").values())
     assert _cli(monkeypatch, sources["bin"], tmp_path / "out", "--no-progress") == 1
     err = capsys.readouterr().err
-    assert err.startswith("convert_weights.py: error: ") and "already exists; pass --force" in err
-    assert len(err.splitlines()) == 1
+    assert err.startswith("convert_weights.py: error: ") and err.endswith("; pass --force to replace it\n")
+    assert len(err.splitlines()) == 1 and "force=True" not in err
 
 
 def test_convert_weights_accepts_underscore_spellings(sources, tmp_path, monkeypatch, capsys):

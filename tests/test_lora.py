@@ -3,6 +3,7 @@ q / k / v adapters on exactly their rows of every head, merge / unmerge, adapter
 forward, generation, KV cache and backends with adapters, a stand-in base module without a weight, bad input."""
 
 import json
+import os
 import warnings
 
 import pytest
@@ -121,6 +122,47 @@ def test_lora_adapter_peft_wrote_with_rslora_loads_with_its_scale(tmp_path):
     assert_rel_close(load_adapter(ours, tmp_path)(ids), expected, FP32_LOGITS_REL, "rsLoRA logits")
 
 
+def contents(folder) -> dict:
+    return {str(p.relative_to(folder)): None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def test_lora_save_adapter_replaces_an_adapter_only_with_force_and_only_its_own(tmp_path):
+    _, ours = pair()
+    with_random_adapters(ours, "query,value")
+    save_adapter(ours, tmp_path / "a")
+    (tmp_path / "a" / "notes.txt").write_text("mine")
+    before = contents(tmp_path / "a")
+    with pytest.raises(FileExistsError) as e:
+        save_adapter(ours, tmp_path / "a")
+    assert str(e.value) == (f"{tmp_path / 'a'} already holds the output of save_adapter (adapter_config.json, "
+                            "adapter_model.safetensors); pass force=True to replace it")
+    assert contents(tmp_path / "a") == before
+    save_adapter(ours, tmp_path / "a", base_model_name_or_path="EleutherAI/pythia-70m", force=True)
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "EleutherAI/pythia-70m"
+    assert (tmp_path / "a" / "notes.txt").read_text() == "mine"
+    hf, _ = pair()  # an adapter PEFT wrote: never ours to replace
+    peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["query_key_value"])).save_pretrained(tmp_path / "p")
+    before = contents(tmp_path / "p")
+    with pytest.raises(FileExistsError, match="p holds adapter_config.json, adapter_model.safetensors, not written by "
+                                              "gptneox"):
+        save_adapter(ours, tmp_path / "p", force=True)
+    assert contents(tmp_path / "p") == before
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_lora_save_adapter_files_follow_the_umask(umask, tmp_path):
+    _, ours = pair()
+    with_random_adapters(ours, "query,value")
+    old = os.umask(umask)
+    try:
+        save_adapter(ours, tmp_path / "a")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "a").iterdir()}
+    assert len(modes) == 3 and set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone would give 0600
+
+
 def test_lora_from_pretrained_with_adapter_equals_peft(tmp_path):
     hf, ours = pair()
     hf.save_pretrained(tmp_path / "base")
@@ -229,8 +271,8 @@ def test_lora_save_and_load_round_trip_is_exact(tmp_path):
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (6, 14.0, 0.1)  # q + v: rank 2r, 2 alpha
     assert config["rank_pattern"] == {"dense_4h_to_h": 3} and config["alpha_pattern"] == {"dense_4h_to_h": 7.0}
     assert config["target_modules"] == ["dense_4h_to_h", "query_key_value"] and config["peft_type"] == "LORA"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                          "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".gptneox-manifest.json", "adapter_config.json",
+                                                          "adapter_model.safetensors", "notes.txt"]
     _, again = pair()
     load_adapter(again, tmp_path)
     a, b = lora_state_dict(ours), lora_state_dict(again)

@@ -4,12 +4,13 @@ and one clear error per kind of bad NeoX input."""
 import json
 import runpy
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny import hf_model, hf_state_dict, save_checkpoint
+from tiny import checkpoint_with_tokenizer, hf_model, hf_state_dict, save_checkpoint
 from transformers import GPTNeoXForCausalLM
 
 from gptneox import Tokenizer
@@ -17,6 +18,7 @@ from gptneox.checkpoint import CheckpointError
 from gptneox.convert import HFCheckpoint, convert_hf, convert_neox, export_neox
 from gptneox.neox import config_from_neox, merge, read_neox_args, split
 
+ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(2))
 SHAPE = dict(num_attention_heads=4, vocab_size=104)  # heads and vocab divisible by TP 4
 # a Pythia-style config (JSON-like YAML, dashed keys, comments), as EleutherAI/pythia models/*.yml
@@ -185,7 +187,7 @@ def test_neox_export_casts_dtype_and_refuses_indivisible_tp(model, tmp_path):
     with pytest.raises(ValueError, match="num_attention_heads = 4 is not divisible by the tensor-parallel degree 8"):
         export_neox(src, tmp_path / "neox8", tp=8)
     assert not (tmp_path / "neox8").exists()
-    with pytest.raises(FileExistsError, match="--force"):
+    with pytest.raises(FileExistsError, match="pass force=True to replace it"):
         export_neox(src, tmp_path / "neox", tp=2)
 
 
@@ -216,22 +218,51 @@ def test_neox_export_force_replaces_only_an_earlier_export(model, tmp_path):
     dst = tmp_path / "neox"
     export_neox(src, dst, tp=2)
     export_neox(src, dst, tp=1, pipe=False, force=True)  # an earlier export: replaced
-    assert sorted(p.name for p in dst.iterdir()) == ["configs", "mp_rank_00_model_states.pt"]
+    assert sorted(p.name for p in dst.iterdir()) == [".gptneox-manifest.json", "configs", "generation_config.json",
+                                                     "mp_rank_00_model_states.pt"]
     (dst / "configs" / "mine.yml").write_text("{}")
     (dst / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"training state")
     before = contents(dst)
-    with pytest.raises(FileExistsError, match=r"does not write \(configs/mine.yml, zero_pp_rank_0_mp_rank_00_optim"):
+    with pytest.raises(FileExistsError, match=r"neox holds configs/, zero_pp_rank_0_mp_rank_00_optim_states.pt, not "
+                                              r"written by convert_weights.py \(or changed since\)"):
         export_neox(src, dst, tp=2, force=True)
     assert contents(dst) == before
     export_neox(src, tmp_path / "neox2", tp=1)
-    with pytest.raises(FileExistsError, match=r"conversion to hf does not write \(configs/, layer_00-model_00"):
-        convert_hf(src, tmp_path / "neox2", force=True)  # and an HF conversion never replaces gpt-neox files
+    convert_hf(src, tmp_path / "neox2", force=True)  # a conversion's output, whichever way: --force replaces it
+    assert (tmp_path / "neox2" / "model.safetensors").exists() and not (tmp_path / "neox2" / "configs").exists()
+
+
+def test_neox_round_trip_carries_the_tokenizer_and_sample_py_runs_on_the_result(shared_data, tmp_path, monkeypatch):
+    """HF -> neox -> HF from the command line: tokenizer, generation config and pipeline code travel both ways."""
+    src = checkpoint_with_tokenizer(tmp_path / "src", Path(shared_data) / "pythia-tokenizer.json", vocab_size=50304,
+                                    max_position_embeddings=256)
+    (src / "instruct_pipeline.py").write_text("# Dolly's custom pipeline\n")
+    assert _cli(monkeypatch, src, tmp_path / "neox", "--to", "neox", "--tp", "2") == 0
+    assert _cli(monkeypatch, tmp_path / "neox", tmp_path / "back", "--verify") == 0
+    for name in ("tokenizer.json", "generation_config.json", "instruct_pipeline.py"):
+        assert (tmp_path / "neox" / name).read_bytes() == (tmp_path / "back" / name).read_bytes() == \
+            (src / name).read_bytes(), name
+    tok = Tokenizer.from_pretrained(tmp_path / "back")  # what sample.py does
+    assert tok.encode("My favorite food is") == [3220, 7583, 2739, 310]
+    run = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "back"), "--prompt", "Hi",
+                          "--max-new-tokens", "2", "--no-progress"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
+def test_neox_refused_export_creates_nothing(tmp_path, monkeypatch, capsys):
+    src = save_checkpoint(hf_model(0), tmp_path / "src", "safetensors")  # vocab 101: TP 2 cannot split it
+    capsys.readouterr()
+    assert _cli(monkeypatch, src, tmp_path / "out" / "neox", "--to", "neox", "--tp", "2") == 1
+    assert capsys.readouterr().err == ("convert_weights.py: error: vocab_size = 101 is not divisible by the "
+                                       "tensor-parallel degree 2\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # not even out/
 
 
 def _cli(monkeypatch, *args):
     monkeypatch.setattr(sys, "argv", ["convert_weights.py", *map(str, args)])
     try:
-        runpy.run_path(str(Path(__file__).resolve().parents[1] / "convert_weights.py"), run_name="__main__")
+        runpy.run_path(str(ROOT / "convert_weights.py"), run_name="__main__")
     except SystemExit as e:
         return e.code
     return 0
