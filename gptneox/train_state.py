@@ -20,6 +20,10 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
+from .adapter import ADAPTER_FILES
+from .atomic import check_replace
+from .checkpoint import replaced_by_save
+from .train_config import RUN_KEYS
 
 STATE_FILE = re.compile(r"step-(\d{8})\.pt")
 
@@ -29,22 +33,49 @@ class RunError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------- run.json
-def check_out(out: Path, run: dict, resume: bool) -> Path | None:
-    """Refuse an OUT that holds another run (or this run without resume); returns the state file to resume from.
+def _exported(name: str) -> bool:
+    """Whether train.py's export replaces the entry `name` of OUT (the model or the adapter, and the tokenizer)."""
+    return replaced_by_save(name) or name in ADAPTER_FILES
 
-    A directory with no saved state and no exported model holds nothing to resume or lose (a run that stopped
-    before its first save): a new run may take it over.
-    """
+
+def _proven_run(out: Path) -> dict:
+    """OUT/run.json, refused unless train.py wrote it: a JSON object with every key of RUN_KEYS."""
     run_file = out / "run.json"
-    if not run_file.exists():
+    try:
+        saved = json.loads(run_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        saved = None
+    missing = [k for k in RUN_KEYS if k not in saved] if isinstance(saved, dict) else None
+    if missing is None or missing:
+        more = f" and {len(missing) - 3} more" if missing and len(missing) > 3 else ""
+        why = "not a JSON object" if missing is None else f"no {', '.join(missing[:3])}{more}"
+        raise RunError(f"--out {out} holds a run.json that is not a train.py run's ({why}); choose an empty or new "
+                       "directory")
+    return saved
+
+
+def check_out(out: Path, run: dict, resume: bool) -> Path | None:
+    """Refuse an OUT that holds another run (or this run without resume), or anything but a train.py run; returns the
+    state file to resume from.
+
+    A train.py run is proven by its run.json (_proven_run); the files its export will replace must be as an earlier
+    export wrote them (atomic.check_replace: a hand-edited config.json is refused now, not after the run). A directory
+    with no saved state and no exported model holds nothing to resume or lose (a run that stopped before its first
+    save): a new run may take it over.
+    """
+    if not (out / "run.json").exists():
         if out.exists() and any(out.iterdir()):
             raise RunError(f"--out {out} is not empty and holds no run.json: it is not a train.py run; "
                            "choose an empty or new directory")
         return None
+    saved = _proven_run(out)
+    try:
+        check_replace(out, replaces=_exported, force=True)
+    except FileExistsError as e:
+        raise RunError(f"--out {e}") from None
     states = state_files(out / "checkpoints")
     if not states and not (out / "config.json").exists() and not (out / "adapter_config.json").exists():
         return None
-    saved = json.loads(run_file.read_text())
     diff = [f"{k}: {saved.get(k)!r} there, {run.get(k)!r} now" for k in dict.fromkeys([*run, *saved])
             if saved.get(k) != run.get(k)]  # both ways: a LoRA run's keys are absent from a full fine-tuning run's
     if diff:

@@ -27,8 +27,8 @@ from gptneox.dolly import INTRO_BLURB
 from gptneox.model import GPTNeoX, causal_lm_loss
 from gptneox.schedule import lr_at
 from gptneox.tokenizer import Tokenizer
-from gptneox.train_config import TrainConfig
-from gptneox.train_state import load_state
+from gptneox.train_config import RUN_KEYS, TrainConfig
+from gptneox.train_state import check_out, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -255,6 +255,32 @@ def test_train_refuses_out_that_holds_a_different_run(ckpt, data, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(train.RunError, match="not empty and holds no run.json"):
         run(ckpt, data, tmp_path / "other")
+
+
+@pytest.mark.parametrize("text, why", [("notes\n", "not a JSON object"), ('["init"]', "not a JSON object"),
+                                       ('{"my": "notes"}', "no init, config, tokenizer and 14 more")])
+def test_train_refuses_out_whose_run_json_is_not_a_train_run(text, why, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "run.json").write_text(text)
+    with pytest.raises(train.RunError, match=f"--out {tmp_path / 'out'} holds a run.json that is not a train.py "
+                                             f"run's \\({why}\\); choose an empty or new directory"):
+        check_out(tmp_path / "out", {k: 1 for k in RUN_KEYS}, resume=False)
+    assert (tmp_path / "out" / "run.json").read_text() == text
+
+
+def test_train_refuses_out_whose_export_was_edited_before_the_run(ckpt, tmp_path):
+    run, out = {k: 1 for k in RUN_KEYS}, tmp_path / "out"
+    GPTNeoX.from_pretrained(ckpt).save_pretrained(out, tokenizer=Tokenizer.from_pretrained(ckpt))  # an export
+    (out / "run.json").write_text(json.dumps(run))
+    assert check_out(out, run, resume=False) is None  # as written: the export will replace it
+    (out / "config.json").write_text('{"my": "notes"}')
+    with pytest.raises(train.RunError, match=f"--out {out} holds config.json, not written by gptneox \\(or changed "
+                                             "since\\): move it away"):
+        check_out(out, run, resume=False)
+    (out / "config.json").unlink()
+    (out / "adapter_model.safetensors").write_bytes(b"a PEFT adapter")  # a LoRA run's export would replace it
+    with pytest.raises(train.RunError, match="holds adapter_model.safetensors, not written by gptneox"):
+        check_out(out, run, resume=False)
 
 
 def test_train_stops_on_nan_loss_naming_the_step_and_keeps_last_checkpoint(ckpt, data, tmp_path):
