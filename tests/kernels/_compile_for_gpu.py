@@ -14,6 +14,8 @@ ones. The kernels are loaded from the checkout's kernels/ folder directly (they 
 """
 
 import argparse
+import importlib
+import importlib.machinery
 import importlib.util
 import os
 import re
@@ -35,14 +37,12 @@ ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
 def load_kernels():
-    """kernels/ as the package gptneox_kernels_aot (its imports are relative), without importing gptneox."""
-    spec = importlib.util.spec_from_file_location("gptneox_kernels_aot", KERNELS / "__init__.py",
-                                                  submodule_search_locations=[str(KERNELS)])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = package
-    spec.loader.exec_module(package)
-    return (sys.modules[f"{spec.name}.attention"], sys.modules[f"{spec.name}.rotary"],
-            sys.modules[f"{spec.name}.quant_matmul"])
+    """kernels/ (a namespace package: no __init__.py) as the package gptneox_kernels_aot, whose relative imports
+    then work, without importing gptneox."""
+    spec = importlib.machinery.ModuleSpec("gptneox_kernels_aot", None, is_package=True)
+    spec.submodule_search_locations = [str(KERNELS)]
+    sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    return tuple(importlib.import_module(f"{spec.name}.{name}") for name in ("attention", "rotary", "quant_matmul"))
 
 
 attention, rotary, quant = load_kernels()
