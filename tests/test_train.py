@@ -283,6 +283,21 @@ def test_train_refuses_out_whose_export_was_edited_before_the_run(ckpt, tmp_path
         check_out(out, run, resume=False)
 
 
+def test_train_export_never_overwrites_an_edited_export(ckpt, data, tmp_path):
+    """Full fine-tuning: checked before the run; LoRA's --export-merged (OUT/merged): refused by the export itself."""
+    out = run(ckpt, data, tmp_path / "full", max_steps=2)
+    (out / "config.json").write_text('{"my": "notes"}')
+    with pytest.raises(train.RunError, match="full holds config.json, not written by gptneox"):
+        run(ckpt, data, out, max_steps=2, resume=True)
+    assert (out / "config.json").read_text() == '{"my": "notes"}'
+    lora = dict(max_steps=2, lora_r=4, lr=1e-2, export_merged=True)
+    out = run(ckpt, data, tmp_path / "lora", **lora)
+    (out / "merged" / "config.json").write_text('{"my": "notes"}')
+    with pytest.raises(FileExistsError, match="merged holds config.json, not written by gptneox"):
+        run(ckpt, data, out, resume=True, **lora)
+    assert (out / "merged" / "config.json").read_text() == '{"my": "notes"}'
+
+
 def test_train_stops_on_nan_loss_naming_the_step_and_keeps_last_checkpoint(ckpt, data, tmp_path):
     with pytest.raises(train.RunError, match=r"step 2: loss nan .* not finite.*step-00000001.pt"):
         run(ckpt, data, tmp_path / "out", lr=1e30, save_every=1, grad_clip=0)  # step 1's update overflows step 2
