@@ -451,8 +451,9 @@ def build_parser() -> ArgumentParser:
     g = p.add_argument_group("hardware")
     g.add_argument("--device", type=device_arg, help="auto, cpu, cuda, cuda:1 (default auto: cuda:LOCAL_RANK if "
                    "available, else cpu; a device this machine lacks is refused)")
-    g.add_argument("--dtype", type=dtype_arg(("bf16", "fp32")), help="bf16 (or bfloat16): autocast with fp32 "
-                   "master weights (default on CUDA, as Dolly); fp32 (or float32): default elsewhere")
+    g.add_argument("--dtype", type=dtype_arg(("bf16", "fp32"), quantize_flag="--lora-r R --quantize-base"),
+                   help="bf16 (or bfloat16): autocast with fp32 master weights (default on CUDA, as Dolly); fp32 (or "
+                   "float32): default elsewhere")
     add_threads_flag(g)
     g.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save "
