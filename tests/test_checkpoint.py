@@ -265,6 +265,7 @@ def test_checkpoint_config_contradicting_weights(hf, tmp_path):
         GPTNeoX.from_pretrained(path)
 
 
+@pytest.mark.slow  # a memory measurement in a fresh process
 def test_checkpoint_peak_memory_is_near_checkpoint_size():
     """Loading a checkpoint in its stored dtype holds it once (mmap + assign), not twice."""
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_load_memory.py"), "--size-gb", "0.25"],

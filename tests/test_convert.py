@@ -388,23 +388,30 @@ def test_convert_weights_force_never_replaces_a_users_directory(sources, tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "userdir"]  # no temporary either
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
-def test_convert_weights_files_follow_the_umask(umask, sources, shared_data, tmp_path):
+def test_convert_weights_files_follow_the_umask(sources, shared_data, tmp_path):
     """Every output file (safetensors shards too, which safetensors creates 0600) gets 0666 less the umask, as with
-    any other tool; set in a fresh process, as a user's shell does."""
+    any other tool: convert_weights.py's command line run in one fresh process at umask 022, then 077."""
     src = shutil.copytree(sources["safetensors"], tmp_path / "src")
     shutil.copy(Path(shared_data) / "pythia-tokenizer.json", src / "tokenizer.json")
     (src / "tokenizer.json").chmod(0o600)  # the copy's mode comes from the umask, not from the source
-    for args in ([src, tmp_path / "hf", "--max-shard-size", "100KB"], [src, tmp_path / "neox", "--to", "neox"]):
-        run = subprocess.run([sys.executable, "-c", f"import os, runpy, sys; os.umask({umask}); sys.argv[0] = "
-                              "'convert_weights.py'; runpy.run_path('convert_weights.py', run_name='__main__')",
-                              *map(str, args), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
-    files = [p for p in tmp_path.glob("[hn]*/**/*") if p.is_file()]
-    assert len(files) > 8 and {p.name for p in files} >= {"model-00001-of-00007.safetensors", "tokenizer.json",
-                                                          "layer_00-model_00-model_states.pt", "model.yml"}
-    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == {
-        str(p.relative_to(tmp_path)): oct(0o666 & ~umask) for p in files}
+    runs = [(umask, [str(src), str(tmp_path / f"{umask:03o}" / out), *flags, "--quiet"]) for umask in (0o022, 0o077)
+            for out, flags in (("hf", ["--max-shard-size", "100KB"]), ("neox", ["--to", "neox"]))]
+    code = ("import os, runpy, sys\n"
+            f"for umask, argv in {runs!r}:\n"
+            "    os.umask(umask)\n"
+            "    sys.argv = ['convert_weights.py', *argv]\n"
+            "    try:\n"
+            "        runpy.run_path('convert_weights.py', run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, (argv, e.code)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    for umask in (0o022, 0o077):
+        files = [p for p in (tmp_path / f"{umask:03o}").glob("**/*") if p.is_file()]
+        assert len(files) > 8 and {p.name for p in files} >= {"model-00001-of-00007.safetensors", "tokenizer.json",
+                                                              "layer_00-model_00-model_states.pt", "model.yml"}
+        assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files} == {
+            str(p.relative_to(tmp_path)): oct(0o666 & ~umask) for p in files}
 
 
 def test_convert_weights_exit_codes_usage_2_runtime_1_without_traceback(tmp_path):

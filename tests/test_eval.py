@@ -289,6 +289,7 @@ def write_tasks(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # lm-eval's whole command line twice in fresh processes: ~25 s
 def test_cli_runs_an_offline_task_with_the_same_results_as_model_hf(ckpt, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager

@@ -17,6 +17,7 @@ from tiny import hf_model
 
 from gptneox.train_state import load_state
 
+pytestmark = pytest.mark.slow  # two gloo processes under torchrun, twice: ~20 s
 ROOT = Path(__file__).resolve().parents[1]
 LOSS_ABS = 1e-5  # the bar: per-step loss within 1e-5 of the single-process run
 

@@ -34,6 +34,7 @@ def run(*args, timeout=300):
                           timeout=timeout)
 
 
+@pytest.mark.slow  # a minute: every section of the GPU check on the CPU, in fresh processes
 def test_gpu_check_tiny_runs_every_section_and_reports(tmp_path):
     out = run("--tiny", "--device", "cpu", "--out", str(tmp_path))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+from scripts import run_script
 from tiny import checkpoint_with_tokenizer, hf_model, save_checkpoint
 from tolerances import FP32_LOGITS_REL, assert_rel_close, assert_within_2x
 
@@ -227,35 +228,35 @@ def test_convert_weights_quantize_writes_what_from_pretrained_quantizes(ckpt, tm
     (["--quantize", "int4", "--group-size", "48"], "invalid choice"),
     (["--quantize", "int8", "--to", "neox"], "--quantize: only with --to hf"),
 ])
-def test_convert_weights_refuses_bad_quantize_flags_with_exit_2(ckpt, tmp_path, args, message):
-    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), str(ckpt), str(tmp_path / "q"), *args],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+def test_convert_weights_refuses_bad_quantize_flags_with_exit_2(ckpt, tmp_path, capsys, args, message):
+    status, _, err = run_script(capsys, "convert_weights.py", ckpt, tmp_path / "q", *args)
+    assert status == 2 and message in err, err
     assert not (tmp_path / "q").exists()
 
 
-def test_sample_quantize_reports_mode_and_weight_memory(tmp_path):
+def sample_cli(capsys, *argv) -> tuple[str, str]:
+    """sample.py's greedy stdout and stderr, run in this process (its end-to-end runs are tests/test_sample.py's)."""
+    status, out, err = run_script(capsys, "sample.py", *argv, "--temperature", "0", "--max-new-tokens", "5",
+                                  "--device", "cpu", "--no-progress")
+    assert status == 0, err
+    return out, err
+
+
+def test_sample_quantize_reports_mode_and_weight_memory(tmp_path, capsys):
     shared = ROOT.parent / "shared" / "data" / "pythia-tokenizer.json"
     if not shared.is_file():
         pytest.skip(f"shared test data not found at {shared}")
     path = save_checkpoint(hf_model(1, vocab_size=50304, max_position_embeddings=256), tmp_path / "p", "safetensors")
     (path / "tokenizer.json").write_bytes(shared.read_bytes())
-    runs = {}
-    for flags in (["--quantize", "int4", "--group-size", "32"], []):
-        r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(path), "--prompt", "Hello",
-                            "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu", "--no-progress",
-                            *flags], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 0, r.stderr
-        runs[bool(flags)] = r
-    assert "weights int4 g32:" in runs[True].stderr and "weights float32:" in runs[False].stderr
+    out, err = sample_cli(capsys, "--ckpt", path, "--prompt", "Hello", "--quantize", "int4", "--group-size", "32")
+    assert "weights int4 g32:" in err
+    assert "weights float32:" in sample_cli(capsys, "--ckpt", path, "--prompt", "Hello")[1]
     quantized = GPTNeoX.from_pretrained(path, quantize="int4", group_size=32)
     quantized.save_pretrained(tmp_path / "q", tokenizer=None)
     (tmp_path / "q" / "tokenizer.json").write_bytes(shared.read_bytes())
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(tmp_path / "q"), "--prompt", "Hello",
-                        "--temperature", "0", "--max-new-tokens", "5", "--device", "cpu", "--no-progress"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and "weights int4 g32:" in r.stderr, r.stderr
-    assert r.stdout == runs[True].stdout  # the saved directory generates what quantizing on load does
+    saved_out, saved_err = sample_cli(capsys, "--ckpt", tmp_path / "q", "--prompt", "Hello")
+    assert "weights int4 g32:" in saved_err
+    assert saved_out == out  # the saved directory generates what quantizing on load does
 
 
 @pytest.mark.slow  # a minute on 2 cores (Inductor); tests/kernels/test_custom_ops.py covers the compiled Generator
@@ -329,11 +330,10 @@ def test_config_and_tensors_that_disagree_are_refused_naming_both(ckpt, tmp_path
         GPTNeoX.from_pretrained(tmp_path / "q")
 
 
-def test_convert_weights_refuses_a_quantized_source(ckpt, tmp_path):
+def test_convert_weights_refuses_a_quantized_source(ckpt, tmp_path, capsys):
     GPTNeoX.from_pretrained(ckpt, quantize="int8").save_pretrained(tmp_path / "q")
-    r = subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), str(tmp_path / "q"), str(tmp_path / "out")],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1 and "is a quantized checkpoint" in r.stderr, r.stderr
+    status, _, err = run_script(capsys, "convert_weights.py", tmp_path / "q", tmp_path / "out")
+    assert status == 1 and "is a quantized checkpoint" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -342,21 +342,19 @@ def test_convert_weights_refuses_a_quantized_source(ckpt, tmp_path):
     (["--quantize", "int8", "--group-size", "64"], "--group-size: only with --quantize int4"),
     (["--quantize", "int5"], "invalid choice: 'int5'"),
 ])
-def test_sample_refuses_contradicting_quantize_flags_with_exit_2(ckpt, flags, message):
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--prompt", "x", *flags],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
+def test_sample_refuses_contradicting_quantize_flags_with_exit_2(ckpt, capsys, flags, message):
+    status, _, err = run_script(capsys, "sample.py", "--ckpt", ckpt, "--prompt", "x", *flags)
+    assert status == 2 and message in err, err
 
 
-def test_train_refuses_a_quantized_checkpoint_with_a_pointer_to_lora(ckpt, tmp_path):
+def test_train_refuses_a_quantized_checkpoint_with_a_pointer_to_lora(ckpt, tmp_path, capsys):
     GPTNeoX.from_pretrained(ckpt, quantize="int4", group_size=32).save_pretrained(tmp_path / "q")
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"instruction": "a", "context": "", "response": "b", "category": "x"}) + "\n")
-    r = subprocess.run([sys.executable, str(ROOT / "train.py"), "--init", str(tmp_path / "q"), "--data", str(data),
-                        "--out", str(tmp_path / "out"), "--max-steps", "1", "--no-progress"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1, r.stderr
-    assert "a quantized checkpoint ({'mode': 'int4', 'group_size': 32})" in r.stderr and "LoRA" in r.stderr
+    status, _, err = run_script(capsys, "train.py", "--init", tmp_path / "q", "--data", data, "--out",
+                                tmp_path / "out", "--max-steps", "1", "--no-progress")
+    assert status == 1, err
+    assert "a quantized checkpoint ({'mode': 'int4', 'group_size': 32})" in err and "LoRA" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -301,34 +301,31 @@ def test_serve_cli_help_and_usage_errors(dolly_dir):
     assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def last_line(stderr: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert not any("Traceback" in line for line in lines), stderr
-    return lines[-1]
+def test_serve_host_and_port_are_checked_before_the_model_loads(dolly_dir, capsys, monkeypatch):
+    """A bad --host or --port is a usage error (2), a busy port a runtime error (1): one line each, said before the
+    model loads (here, loading fails the test)."""
+    from gptneox import cli, serve
+    monkeypatch.setattr(serve, "load", lambda *a, **k: pytest.fail("the model loaded before the checks"))
 
+    def run(*args) -> tuple[int, str]:
+        status = cli.run(serve.main, serve.build_parser(), ["--ckpt", str(dolly_dir), *args])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return status, err.strip().splitlines()[-1]
 
-def test_serve_host_and_port_are_checked_before_the_model_loads(dolly_dir):
-    """A bad --host or --port is a usage error (2), a busy port a runtime error (1): one line each, and no model was
-    loaded for it (the load logs a line, the bind comes first)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "gptneox.serve", "--ckpt", str(dolly_dir), *a],
-                                    capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     for args, message in ((["--port", "70000"], "argument --port: must be a TCP port, 0 to 65535"),
                           (["--port", "-1"], "argument --port: must be >= 0"),
                           (["--host", "no-such-host.invalid"], "--host no-such-host.invalid: not a host name"),
                           (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine")):
-        done = run(*args)
-        assert done.returncode == 2 and message in last_line(done.stderr), (args, done.stderr)
-        assert "loaded" not in done.stderr
+        status, line = run(*args)
+        assert status == 2 and message in line, (args, line)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = run("--port", str(port))
-    assert done.returncode == 1, done.stderr
-    assert last_line(done.stderr) == (f"python -m gptneox.serve: error: --port {port}: 127.0.0.1:{port} is already in "
-                                      "use (another server?); choose another --port, or 0 for any free one")
-    assert "loaded" not in done.stderr
+        assert run("--port", str(port)) == (1, f"python -m gptneox.serve: error: --port {port}: 127.0.0.1:{port} is "
+                                               "already in use (another server?); choose another --port, or 0 for "
+                                               "any free one")
 
 
 # -------------------------------------------------------------------------------- a server in this process

@@ -85,6 +85,7 @@ def test_train_lora_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
     kill_resume_and_compare(ckpt, data, tmp_path, args, 10, "adapter_model.safetensors")
 
 
+@pytest.mark.slow  # two gloo processes under torchrun
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
 def test_train_lora_fsdp_two_processes_with_a_frozen_base_match_one(ckpt, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", RECORDS * 5)

@@ -22,6 +22,7 @@ def compile_all(*args):
     return lines
 
 
+@pytest.mark.slow  # Triton's compiler for sm_90 in a fresh process: ~15 s
 def test_kernels_compile_for_sm90_within_the_autotune_estimate():
     """The quick configs at hs 80 and 128 (bf16), fp32's config, the largest kept configs at hs 256: the compiler's
     shared memory never exceeds the pruner's estimate, so a config the pruner keeps is one that fits; no 16-bit
