@@ -15,8 +15,6 @@ Facts: docs/architecture.md, "Forward pass" and "Half precision".
 import importlib
 import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

@@ -164,7 +164,8 @@ def test_checkpoint_save_replaces_a_checkpoint_only_with_force_keeping_user_file
     assert contents(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     ours.save_pretrained(out, max_shard_size="30KB", tokenizer=tok, force=True)
     after = contents(out)
-    assert after["notes.txt"] == b"mine" and "model.safetensors" not in after and "model.safetensors.index.json" in after
+    assert after["notes.txt"] == b"mine"
+    assert "model.safetensors" not in after and "model.safetensors.index.json" in after
     assert Tokenizer.from_pretrained(out).encode("Hello, I am") == [12092, 13, 309, 717]
 
 

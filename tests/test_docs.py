@@ -30,8 +30,8 @@ def test_docs_and_code_point_users_at_no_file_outside_the_repository():
     """The tests read ../shared/data (CI has it beside the clone); a user's clone does not: docs and code say where a
     user gets such a file instead (any Pythia checkpoint's tokenizer.json)."""
     user_facing = [p for p in SOURCES if "tests" not in p.relative_to(ROOT).parts]
-    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in user_facing
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if "../shared" in line or "shared/data" in line]
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for p in user_facing for i, line in
+                 enumerate(p.read_text().splitlines(), 1) if "../shared" in line or "shared/data" in line]
     assert not offenders, f"paths outside the repository in docs or code: {offenders}"
 
 
