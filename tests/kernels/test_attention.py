@@ -80,7 +80,7 @@ def test_attention_noncausal_row_with_no_visible_key_is_zero():
                                                                                         device=DEVICE))[0])
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 100])
+@pytest.mark.parametrize("num_splits", [2, 3, pytest.param(100, marks=pytest.mark.slow)])  # 100: ~5 s interpreted
 def test_attention_split_over_keys_equals_one_pass(num_splits):
     q, k, v = make_inputs(2, 2, 3, 70, 80)
     kw = dict(causal=True, q_offset=torch.tensor([60, 40], device=DEVICE), k_start=torch.tensor([0, 9], device=DEVICE))
