@@ -89,7 +89,7 @@ def main(*, out, steps, prompt, context):
         run([sys.executable, "train.py", "--config", str(work / "config.json"), "--tokenizer",
              str(work / "tokenizer.json"), "--data", str(DATA), "--out", str(out), "--max-steps", str(steps),
              "--batch-size", "16", "--micro-batch-size", "16", "--lr", "3e-3",
-             "--warmup-steps", "20", "--schedule", "cosine", "--val-size", "0", "--eval-every", "0",
+             "--warmup-steps", "4", "--schedule", "cosine", "--val-size", "0", "--eval-every", "0",
              "--sample-every", "0", "--save-every", str(steps), "--device", "cpu", "--dtype", "fp32", *resume])
     ask = [sys.executable, "sample.py", "--ckpt", str(out), "--prompt", prompt, "--temperature", "0",
            "--max-new-tokens", "64", "--device", "cpu"]
