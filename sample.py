@@ -18,26 +18,23 @@ import resource
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
 from gptneox import cli
-from gptneox.checkpoint import quantization_settings, weight_files
 from gptneox.config import Config
-from gptneox.dolly import format_prompt
 from gptneox.generation import GenerationConfig, Generator, stop_ids
-from gptneox.hub import resolve_checkpoint
-from gptneox.adapter import ADAPTER_CONFIG
-from gptneox.model import GPTNeoX
-from gptneox.quantize import describe, model_bytes, weight_bytes
-from gptneox.streaming import completion_text
-from gptneox.tokenizer import Tokenizer
+from gptneox.generation.streaming import completion_text
+from gptneox.loading import LoadPlan, load, model_bytes, plan
+from gptneox.prompts.dolly import format_prompt
+from gptneox.quant import describe, weight_bytes
 
 # Dolly's InstructionTextGenerationPipeline defaults (docs/architecture.md, "Dolly v2")
 DOLLY_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=0.92, max_new_tokens=256)
 PLAIN_DEFAULTS = dict(temperature=0.8, top_k=200, top_p=None, max_new_tokens=200)  # gpt-fast's / nanoGPT's
 UsageError = cli.UsageError
+FLAGS = {"ckpt": "--ckpt", "adapter": "--adapter", "quantize": "--quantize", "group_size": "--group-size",
+         "dtype": "--dtype", "device": "--device", "tokenizer": "--tokenizer"}  # how gptneox.load's errors name them
 
 
 # ------------------------------------------------------------------------------------------------------ setup
@@ -65,72 +62,22 @@ def check_fits(config: Config, dtype: torch.dtype, device: torch.device, batch: 
                          "smaller --dtype, fewer prompts or --max-new-tokens, or another --device")
 
 
-def locate(ckpt: str, tokenizer_path: str | None):
-    """The checkpoint directory, its Config, weight files and tokenizer, before any weight is read."""
-    try:
-        path = resolve_checkpoint(ckpt)
-    except (ValueError, FileNotFoundError) as e:  # --ckpt names nothing usable
-        raise UsageError(str(e)) from None
-    config, files = Config.from_hf_config(path), weight_files(path)  # a broken checkpoint: one line, exit 1
-    tokenizer = Tokenizer.from_pretrained(tokenizer_path or path / "tokenizer.json")
-    return path, config, files, tokenizer
-
-
-def locate_draft(draft: str | None, tokenizer: Tokenizer, compile: bool):
-    """--draft's directory and Config, after checking it speaks the target's tokenizer (None without --draft)."""
+def locate_draft(draft: str | None, target: LoadPlan, quantize: str | None, group_size: int, compile: bool):
+    """--draft's plan, after checking it speaks the target's tokenizer (None without --draft). --quantize applies
+    to the draft too; a quantized draft directory loads quantized by itself."""
     if draft is None:
-        return None, None
+        return None
     if compile:
         raise UsageError("--compile does not work with --draft yet: choose one")
-    path, config, _, draft_tok = locate(draft, None)
-    if draft_tok.backend.get_vocab() != tokenizer.backend.get_vocab():
-        raise UsageError(f"--draft {draft}: its tokenizer ({draft_tok.vocab_size} tokens) differs from the target's "
-                         f"({tokenizer.vocab_size}); a draft must share the target's vocabulary (every Pythia size "
-                         "shares one; Dolly adds three tokens, so a Dolly target needs a Dolly draft)")
-    return path, config
+    p = plan(draft, quantize=quantize, group_size=group_size, dtype=target.dtype, device=target.device,
+             names={**FLAGS, "ckpt": "--draft"})
+    if p.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
+        raise UsageError(f"--draft {draft}: its tokenizer ({p.tokenizer.vocab_size} tokens) differs from the target's "
+                         f"({target.tokenizer.vocab_size}); a draft must share the target's vocabulary (every Pythia "
+                         "size shares one; Dolly adds three tokens, so a Dolly target needs a Dolly draft)")
+    return p
 
 
-def adapter_tokenizer(adapter: str | None, tokenizer: str | None) -> str | None:
-    """--tokenizer, else the adapter's own tokenizer.json (train.py writes the one it trained with: Dolly's tokens)."""
-    if adapter is None:
-        return tokenizer
-    if not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        raise UsageError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, ours or PEFT's)")
-    own = Path(adapter) / "tokenizer.json"
-    return tokenizer or (str(own) if own.is_file() else None)
-
-
-def check_quantize_flags(quantize: str | None, group_size: int | None) -> None:
-    if quantize is None and group_size is not None:
-        raise UsageError("--group-size is the int4 group size: give it with --quantize int4")
-    if quantize == "int8" and group_size is not None:
-        raise UsageError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
-
-
-def quantization(path, quantize: str | None, group_size: int | None) -> dict | None:
-    """The weights' quantization: --quantize's (a float checkpoint, quantized while it loads) or the checkpoint's."""
-    saved = quantization_settings(path)
-    if quantize is None:
-        return saved
-    asked = {"mode": "int8"} if quantize == "int8" else {"mode": "int4", "group_size": group_size or 128}
-    if saved is not None and saved != asked:
-        raise UsageError(f"--quantize {describe(asked, None)}: {path} is already quantized ({describe(saved, None)}); "
-                         "drop --quantize, or load the unquantized checkpoint")
-    return asked
-
-
-def load_model(path, config: Config, device: torch.device, dtype: torch.dtype, progress: bool,
-               quantized: dict | None = None, adapter: str | None = None) -> GPTNeoX:
-    """The model at path, quantized while it loads (QLoRA's order: the adapter goes on the quantized base)."""
-    q = dict(quantize=quantized["mode"], group_size=quantized.get("group_size") or 128) if quantized else {}
-    try:
-        return GPTNeoX.from_pretrained(path, device=device, dtype=dtype, progress=progress, adapter=adapter, **q)
-    except torch.OutOfMemoryError:
-        raise MemoryError(f"{path} does not fit on {device} in {describe(quantized, dtype)} "
-                          f"({model_bytes(config, dtype, quantized) / 1e9:.1f} GB of weights)") from None
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     if prompt is not None and prompt_file is not None:
         raise UsageError("give --prompt or --prompt-file, not both")
@@ -273,10 +220,11 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     torch_dtype = cli.pick_dtype(dtype, dev)
     if num_samples < 1:
         raise UsageError(f"--num-samples must be at least 1, got {num_samples}")
-    check_quantize_flags(quantize, group_size)
-    path, config, files, tok = locate(ckpt, adapter_tokenizer(adapter, tokenizer))
-    draft_path, draft_config = locate_draft(draft, tok, compile)
-    quantized = quantization(path, quantize, group_size)
+    group_size = cli.quantize_flags(quantize, group_size)
+    target = plan(ckpt, adapter=adapter, quantize=quantize, group_size=group_size, dtype=torch_dtype, device=dev,
+                  tokenizer=tokenizer, names=FLAGS)
+    draft_plan = locate_draft(draft, target, quantize, group_size, compile)
+    config, tok, quantized = target.config, target.tokenizer, target.quantization
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
     if context is not None and template != "dolly":
@@ -289,13 +237,11 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     gen_config = generation_config(flags, template, max(map(len, ids), default=1), window)
     # model
     max_len = window if compile or interactive else max(map(len, ids)) + gen_config.max_new_tokens
+    draft_config = draft_plan.config if draft_plan else None
     check_fits(config, torch_dtype, dev, max(len(ids), 1), max_len, ckpt, draft_config, quantized)
     t0 = time.perf_counter()
-    model = load_model(path, config, dev, torch_dtype, progress, quantized, adapter)
-    draft_model = None
-    if draft_path:  # --quantize applies to the draft too; a quantized draft directory loads quantized by itself
-        draft_quantized = quantization(draft_path, quantize, group_size)
-        draft_model = load_model(draft_path, draft_config, dev, torch_dtype, progress, draft_quantized)
+    model, _ = load(target, progress=progress)
+    draft_model = load(draft_plan, progress=progress)[0] if draft_plan else None
     load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile, draft_model=draft_model)
     compile_s = warm_up(gen, tok, ids or [[tok.eos_id]]) if compile else None
     if interactive:
@@ -310,7 +256,7 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
                                               strip=template == "dolly")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    report(model, files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats, quantized,
+    report(model, target.files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats, quantized,
            adapter, compile_s)
     return 0
 

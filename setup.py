@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="gptneox",
@@ -13,9 +13,9 @@ setup(
     python_requires=">=3.10",
     # kernels/ is a top-level folder of the repo but installs as gptneox.kernels, a namespace package (no __init__.py):
     # it never shadows the PyPI distribution `kernels`, even from the repository root (README, "Install")
-    packages=["gptneox", "gptneox.kernels"],
+    packages=[*find_packages(include=["gptneox", "gptneox.*"]), "gptneox.kernels"],
     package_dir={"gptneox": "gptneox", "gptneox.kernels": "kernels"},
-    package_data={"gptneox": ["cpu_quant.c"]},  # the CPU int8 / int4 matmul, compiled on first use (cpu_quant.py)
+    package_data={"gptneox.quant": ["cpu_quant.c"]},  # the CPU int8 / int4 matmul, compiled on first use (cpu.py)
     install_requires=[
         "torch>=2.1",
         "numpy",

@@ -26,23 +26,25 @@ from pathlib import Path
 
 import torch
 
-from gptneox import distributed as dist
+from gptneox.train import distributed as dist
 from gptneox import progress
-from gptneox import train_state as disk
+from gptneox.train import state as disk
 from gptneox.cli import (ArgumentParser, UsageError, add_threads_flag, device_arg, dtype_arg, non_negative_int,
                          pick_device, positive_int, run as run_cli, set_threads)
 from gptneox.config import Config
-from gptneox.data import (DOLLY_15K, IGNORE_INDEX, add_dolly_tokens, batch_indices, build_datasets, collate,
-                          count_targets, is_instruction_data, steps_per_epoch)
-from gptneox.dolly import format_prompt
-from gptneox.generation import generate, stop_ids
-from gptneox.lora import add_lora, base_state_dict, load_adapter, merge_lora, save_adapter
+from gptneox.train.data import (DOLLY_15K, IGNORE_INDEX, add_dolly_tokens, batch_indices, build_datasets, collate,
+                                count_targets, is_instruction_data, steps_per_epoch)
+from gptneox.prompts.dolly import format_prompt
+from gptneox.generation.generator import generate
+from gptneox.generation.run import stop_ids
+from gptneox.lora.adapter import load_adapter, save_adapter
+from gptneox.lora.layers import add_lora, base_state_dict, merge_lora
 from gptneox.model import GPTNeoX, causal_lm_loss
-from gptneox.schedule import SCHEDULES, lr_at
-from gptneox.streaming import completion_text
+from gptneox.train.schedule import SCHEDULES, lr_at
+from gptneox.generation.streaming import completion_text
 from gptneox.tokenizer import Tokenizer
-from gptneox.train_config import QUANTIZE_MODES, TrainConfig, quantized_init
-from gptneox.train_state import RunError
+from gptneox.train.config import QUANTIZE_MODES, TrainConfig, quantized_init
+from gptneox.train.state import RunError
 
 SAMPLE_INSTRUCTION = "Explain to me the difference between nuclear fission and fusion."  # Dolly's README example
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU (docs/performance.md)
@@ -246,7 +248,7 @@ def attach_lora(run: Run) -> None:
     if run.dtype == "bf16" and run.world == 1:
         run.model.to(torch.bfloat16)
     if cfg.quantize_base:
-        from gptneox.quantize import quantize
+        from gptneox.quant.transform import quantize
         quantize(run.model, cfg.quantize_base, group_size=128)
     torch.manual_seed(cfg.seed)
     add_lora(run.model, cfg.lora, dtype=torch.float32)

@@ -25,8 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gptneox import cpu_quant
-from gptneox.quantize import dequantize_weight, quantize_weight
+from gptneox.quant import cpu as cpu_quant
+from gptneox.quant.schemes import dequantize_weight, quantize_weight
 
 SHAPES = [(2304, 768), (768, 768), (3072, 768), (768, 3072), (50304, 768)]  # pythia-160m: qkv, dense, fc, proj, out
 

@@ -19,7 +19,8 @@ import warnings
 import torch
 
 from gptneox import Config, GPTNeoX
-from gptneox.generation import GenerationConfig, Generator
+from gptneox.generation.config import GenerationConfig
+from gptneox.generation.generator import Generator
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

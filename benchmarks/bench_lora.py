@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from gptneox.config import Config
-from gptneox.lora import LoRAConfig, add_lora
+from gptneox.lora.layers import LoRAConfig, add_lora
 from gptneox.model import GPTNeoX, causal_lm_loss
 
 MODES = ("full", "lora", "qlora-int4")
@@ -84,7 +84,7 @@ def build(mode: str, config: Config, device, dtype: str):
     model.init_weights()  # random; the values do not change time or memory
     if mode != "full":
         if mode == "qlora-int4":
-            from gptneox.quantize import quantize  # the quantization issue's module
+            from gptneox.quant.transform import quantize  # the quantization issue's module
             quantize(model, "int4", group_size=128)
         add_lora(model, LORA, dtype=torch.float32)
     return model.train()

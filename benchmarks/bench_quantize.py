@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import DTYPES, build, measured_bandwidth, timed  # noqa: E402
 
 from gptneox import GPTNeoX, quantize  # noqa: E402
-from gptneox.generation import GenerationConfig, Generator  # noqa: E402
-from gptneox.quantize import weight_bytes  # noqa: E402
+from gptneox.generation.config import GenerationConfig
+from gptneox.generation.generator import Generator  # noqa: E402
+from gptneox.quant.transform import weight_bytes  # noqa: E402
 
 
 def bf16_bytes(config, mode, group_size) -> int:

@@ -60,8 +60,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing, like the other benchmarks with PYTHONPATH=.
 
 from gptneox import Config, GPTNeoX  # noqa: E402
-from gptneox.generation import GenerationConfig, Generator  # noqa: E402
-from gptneox.speculative import Stats, predicted_speedup  # noqa: E402
+from gptneox.generation.config import GenerationConfig
+from gptneox.generation.generator import Generator  # noqa: E402
+from gptneox.generation.speculative import Stats, predicted_speedup  # noqa: E402
 from gptneox.tokenizer import Tokenizer  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------ the text

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tolerances import assert_within_2x
 
-from gptneox.ops import kernels
+from gptneox.ops.runtime import kernels
 
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 BIG_L = 2**20 + 2**17  # cache slots: [1, 16, BIG_L, 128] = 2.4e9 elements (4.8 GB in bf16), the last heads past 2**31

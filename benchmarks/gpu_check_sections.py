@@ -282,7 +282,7 @@ def compiled_decode(rec: Record, ctx: Context):
     compiled decode step (CUDA graphs on GPU, mode reduce-overhead) keeps flash-decoding over the filled cache.
     Its greedy tokens must equal eager's; tokens/s compiled against eager, both at batch 1 over a full-window cache."""
     from gptneox import Config, Generator
-    from gptneox.ops import kernels
+    from gptneox.ops.runtime import kernels
     config = Config.from_name("pythia-410m") if ctx.cuda else Config(
         vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
         max_position_embeddings=64)

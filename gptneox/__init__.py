@@ -5,6 +5,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from . import _moved
+
 
 def _mount_kernels() -> None:
     """The repository's kernels/ folder as the namespace package gptneox.kernels, where no installer put it there.
@@ -21,19 +23,21 @@ def _mount_kernels() -> None:
 
 
 _mount_kernels()
+sys.meta_path.append(_moved.Moved())  # the flat layout's module paths keep working (_moved.py)
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, Config
-from .dolly import extract_response, format_prompt
 from .generation import GenerationConfig, Generator, generate, stream
 from .hub import pythia_steps, resolve_checkpoint
+from .loading import load
 from .lora import LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 from .model import GPTNeoX, KVCache, causal_lm_loss
-from .quantize import QuantizedLinear, quantize
+from .prompts.dolly import extract_response, format_prompt
+from .quant import QuantizedLinear, quantize
 from .tokenizer import Tokenizer
 
 __all__ = ["Config", "PRESETS", "GPTNeoX", "KVCache", "causal_lm_loss", "Tokenizer", "CheckpointError",
            "GenerationConfig", "Generator", "generate", "stream", "format_prompt", "extract_response",
            "resolve_checkpoint", "pythia_steps", "LoRAConfig", "add_lora", "merge_lora", "unmerge_lora",
-           "save_adapter", "load_adapter", "quantize", "QuantizedLinear"]
+           "save_adapter", "load_adapter", "quantize", "QuantizedLinear", "load"]
 __version__ = "0.1.0"

@@ -18,9 +18,13 @@ from . import progress as progress_bars
 from .atomic import atomic_dir, follow_umask
 from .config import Config
 from .devices import resolve_device, resolve_dtype
+from .hub import LAYOUTS, checkpoint_path
+from .lora.layers import base_state_dict, lora_modules
+from .quant.linear import QuantizedLinear
+from .quant.schemes import check_settings, quantize_weight
+from .quant.transform import config_entries, quantize, settings_of
 
 # (index file, single file) pairs, most preferred first: safetensors over pickles, as transformers
-LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 # buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq
 # (docs/architecture.md, "Checkpoint files")
 STALE_SUFFIXES = (".attention.bias", ".attention.masked_bias", ".attention.rotary_emb.inv_freq")
@@ -100,7 +104,6 @@ def checkpoint_name(name: str) -> str | None:
 def quantization_settings(path: Path) -> dict | None:
     """config.json's "quantization" ({"mode": "int8"} or {"mode": "int4", "group_size": g}), validated; None if the
     checkpoint is not quantized."""
-    from .quantize import check_settings
     file = Path(path) / "config.json"
     if not file.is_file():
         return None  # nothing to read: the loader reports the missing config its own way
@@ -118,9 +121,9 @@ def quantization_settings(path: Path) -> dict | None:
     return {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": settings["group_size"]}
 
 
-def _quantization(path: Path, saved: dict | None, mode: str | None, group_size: int) -> dict | None:
-    """The settings the loaded model gets: the checkpoint's own, or those asked for (a float checkpoint)."""
-    from .quantize import check_settings
+def requested_quantization(path: Path, saved: dict | None, mode: str | None, group_size: int) -> dict | None:
+    """The settings the loaded model gets: the checkpoint's own, or those asked for (a float checkpoint); asking a
+    quantized checkpoint for other settings is a ValueError."""
     if mode is None:
         return saved
     check_settings(mode, group_size)
@@ -137,14 +140,12 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
     revision) found or fetched by hub.resolve_checkpoint. Holds no reference to the model once it is returned.
     quantize ("int8" / "int4", gptneox/quantize.py): each linear weight is quantized on `device` as it arrives, so
     no more than one float weight is ever held; a quantized checkpoint (config.json "quantization") loads as it is."""
-    from .hub import checkpoint_path  # hub imports this module: a lazy import breaks the cycle
-    from .quantize import quantize_weight
     device, dtype = resolve_device(device), resolve_dtype(dtype)  # "cuda" without CUDA, "bf16": checked first
     path = checkpoint_path(name_or_path, revision=revision)
     files = weight_files(path)
     config = Config.from_hf_config(path)
     saved = quantization_settings(path)
-    settings = _quantization(path, saved, quantize, group_size)
+    settings = requested_quantization(path, saved, quantize, group_size)
     with torch.device("meta"):
         model = cls(config) if backend is None else cls(config, backend=backend)
     if settings is not None:
@@ -201,13 +202,11 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
 
 
 def _quantize_module(model, settings: dict) -> None:
-    from .quantize import quantize
     quantize(model, settings["mode"], group_size=settings.get("group_size") or 128)
 
 
 def _float_shapes(model) -> dict:
     """{name.weight: (float shape [out, in], a float dtype)} of every QuantizedLinear: what a float checkpoint holds."""
-    from .quantize import QuantizedLinear
     return {f"{n}.weight": (torch.Size([m.out_features, m.in_features]), torch.float32)
             for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
 
@@ -279,7 +278,6 @@ class ShardWriter:
 
 def _base_state(model) -> dict:
     """The tensors of a checkpoint under HF's names; with LoRA adapters merged (gptneox.lora), the merged weights."""
-    from .lora import base_state_dict, lora_modules
     modules = lora_modules(model)
     if not modules:
         return model.state_dict()
@@ -295,7 +293,6 @@ def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progre
     state = _base_state(model)
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
-    from .quantize import config_entries, settings_of
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
     quantization = settings_of(model)  # int8 / int4 tensors (weight, scales, zeros): gptneox/quantize.py
     max_bytes = parse_size(max_shard_size)

@@ -73,6 +73,16 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return auto_dtype(device) if dtype == "auto" else parse_dtype(dtype)
 
 
+def quantize_flags(quantize: str | None, group_size: int | None) -> int:
+    """The int4 group size of --quantize / --group-size (default 128), after the rule every script shares:
+    --group-size only with --quantize int4."""
+    if quantize is None and group_size is not None:
+        raise UsageError("--group-size is the int4 group size: give it with --quantize int4")
+    if quantize == "int8" and group_size is not None:
+        raise UsageError("--group-size: only with --quantize int4 (int8 has one scale per output channel)")
+    return 128 if group_size is None else group_size
+
+
 def add_threads_flag(parser: argparse.ArgumentParser) -> None:
     """--threads N: torch's CPU threads for this run (set_threads)."""
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",

@@ -18,9 +18,9 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .checkpoint import LAYOUTS
 from .config import HUB_IDS, PRESETS
 
+LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))  # (index, single file) pairs
 HOME_ENV = "GPTNEOX_HOME"
 # what a checkpoint needs: config, weights in any published layout, the tokenizer (never optimizer states or .h5)
 FETCH_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -15,6 +15,9 @@ from torch.utils.checkpoint import checkpoint
 
 from . import hooks, ops
 from .config import Config
+from .checkpoint import load_pretrained, save_pretrained
+from .generation.generator import generate
+from .lora.adapter import load_adapter
 
 
 class KVCache(nn.Module):
@@ -234,24 +237,20 @@ class GPTNeoX(nn.Module):
         quantization while streaming (gptneox/quantize.py); a quantized checkpoint loads quantized by itself.
         adapter: a LoRA adapter directory (ours or PEFT's) to attach, after quantization (QLoRA), the embeddings
         resized to the vocabulary it was trained with (lora.load_adapter)."""
-        from .checkpoint import load_pretrained
         model = load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype, backend=backend,
                                 progress=progress, quantize=quantize, group_size=group_size)
         if adapter is not None:
-            from .lora import load_adapter
             load_adapter(model, adapter, resize_embeddings=True)
         return model
 
     def generate(self, input_ids, **kwargs):
         """Generated token ids for prompts input_ids; the options are gptneox.generation.generate's."""
-        from .generation import generate
         return generate(self, input_ids, **kwargs)
 
     def save_pretrained(self, path, *, max_shard_size="5GB", tokenizer=None, progress=False, force=False) -> None:
         """Write config.json and safetensors (+ index when sharded) that transformers loads, and tokenizer.json if a
         Tokenizer is given; atomic: the directory is replaced whole, a user's other files in it are kept. A
         checkpoint already there is replaced only with force=True, and only if gptneox wrote it and it is unchanged."""
-        from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size, tokenizer=tokenizer, progress=progress,
                         force=force)
 

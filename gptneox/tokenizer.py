@@ -7,7 +7,8 @@ Facts: docs/architecture.md, "Tokenizer" and "Dolly v2".
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY  # Dolly's special tokens: ids 50277-50279 in its file
+from .prompts.dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY  # Dolly's special tokens: ids 50277-50279 in its file
+from .hub import checkpoint_path
 
 EOS = "<|endoftext|>"  # id 0: EOD, eos and bos of every Pythia / Dolly model
 PAD = "<|padding|>"  # id 1
@@ -42,7 +43,6 @@ class Tokenizer:
     def from_pretrained(cls, name_or_path, *, revision=None) -> "Tokenizer":
         """From a tokenizer.json file, a checkpoint directory holding one, or a model name (and revision) found or
         fetched as GPTNeoX.from_pretrained does: "pythia-70m@step3000", or "pythia-70m" with revision="step3000"."""
-        from .hub import checkpoint_path  # lazy, as model.py's: hub.py pulls in checkpoint.py and torch
         path = checkpoint_path(name_or_path, revision=revision)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():

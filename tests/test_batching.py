@@ -10,9 +10,11 @@ import torch
 from tiny import Scripted, checkpoint_with_tokenizer
 
 from gptneox import GPTNeoX, Tokenizer
-from gptneox.batching import Engine, Request
-from gptneox.generation import GenerationConfig, generate, stop_ids
-from gptneox.streaming import completion_text
+from gptneox.generation.batching import Engine, Request
+from gptneox.generation.config import GenerationConfig
+from gptneox.generation.generator import generate
+from gptneox.generation.run import stop_ids
+from gptneox.generation.streaming import completion_text
 
 PROMPTS = ["Hello there, how", "The capital of France is", "a", "Once upon a time in a land far far away there lived",
            "1 2 3 4", "Dear colleagues,"]

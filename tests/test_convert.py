@@ -20,7 +20,7 @@ from tolerances import FP32_LOGITS_REL, assert_rel_close
 from transformers import GPTNeoXForCausalLM
 
 import gptneox.checkpoint as checkpoint
-import gptneox.convert as convert
+import gptneox.convert.hf as convert
 from gptneox import GPTNeoX, Tokenizer, cli
 from gptneox.checkpoint import CheckpointError
 from gptneox.convert import HFCheckpoint, convert_hf, source_kind

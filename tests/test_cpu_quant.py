@@ -11,8 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tolerances import assert_within_2x
 
-from gptneox import cpu_quant
-from gptneox.quantize import GROUP_SIZES, QuantizedLinear, dequantize_weight, quantize_weight
+from gptneox.quant import cpu as cpu_quant
+from gptneox.quant.linear import QuantizedLinear
+from gptneox.quant.schemes import GROUP_SIZES, dequantize_weight, quantize_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -233,7 +234,7 @@ def test_cpu_quant_rebuilds_when_the_source_changes(tmp_path, monkeypatch):
 @pytest.fixture
 def fresh_build(monkeypatch, tmp_path):
     """library() and own_cpu_kernels() forget this process's build for one test (and again after it)."""
-    from gptneox.quantize import own_cpu_kernels
+    from gptneox.quant.cpu import own_cpu_kernels
     monkeypatch.setenv("GPTNEOX_CACHE", str(tmp_path))
     for cached in (cpu_quant.library, own_cpu_kernels):
         cached.cache_clear()
@@ -247,7 +248,7 @@ def fresh_build(monkeypatch, tmp_path):
                                       ({"PATH": "", "CC": ""}, "no C compiler found"),
                                       ({"GPTNEOX_CPU_KERNEL": "0"}, None)])
 def test_cpu_quant_without_a_compiler_falls_back_to_torch_with_a_warning(fresh_build, monkeypatch, env, says):
-    from gptneox.quantize import own_cpu_kernels
+    from gptneox.quant.cpu import own_cpu_kernels
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     with warnings.catch_warnings(record=True) as caught:

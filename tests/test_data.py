@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from gptneox.data import (IGNORE_INDEX, DataError, PackedTokens, add_dolly_tokens, batch_indices, collate,
-                          count_targets, default_val_size, fetch_dolly15k, load_tokens, read_records,
-                          split_indices, tokenize_records)
-from gptneox.dolly import INTRO_BLURB
+from gptneox.train.data import (IGNORE_INDEX, DataError, PackedTokens, add_dolly_tokens, batch_indices, collate,
+                                count_targets, default_val_size, fetch_dolly15k, load_tokens, read_records,
+                                split_indices, tokenize_records)
+from gptneox.prompts.dolly import INTRO_BLURB
 from gptneox.tokenizer import Tokenizer
-from gptneox.train_state import load_state, save_state, state_files
+from gptneox.train.state import load_state, save_state, state_files
 
 INSTRUCTION = "Explain to me the difference between nuclear fission and fusion."
 # The intro blurb and "\n\n" (535) as the 20B tokenizer encodes them (docs/architecture.md, "Dolly v2": 50278 follows the intro's 535)

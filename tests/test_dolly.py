@@ -3,7 +3,7 @@
 import os
 
 from gptneox import Tokenizer, extract_response, format_prompt
-from gptneox.dolly import format_training
+from gptneox.prompts.dolly import format_training
 
 INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes the "
          "request.")

@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", module="lm_eval")
 from lm_eval.api.instance import Instance  # noqa: E402
 from tiny import hf_model  # noqa: E402
 
-from gptneox.dolly import END_KEY, format_prompt  # noqa: E402
+from gptneox.prompts.dolly import END_KEY, format_prompt  # noqa: E402
 from gptneox.eval import MODEL_ARGS, GPTNeoXLM, main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_train import RECORDS, TINY, metrics, small_tokenizer, write_jsonl
 from tiny import hf_model
 
-from gptneox.train_state import load_state
+from gptneox.train.state import load_state
 
 pytestmark = pytest.mark.slow  # two gloo processes under torchrun, twice: ~20 s
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,9 +12,11 @@ from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox import Config, GPTNeoX, Tokenizer
 from gptneox.checkpoint import checkpoint_name
-from gptneox.generation import GenerationConfig, Generator, generate, left_pad, stop_ids, stream
-from gptneox.sampling import apply_repetition_penalty, process_logits, sample, top_k_filter, top_p_filter
-from gptneox.streaming import completion_text
+from gptneox.generation.config import GenerationConfig
+from gptneox.generation.generator import Generator, generate, stream
+from gptneox.generation.run import left_pad, stop_ids
+from gptneox.generation.sampling import apply_repetition_penalty, process_logits, sample, top_k_filter, top_p_filter
+from gptneox.generation.streaming import completion_text
 
 
 def pair(seed=0, **overrides):

@@ -14,9 +14,10 @@ from tiny import hf_model, hf_state_dict
 from tolerances import FP32_GRAD_REL, FP32_LOGITS_REL, FP32_LOSS_ABS, assert_rel_close
 
 from gptneox import Config, GPTNeoX, causal_lm_loss
-from gptneox.adapter import _fused
-from gptneox.lora import (QKV, AdapterError, LoRAConfig, LoRALinear, add_lora, base_state_dict, load_adapter,
-                          lora_modules, lora_state_dict, merge_lora, save_adapter, unmerge_lora)
+from gptneox.lora.adapter import _fused
+from gptneox.lora.adapter import AdapterError, load_adapter, save_adapter
+from gptneox.lora.layers import (QKV, LoRAConfig, LoRALinear, add_lora, base_state_dict, lora_modules, lora_state_dict,
+                                 merge_lora, unmerge_lora)
 
 warnings.filterwarnings("ignore", module="peft")
 peft = pytest.importorskip("peft")  # the test extra (setup.py); pinned in .ci/run

@@ -16,7 +16,7 @@ from transformers import GPTNeoXForCausalLM
 from gptneox import Tokenizer
 from gptneox.checkpoint import CheckpointError
 from gptneox.convert import HFCheckpoint, convert_hf, convert_neox, export_neox
-from gptneox.neox import config_from_neox, merge, read_neox_args, split
+from gptneox.convert.neox import config_from_neox, merge, read_neox_args, split
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(2))

@@ -18,8 +18,10 @@ from tiny import checkpoint_with_tokenizer, hf_model, save_checkpoint
 from tolerances import FP32_LOGITS_REL, assert_rel_close, assert_within_2x
 
 from gptneox import CheckpointError, Config, GPTNeoX, QuantizedLinear, quantize
-from gptneox.quantize import (GROUP_SIZES, cpu_kernels, dequantize_weight, model_bytes, own_cpu_kernels,
-                              quantize_weight, targets, weight_bytes)
+from gptneox.loading import model_bytes
+from gptneox.quant.cpu import cpu_kernels, own_cpu_kernels
+from gptneox.quant.schemes import GROUP_SIZES, dequantize_weight, quantize_weight
+from gptneox.quant.transform import targets, weight_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMES = [("int8", 128), *(("int4", g) for g in GROUP_SIZES)]
@@ -107,7 +109,7 @@ def test_quantize_replaces_every_block_linear_and_embed_out_not_embed_in(tied):
 @pytest.mark.parametrize("path", ["cpu_quant", "torch-operators", "dequantize-fallback"])
 @pytest.mark.parametrize("mode,group_size", SCHEMES)
 def test_quantized_logits_match_the_dequantized_model(mode, group_size, path, monkeypatch):
-    module = importlib.import_module("gptneox.quantize")  # not the function the package exports under that name
+    module = importlib.import_module("gptneox.quant.cpu")  # which CPU kernel a QuantizedLinear runs
     if path != "cpu_quant":
         monkeypatch.setattr(module, "own_cpu_kernels", lambda: frozenset())
     if path == "dequantize-fallback":

@@ -18,9 +18,10 @@ import torch
 from tiny import hf_model, save_checkpoint
 
 from gptneox import GPTNeoX, Tokenizer
-from gptneox.dolly import format_prompt
-from gptneox.generation import generate, stop_ids
-from gptneox.streaming import completion_text
+from gptneox.prompts.dolly import format_prompt
+from gptneox.generation.generator import generate
+from gptneox.generation.run import stop_ids
+from gptneox.generation.streaming import completion_text
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("sample", ROOT / "sample.py")

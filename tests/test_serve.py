@@ -23,11 +23,12 @@ httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn", reason="the serve extra installs uvicorn")
 
 from gptneox import GPTNeoX, Tokenizer  # noqa: E402
-from gptneox.batching import Engine  # noqa: E402
-from gptneox.chat import PLAIN_STOP, dolly_prompt, plain_prompt  # noqa: E402
-from gptneox.generation import generate, stop_ids  # noqa: E402
-from gptneox.serve_app import Service, create_app  # noqa: E402
-from gptneox.streaming import completion_text  # noqa: E402
+from gptneox.generation.batching import Engine  # noqa: E402
+from gptneox.prompts.chat import PLAIN_STOP, dolly_prompt, plain_prompt  # noqa: E402
+from gptneox.generation.generator import generate
+from gptneox.generation.run import stop_ids  # noqa: E402
+from gptneox.serve.app import Service, create_app  # noqa: E402
+from gptneox.generation.streaming import completion_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "test-key"
@@ -296,7 +297,8 @@ def test_serve_cli_help_and_usage_errors(dolly_dir, capsys):
     for flag in ("--ckpt", "--host", "--port", "--max-batch-size", "--max-queue", "--max-model-len", "--device",
                  "--dtype", "--api-key", "--model-name", "--template", "--threads", "127.0.0.1"):
         assert flag in h.stdout
-    from gptneox import cli, serve
+    from gptneox import cli
+    from gptneox.serve import server as serve
     assert cli.run(serve.main, serve.build_parser(), ["--ckpt", str(dolly_dir), "--max-batch-size", "0"]) == 2
     assert cli.run(serve.main, serve.build_parser(), ["--ckpt", str(dolly_dir / "missing"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
@@ -307,7 +309,8 @@ def test_serve_cli_help_and_usage_errors(dolly_dir, capsys):
 def test_serve_host_and_port_are_checked_before_the_model_loads(dolly_dir, capsys, monkeypatch):
     """A bad --host or --port is a usage error (2), a busy port a runtime error (1): one line each, said before the
     model loads (here, loading fails the test)."""
-    from gptneox import cli, serve
+    from gptneox import cli
+    from gptneox.serve import server as serve
     monkeypatch.setattr(serve, "load", lambda *a, **k: pytest.fail("the model loaded before the checks"))
 
     def run(*args) -> tuple[int, str]:
@@ -425,7 +428,8 @@ def test_serve_adapter_is_attached_merged_and_served(dolly_dir, tmp_path):
     """--adapter: the LoRA adapter on --ckpt, merged at load (serve.load), answers as the unmerged adapter does."""
     from gptneox import LoRAConfig, add_lora, save_adapter
     from gptneox.cli import UsageError
-    from gptneox.serve import load
+    from gptneox.loading import plan
+    from gptneox.serve.server import load
     model = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32)
     add_lora(model, LoRAConfig(r=4, alpha=8, targets=("query", "value", "dense_4h_to_h")))
     torch.manual_seed(5)
@@ -434,7 +438,7 @@ def test_serve_adapter_is_attached_merged_and_served(dolly_dir, tmp_path):
             if p.requires_grad:  # B starts at zero: a fresh adapter changes nothing
                 p.copy_(torch.randn_like(p) * 0.3)
     save_adapter(model, tmp_path / "adapter")
-    served, tok, _ = load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path / "adapter"))
+    served, tok = load(plan(dolly_dir, dtype=torch.float32, adapter=tmp_path / "adapter"))
     want = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32, adapter=tmp_path / "adapter")
     base = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32)
     ids = torch.tensor([tok.encode("Name three colors.")])
@@ -447,19 +451,20 @@ def test_serve_adapter_is_attached_merged_and_served(dolly_dir, tmp_path):
             model="tiny-dolly", prompt="Name three colors.", max_tokens=8, temperature=0)
     assert r.choices[0].text == greedy(want, tok, "Name three colors.", 8)[0]
     with pytest.raises(UsageError, match="no adapter_config.json"):
-        load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path))
+        plan(dolly_dir, dtype=torch.float32, adapter=tmp_path)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_serve_quantize_loads_quantized_weights_and_keeps_an_adapter_beside_them(dolly_dir, tmp_path, mode):
     """--quantize: the weights quantized while they load; an --adapter on a quantized base is not merged (QLoRA)."""
     from gptneox import LoRAConfig, QuantizedLinear, add_lora, quantize, save_adapter
-    from gptneox.lora import lora_modules
-    from gptneox.serve import load
+    from gptneox.lora.layers import lora_modules
+    from gptneox.loading import plan
+    from gptneox.serve.server import load
     model = GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32)
     add_lora(model, LoRAConfig(r=2, alpha=4, targets=("value",)))
     save_adapter(model, tmp_path / "adapter")
-    served, tok, _ = load(str(dolly_dir), torch.device("cpu"), torch.float32, str(tmp_path / "adapter"), mode, 32)
+    served, tok = load(plan(dolly_dir, dtype=torch.float32, adapter=tmp_path / "adapter", quantize=mode, group_size=32))
     assert any(isinstance(m, QuantizedLinear) for m in served.modules())
     assert lora_modules(served) and all(m.unmerged is None for m in lora_modules(served).values())
     want = quantize(GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32), mode, group_size=32)

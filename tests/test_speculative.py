@@ -9,9 +9,11 @@ import torch
 from tiny import Scripted, hf_model, hf_state_dict
 
 from gptneox import Config, GPTNeoX, Tokenizer
-from gptneox.generation import GenerationConfig, Generator, generate, left_pad, stream
-from gptneox.sampling import process_logits
-from gptneox.speculative import SpeculativeRun, accept, predicted_speedup
+from gptneox.generation.config import GenerationConfig
+from gptneox.generation.generator import Generator, generate, stream
+from gptneox.generation.run import left_pad
+from gptneox.generation.sampling import process_logits
+from gptneox.generation.speculative import SpeculativeRun, accept, predicted_speedup
 
 
 def ours(seed=0, **overrides) -> GPTNeoX:

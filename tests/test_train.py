@@ -22,13 +22,13 @@ from tolerances import FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, as
 
 from gptneox.cli import UsageError
 from gptneox.config import PRESETS, Config
-from gptneox.data import IGNORE_INDEX, DataError, count_targets
-from gptneox.dolly import INTRO_BLURB
+from gptneox.train.data import IGNORE_INDEX, DataError, count_targets
+from gptneox.prompts.dolly import INTRO_BLURB
 from gptneox.model import GPTNeoX, causal_lm_loss
-from gptneox.schedule import lr_at
+from gptneox.train.schedule import lr_at
 from gptneox.tokenizer import Tokenizer
-from gptneox.train_config import RUN_KEYS, TrainConfig
-from gptneox.train_state import check_out, load_state
+from gptneox.train.config import RUN_KEYS, TrainConfig
+from gptneox.train.state import check_out, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -584,7 +584,7 @@ def test_train_says_when_the_batch_is_larger_than_the_data_or_an_epoch_shorter_t
 
 def test_train_samples_instruction_data_only_and_logs_a_sample_on_one_line(ckpt, tmp_path, capsys):
     from gptneox import progress
-    from gptneox.data import add_dolly_tokens
+    from gptneox.train.data import add_dolly_tokens
     text = progress.one_line("line\n" * 100)
     assert "\n" not in text and len(text) == 160 and text.startswith("'line\\nline") and text.endswith("...")
     add_dolly_tokens(Tokenizer.from_pretrained(ckpt)).save(tmp_path / "dolly-tokenizer.json")
@@ -627,7 +627,7 @@ def test_train_ctrl_c_says_where_it_stopped_and_the_command_that_resumes(ckpt, d
 
 
 def test_train_stop_message_under_torchrun_and_before_any_save(tmp_path, monkeypatch):
-    from gptneox.train_state import stop_message
+    from gptneox.train.state import stop_message
     monkeypatch.setattr(sys, "argv", ["train.py", "--data", "my data.jsonl", "--resume"])
     monkeypatch.setattr(sys, "orig_argv", ["python3", "train.py", "--data", "my data.jsonl", "--resume"])
     assert stop_message(tmp_path, 3) == ("stopped at step 3, before any state was saved; start again with: python3 "

@@ -16,10 +16,10 @@ from test_train import (RECORDS, ROOT, assert_refused_before_any_work, kill_resu
 from test_train import ckpt, data, one_thread  # noqa: F401, F811 (fixtures, used by name)
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
-from gptneox.lora import base_state_dict, lora_modules, lora_state_dict
+from gptneox.lora.layers import base_state_dict, lora_modules, lora_state_dict
 from gptneox.model import GPTNeoX
-from gptneox.train_config import TrainConfig
-from gptneox.train_state import load_state
+from gptneox.train.config import TrainConfig
+from gptneox.train.state import load_state
 
 LORA = dict(lora_r=8, lr=1e-2)
 

@@ -36,7 +36,7 @@ def train_tokenizer(path: Path, vocab_size: int) -> int:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     sys.path.insert(0, str(ROOT))
-    from gptneox.dolly import format_training
+    from gptneox.prompts.dolly import format_training
     records = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = [format_training(r["instruction"], r["response"], r.get("context") or None) for r in records]
     tok = Tokenizer(models.BPE())

@@ -12,7 +12,8 @@ from tolerances import FP32_GRAD_REL, FP32_LOGITS_REL, assert_rel_close
 from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.compile_fx import compile_fx
 
-from gptneox import Config, GPTNeoX, Generator, causal_lm_loss, kernel_ops, ops
+from gptneox import Config, GPTNeoX, Generator, causal_lm_loss, ops
+from gptneox.ops import custom as kernel_ops
 
 B, nh, T, S, L, hs, rot = 2, 2, 5, 9, 20, 32, 8  # batch, heads, queries, keys, cache slots, head size, rotary dims
 OPS = ("rotary", "rotary_bwd", "rotary_into_cache", "attention", "attention_bwd", "decode_attention", "quant_matmul")
@@ -38,7 +39,7 @@ def op_args(name: str, dtype: torch.dtype) -> tuple:
         return (randn(B, T, nh * 3 * hs, dtype=dtype), position_ids, randn(B, nh, L, hs, dtype=dtype),
                 randn(B, nh, L, hs, dtype=dtype), torch.arange(3, 3 + T, device=DEVICE), nh, rot, 10000.0)
     if name == "quant_matmul":  # an int4 weight, K 40 not a multiple of the group of 32 (padded)
-        from gptneox.quantize import quantize_weight
+        from gptneox.quant.schemes import quantize_weight
         t = quantize_weight(randn(24, 40, dtype=dtype), "int4", 32)
         return randn(3, 40, dtype=dtype), t["weight"], t["scales"], t["zeros"], 32
     q, k, v = randn(B, nh, T, hs, dtype=dtype), randn(B, nh, S, hs, dtype=dtype), randn(B, nh, S, hs, dtype=dtype)
@@ -55,7 +56,7 @@ def op_args(name: str, dtype: torch.dtype) -> tuple:
 
 def run_torch_path(monkeypatch):
     """Make the ops take their torch path, as on a CPU without TRITON_INTERPRET."""
-    monkeypatch.setattr(kernel_ops, "_on_kernels", lambda t: False)
+    monkeypatch.setattr(kernel_ops, "on_kernels", lambda t: False)
 
 
 @pytest.mark.parametrize("path", ["kernels", "torch"])

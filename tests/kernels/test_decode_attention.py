@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gptneox import ops
-from gptneox.ops import kernels
+from gptneox.ops.runtime import kernels
 
 
 def check_decode(B, nh, T, L, hs, dtype, cache_len, k_start, num_splits=None, kv_len=None):

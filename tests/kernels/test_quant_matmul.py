@@ -7,8 +7,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from tolerances import assert_within_2x
 
-from gptneox.ops import kernels
-from gptneox.quantize import GROUP_SIZES, dequantize_weight, quantize_weight
+from gptneox.ops.runtime import kernels
+from gptneox.quant.schemes import GROUP_SIZES, dequantize_weight, quantize_weight
 
 SCHEMES = [("int8", None), *(("int4", g) for g in GROUP_SIZES)]
 

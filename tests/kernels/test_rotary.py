@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gptneox import ops
-from gptneox.ops import kernels
+from gptneox.ops.runtime import kernels
 
 PYTHIA_HEADS = [(32, 8), (64, 16), (80, 20), (128, 32), (256, 64), (64, 64), (32, 0)]  # (hs, rot); full; none
 

@@ -203,8 +203,8 @@ def test_hooks_on_the_triton_backend_equal_eager_and_keep_the_kernels_elsewhere(
         for name in fused.hook_names():
             assert_rel_close(cache[name], ref[name], FP32_LOGITS_REL, name)
         calls = []
-        real = ops._fused_attention
-        monkeypatch.setattr(ops, "_fused_attention", lambda *a: calls.append(1) or real(*a))
+        real = ops.dispatch.fused_attention
+        monkeypatch.setattr(ops.dispatch, "fused_attention", lambda *a: calls.append(1) or real(*a))
         plain = fused(x)
         hooked = fused.run_with_hooks(x, fwd_hooks=[("blocks.0.hook_resid_post", lambda t, name: None),
                                                     ("blocks.1.attn.hook_pattern", lambda t, name: None)])

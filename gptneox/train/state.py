@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 from . import distributed as dist
-from .adapter import ADAPTER_FILES
-from .atomic import check_replace
-from .checkpoint import replaced_by_save
-from .train_config import RUN_KEYS
+from ..lora.adapter import ADAPTER_FILES
+from ..atomic import check_replace
+from ..checkpoint import replaced_by_save
+from .config import RUN_KEYS
 
 STATE_FILE = re.compile(r"step-(\d{8})\.pt")
 

@@ -5,10 +5,10 @@
 
 Endpoints (OpenAI's shapes): GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
 "stream": true as server-sent events), GET /health. Concurrent requests decode together in one batch
-(gptneox.batching); beyond --max-batch-size they wait in a queue of --max-queue, and past that get 503 at once. With
-a Dolly checkpoint the chat endpoint wraps the conversation in Dolly's instruction template and the answer ends at
-"### End"; a base model gets a plain "User: / Assistant:" transcript (gptneox.chat). The endpoints are
-gptneox.serve_app's; this file is the command line. Needs the serve extra: pip install -e ".[serve]". Exit status:
+(gptneox/generation/batching.py); beyond --max-batch-size they wait in a queue of --max-queue, and past that get 503
+at once. With a Dolly checkpoint the chat endpoint wraps the conversation in Dolly's instruction template and the
+answer ends at "### End"; a base model gets a plain "User: / Assistant:" transcript (gptneox/prompts/chat.py). The
+endpoints are app.py's; this file is the command line. Needs the serve extra: pip install -e ".[serve]". Exit status:
 0 after Ctrl-C, 2 a usage error, 1 a runtime error. Guide: docs/serving.md.
 """
 
@@ -16,18 +16,20 @@ import errno
 import logging
 import os
 import socket
-import sys
-from pathlib import Path
 
-import torch
 
-from . import cli
-from .adapter import ADAPTER_CONFIG
-from .config import Config
-from .hub import resolve_checkpoint
+from .. import cli
+from ..generation.batching import Engine
+from ..loading import LoadPlan, plan
+from ..loading import load as gptneox_load
+from ..lora import merge_lora
+from ..quant import describe, settings_of
+from .app import Service, create_app
 
 GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
 log = logging.getLogger("gptneox.serve")
+FLAGS = {"ckpt": "--ckpt", "adapter": "--adapter", "quantize": "--quantize", "group_size": "--group-size",
+         "dtype": "--dtype", "device": "--device"}  # how gptneox.load's errors name them
 
 
 def port_arg(text: str) -> int:
@@ -66,42 +68,18 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load(ckpt: str, device: torch.device, dtype: torch.dtype, adapter: str | None = None, quantize: str | None = None,
-         group_size: int = 128):
-    """The model and tokenizer of --ckpt: quantized while it loads with --quantize (gptneox.quantize), then the LoRA
-    --adapter (ours or PEFT's) attached, and merged into the weights when the base is float, so that serving costs
-    what the base costs (on a quantized base it stays beside it: QLoRA). The adapter's tokenizer.json wins when it
-    has one (a Dolly run resizes the vocabulary)."""
-    from .lora import merge_lora
-    from .quantize import describe, settings_of
-    from .model import GPTNeoX
-    from .tokenizer import Tokenizer
-    path = checkpoint_dir(ckpt)
-    check_adapter(adapter)
-    own = Path(adapter) / "tokenizer.json" if adapter is not None else None
-    tokenizer = Tokenizer.from_pretrained(own if own is not None and own.is_file() else path)
-    q = dict(quantize=quantize, group_size=group_size) if quantize else {}
-    model = GPTNeoX.from_pretrained(path, device=device, dtype=dtype, adapter=adapter, **q)
+def load(p: LoadPlan):
+    """The model and tokenizer of a checked --ckpt (gptneox.load: quantized while it loads with --quantize, the LoRA
+    --adapter attached, the adapter's tokenizer.json winning when it has one), the adapter then merged into the
+    weights when the base is float, so that serving costs what the base costs (on a quantized base it stays beside
+    it: QLoRA)."""
+    model, tokenizer = gptneox_load(p)
     quantized = settings_of(model)
-    if adapter is not None and quantized is None:
+    if p.adapter is not None and quantized is None:
         merge_lora(model)
-    how = f", LoRA adapter {adapter} {'beside the quantized weights' if quantized else 'merged'}" if adapter else ""
-    log.info("loaded %s on %s: %s weights%s", path, device, describe(quantized, dtype), how)
-    return model, tokenizer, path
-
-
-def checkpoint_dir(ckpt: str) -> Path:
-    """--ckpt's directory (a name is looked up or fetched as sample.py does); nothing usable there: a usage error."""
-    try:
-        return resolve_checkpoint(ckpt)
-    except (ValueError, FileNotFoundError) as e:
-        raise cli.UsageError(str(e)) from None
-
-
-def check_adapter(adapter: str | None) -> None:
-    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        raise cli.UsageError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, ours or "
-                             "PEFT's)")
+    how = f", LoRA adapter {p.adapter} {'beside the quantized weights' if quantized else 'merged'}" if p.adapter else ""
+    log.info("loaded %s on %s: %s weights%s", p.path, p.device, describe(quantized, p.dtype), how)
+    return model, tokenizer
 
 
 def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
@@ -116,18 +94,15 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     cli.set_threads(threads)
     dev = cli.pick_device(device)
-    if group_size is not None and quantize != "int4":
-        raise cli.UsageError("--group-size is the int4 group size: give it with --quantize int4")
-    path = checkpoint_dir(ckpt)
-    check_adapter(adapter)
-    window = Config.from_hf_config(path).max_position_embeddings
+    group_size = cli.quantize_flags(quantize, group_size)
+    checked = plan(ckpt, adapter=adapter, quantize=quantize, group_size=group_size, dtype=cli.pick_dtype(dtype, dev),
+                   device=dev, names=FLAGS)
+    path, window = checked.path, checked.config.max_position_embeddings
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
                              f"got {max_model_len}")
     sock = bind(host, port)  # every check before the model loads
-    model, tokenizer, path = load(str(path), dev, cli.pick_dtype(dtype, dev), adapter, quantize, group_size or 128)
-    from .batching import Engine
-    from .serve_app import Service, create_app
+    model, tokenizer = load(checked)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len)
     template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
     service = Service(engine, tokenizer, model_name=model_name or path.name, template=template)
@@ -180,6 +155,3 @@ def build_parser() -> cli.ArgumentParser:
                    help="server log level (default info: one line per request)")
     return p
 
-
-if __name__ == "__main__":
-    sys.exit(cli.run(main, build_parser()))

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from . import progress as progress_bars
-from .checkpoint import CheckpointError
-from .config import Config
+from .. import progress as progress_bars
+from ..checkpoint import CheckpointError
+from ..config import Config
+from ..model import GPTNeoX
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 MP_RANK_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
@@ -277,7 +278,6 @@ class NeoXCheckpoint:
 
 def expected_shapes(config: Config) -> dict:
     """HF name -> shape of every tensor a checkpoint of config holds (no embed_out when tied)."""
-    from .model import GPTNeoX
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPTNeoX(config).state_dict().items()}
     if config.tie_word_embeddings:

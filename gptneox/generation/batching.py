@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import GenerationConfig, stop_ids
+from .config import GenerationConfig
+from .run import stop_ids
 from .sampling import process_logits, sample
 from .streaming import TextStream
 

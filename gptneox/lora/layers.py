@@ -11,8 +11,7 @@ on the whole fused layer: save_adapter writes a subset of q, k, v as that fused 
 block-diagonal with zero rows where there is no adapter, rank n r and alpha n alpha, so the product is identical.
 
 The base may be any module with in_features, out_features and forward(x) (a quantized linear for QLoRA); only
-merge_lora needs a float nn.Linear weight. Adapters on disk, in PEFT's format: adapter.py (save_adapter and
-load_adapter are importable from here too). Guide: docs/training.md, "LoRA and QLoRA".
+merge_lora needs a float nn.Linear weight. Adapters on disk, in PEFT's format: adapter.py. Guide: docs/training.md, "LoRA and QLoRA".
 """
 
 import math
@@ -218,7 +217,3 @@ def unmerge_lora(model) -> None:
         raise ValueError("unmerge_lora: the model's adapters are not merged (merge_lora first)")
     for m in modules.values():
         m.base_layer.weight.data, m.unmerged = m.unmerged, None
-
-
-# ---------------------------------------------------------------------------------------------- files (adapter.py)
-from .adapter import AdapterError, load_adapter, save_adapter  # noqa: E402, F401 (adapter.py builds on the above)

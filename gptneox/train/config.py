@@ -13,13 +13,14 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .checkpoint import quantization_settings
-from .cli import UsageError
-from .config import HUB_IDS, PRESETS, Config
+from ..checkpoint import quantization_settings
+from ..cli import UsageError
+from ..config import HUB_IDS, PRESETS, Config
 from .data import DATA_FILES, DOLLY_15K, is_instruction_data, needs_tokenizer, steps_per_epoch
-from .hub import parse_name
-from .quantize import LORA_POINTER
+from ..hub import parse_name
+from ..quant.linear import LORA_POINTER
 from .schedule import SCHEDULES
+from ..lora.layers import LoRAConfig
 
 DOLLY_EPOCHS = 2  # databrickslabs/dolly train_dolly.py
 DOLLY_BATCH = 48  # 6 per A100 x 8 GPUs
@@ -200,7 +201,6 @@ class TrainConfig:
         """The run's lora.LoRAConfig (defaults resolved), or None for full fine-tuning."""
         if not self.lora_r:
             return None
-        from .lora import LoRAConfig
         return LoRAConfig(self.lora_r, 2 * self.lora_r if self.lora_alpha is None else self.lora_alpha,
                           LORA_DROPOUT if self.lora_dropout is None else self.lora_dropout,
                           self.lora_targets or LORA_TARGETS)

@@ -12,18 +12,21 @@ Formats: docs/architecture.md, sections "Checkpoint files" and "gpt-neox checkpo
 import json
 import re
 import shutil
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from . import atomic, cli
-from . import progress as progress_bars
-from .checkpoint import LAYOUTS, CheckpointError, ShardWriter, checkpoint_name, parse_size, read_tensors, weight_files
-from .config import Config
+from .. import atomic, cli
+from .. import progress as progress_bars
+from ..checkpoint import CheckpointError, ShardWriter, parse_size
+from ..config import Config
 from .neox import check_split, expected_shapes, load_neox, neox_tensors, save_neox
+from .source import HFCheckpoint, LazyTensors
+from ..checkpoint import quantization_settings
+from ..model import GPTNeoX
+from ..quant.schemes import check_settings, quantize_weight
+from ..quant.transform import config_entries, targets
 
 SHARD_FILE = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
 # files besides the weights that a model directory needs: tokenizer, generation defaults, custom pipeline code (Dolly)
@@ -39,154 +42,6 @@ CONVERTER = "convert_weights.py"  # the manifest's writer ("... --to hf" / "--to
 def _dtype(dtype) -> torch.dtype | None:
     """cli.parse_dtype's spellings (bf16, float16, ...) or a torch.dtype; None keeps the stored dtype."""
     return None if dtype is None else cli.parse_dtype(dtype)
-
-
-def source_kind(path: Path) -> str:
-    """'neox' for a directory of DeepSpeed model-states files, 'hf' for one with a config.json."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such checkpoint directory")
-    names = [p.name for p in path.iterdir()]
-    if any(n.endswith("model_states.pt") for n in names):
-        return "neox"
-    if "config.json" in names:
-        return "hf"
-    raise CheckpointError(f"{path}: unknown layout: neither an HF checkpoint (config.json + weights) nor a gpt-neox "
-                          f"one (*model_states.pt); found: {', '.join(sorted(names)) or 'nothing'}")
-
-
-# ----------------------------------------------------------------------------------------------- reading HF dirs
-def hf_layout(path: Path) -> tuple[list[Path], dict | None, Path | None]:
-    """(weight files, index weight_map or None, index file) after refusing mixed or incomplete layouts."""
-    names = {p.name for p in path.iterdir() if p.is_file()} if path.is_dir() else set()
-    for index_name, single_name in LAYOUTS:
-        ext = Path(single_name).suffix
-        shards = {n for n in names if SHARD_FILE.fullmatch(n) and n.endswith(ext)}
-        if index_name in names and single_name in names:
-            raise CheckpointError(f"{path}: mixed layout: both {single_name} and {index_name}; remove the stale one")
-        if index_name in names:
-            files = weight_files(path)  # checks that every shard the index names exists
-            weight_map = json.loads((path / index_name).read_text())["weight_map"]
-            wrong = [f.name for f in files if f.suffix != ext]
-            stray = sorted(shards - {f.name for f in files})
-            if wrong or stray:
-                raise CheckpointError(f"{path}/{index_name}: mixed layout: " + (
-                    f"the index names non-{ext} file(s) {', '.join(wrong)}" if wrong else
-                    f"shard file(s) {', '.join(stray)} are not named in the index"))
-            return files, weight_map, path / index_name
-        if single_name in names:
-            if shards:
-                raise CheckpointError(f"{path}: mixed layout: {single_name} beside shard file(s) "
-                                      f"{', '.join(sorted(shards))}")
-            return [path / single_name], None, None
-        if shards:
-            raise CheckpointError(f"{path}: shard file(s) {', '.join(sorted(shards))} but no {index_name}")
-    return weight_files(path), None, None  # raises: nothing recognizable
-
-
-class _SafetensorsFile:
-    def __init__(self, file: Path):
-        try:
-            self.f = safe_open(file, framework="pt")
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({e})") from None
-
-    def keys(self):
-        return list(self.f.keys())
-
-    def meta(self, key):  # (shape, is floating point)
-        s = self.f.get_slice(key)
-        return list(s.get_shape()), s.get_dtype() in ("F16", "BF16", "F32", "F64")
-
-    def get(self, key):
-        return self.f.get_tensor(key)
-
-
-class _PickleFile:
-    def __init__(self, file: Path):
-        self.state = dict(read_tensors(file))  # mmap'd: tensors are views of the file, not copies
-
-    def keys(self):
-        return list(self.state)
-
-    def meta(self, key):
-        t = self.state[key]
-        return list(t.shape), t.is_floating_point()
-
-    def get(self, key):
-        return self.state[key]
-
-
-def _open(file: Path):
-    return _SafetensorsFile(file) if file.suffix == ".safetensors" else _PickleFile(file)
-
-
-class HFCheckpoint:
-    """An HF-layout directory, checked against its config.json from metadata alone (no tensor data is read).
-
-    entries: our parameter name -> (file, key in the file), in file order; config: its Config.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.files, self.index, self.index_file = hf_layout(self.path)
-        self.config = Config.from_hf_config(self.path)
-        self.raw_config = json.loads((self.path / "config.json").read_text())
-        self.shapes = {k: list(v) for k, v in expected_shapes(self.config).items()}
-        self._handles = {}
-        self.entries = self._scan()
-
-    def _handle(self, file):
-        if file not in self._handles:
-            self._handles[file] = _open(file)
-        return self._handles[file]
-
-    def _scan(self) -> dict:
-        entries, keys_seen = {}, set()
-        for file in self.files:
-            handle = _open(file)
-            for key in handle.keys():
-                keys_seen.add(key)
-                if self.index is not None and self.index.get(key) != file.name:
-                    raise CheckpointError(f"{file}: holds {key!r}, but {self.index_file.name} maps it to "
-                                          f"{self.index.get(key)!r}")
-                ours = checkpoint_name(key)
-                if ours is None:
-                    continue
-                shape, is_float = handle.meta(key)
-                if ours not in self.shapes:
-                    raise CheckpointError(f"{file}: unexpected tensor {key!r}, not part of the model that "
-                                          f"{self.path}/config.json describes")
-                if ours in entries:
-                    raise CheckpointError(f"{file}: tensor {key!r} also appears in {entries[ours][0]}")
-                if shape != self.shapes[ours] or not is_float:
-                    kind = "" if is_float else " (not floating point)"
-                    raise CheckpointError(f"{file}: tensor {key!r} has shape {shape}{kind}, but config.json implies "
-                                          f"{self.shapes[ours]}")
-                entries[ours] = (file, key)
-            del handle  # releases the file's mapping
-        if self.index is not None and set(self.index) - keys_seen:
-            lost = sorted(set(self.index) - keys_seen)
-            raise CheckpointError(f"{self.index_file}: names tensor(s) its shards do not hold: {', '.join(lost[:5])}")
-        missing = [k for k in self.shapes if k not in entries]
-        if missing:
-            raise CheckpointError(f"{self.path}: missing tensor(s) {', '.join(missing[:5])}"
-                                  f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
-        return entries
-
-    def tensors(self):
-        """Yield (our name, tensor) file by file; a .bin file's mapping is released once it is done."""
-        wanted = {(file, key): ours for ours, (file, key) in self.entries.items()}
-        for file in self.files:
-            for key, tensor in read_tensors(file):
-                if (file, key) in wanted:
-                    yield wanted[file, key], tensor
-
-    def get(self, name: str) -> torch.Tensor:
-        file, key = self.entries[name]
-        return self._handle(file).get(key)
-
-    def close(self):
-        self._handles.clear()
 
 
 # ------------------------------------------------------------------------------------------------ destinations
@@ -285,7 +140,6 @@ def verify_tensors(expected, actual_get, dtype=None, count=None) -> int:
 
 
 def model_from_tensors(config: Config, tensors, dtype=None):
-    from .model import GPTNeoX
     dtype = _dtype(dtype)
     with torch.device("meta"):
         model = GPTNeoX(config)
@@ -310,8 +164,6 @@ def verify_logits(ref_model, model, vocab_size: int) -> float:
 def quantized_tensors(tensors, config: Config, settings: dict, dtype=None):
     """(name, tensor) pairs with each linear weight quantize.targets() names replaced, as it streams by, by its
     quantized tensors (name.weight, name.scales, name.zeros), computed from the weight cast to dtype."""
-    from .model import GPTNeoX
-    from .quantize import quantize_weight, targets
     with torch.device("meta"):
         names = {f"{t}.weight" for t in targets(GPTNeoX(config))}
     dtype = _dtype(dtype)
@@ -329,8 +181,6 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, force
                progress=False, logits_max_params=LOGITS_MAX_PARAMS, quantize=None, group_size=128) -> dict:
     """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files).
     quantize: "int8" / "int4" writes the weight-only quantized tensors instead (gptneox/quantize.py)."""
-    from .checkpoint import quantization_settings
-    from .quantize import check_settings, config_entries
     src, dst = Path(src), check_destination(dst, src=src, force=force, force_flag=force_flag)
     if (src / "config.json").is_file() and quantization_settings(src) is not None:
         raise CheckpointError(f"{src} is a quantized checkpoint ({quantization_settings(src)}); convert_weights.py "
@@ -386,7 +236,7 @@ def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, for
     src, dst = Path(src), check_destination(dst, src=src, force=force, force_flag=force_flag)
     ckpt = HFCheckpoint(src)
     dtype = _dtype(dtype)
-    lazy = _LazyTensors(ckpt, dtype)
+    lazy = LazyTensors(ckpt, dtype)
     summary = {"tensors": len(ckpt.entries), "tp": tp, "layout": "layers" if pipe else "mp_rank"}
     try:
         check_split(ckpt.config, tp)  # before anything is created
@@ -398,23 +248,6 @@ def export_neox(src, dst, *, tp=1, pipe=True, legacy_names=True, dtype=None, for
     finally:
         ckpt.close()
     return summary
-
-
-class _LazyTensors(Mapping):
-    """name -> tensor, fetched from the checkpoint (and cast) only when asked for."""
-
-    def __init__(self, ckpt: HFCheckpoint, dtype):
-        self.ckpt, self.dtype = ckpt, dtype
-
-    def __getitem__(self, name):
-        t = self.ckpt.get(name)
-        return t.to(self.dtype) if self.dtype is not None else t
-
-    def __iter__(self):
-        return iter(self.ckpt.entries)
-
-    def __len__(self):
-        return len(self.ckpt.entries)
 
 
 def same_architecture(a: Config, b: Config) -> bool:
@@ -437,7 +270,6 @@ def _verify_neox_output(out, ckpt: HFCheckpoint, lazy, dtype, logits_max_params)
 
 def _verify_quantized_output(dst, src, settings, dtype, logits_max_params) -> dict:
     """The output loads (config.json and tensors agree) and equals the source quantized while loading, bit for bit."""
-    from .model import GPTNeoX
     out = GPTNeoX.from_pretrained(dst)
     ref = GPTNeoX.from_pretrained(src, dtype=_dtype(dtype), quantize=settings["mode"],
                                   group_size=settings.get("group_size") or 128)
@@ -449,7 +281,6 @@ def _verify_quantized_output(dst, src, settings, dtype, logits_max_params) -> di
 
 
 def _verify_hf_output(dst, config, source_tensors, dtype, logits_max_params) -> dict:
-    from .model import GPTNeoX
     out = HFCheckpoint(dst)  # re-reads the layout, config.json and every shape
     try:
         if not same_architecture(out.config, config):

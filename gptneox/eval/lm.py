@@ -1,4 +1,4 @@
-"""EleutherAI's lm-evaluation-harness with our model: the lm-eval model "gptneox", and `python -m gptneox.eval`.
+"""EleutherAI's lm-evaluation-harness with our model: the lm-eval model "gptneox" (the command line: cli.py).
 
     python -m gptneox.eval --model_args pretrained=pythia-160m,dtype=float32 --tasks lambada_openai --device cuda
     lm_eval.simple_evaluate(model=GPTNeoXLM(pretrained="checkpoints/my-run"), tasks=["arc_easy"])
@@ -20,10 +20,7 @@ registry (lm-eval 0.4.13 reads no entry points, so `lm_eval --model gptneox` can
 
 import json
 import logging
-import os
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 
@@ -36,12 +33,15 @@ except ImportError as e:  # lm-eval is an extra, never a runtime dependency
     raise ImportError(f"gptneox.eval needs lm-eval ({e}): pip install -e \".[eval]\" or pip install lm-eval") from None
 from tqdm import tqdm  # an lm-eval dependency
 
-from . import devices
-from .cli import RUNTIME_ERRORS, UsageError, parse_dtype, pick_device
-from .dolly import END_KEY, format_prompt
-from .generation import GenerationConfig, Generator, left_pad
-from .model import GPTNeoX
-from .tokenizer import Tokenizer
+from .. import devices
+from ..devices import resolve_dtype
+from ..prompts.dolly import END_KEY, format_prompt
+from ..generation.config import GenerationConfig
+from ..generation.generator import Generator
+from ..generation.run import left_pad
+from ..loading import load
+from ..model import GPTNeoX
+from ..tokenizer import Tokenizer
 
 MODEL_NAME = "gptneox"
 MAX_GEN_TOKS = 256  # HFLM.max_gen_toks: the default when a task's generation_kwargs give none
@@ -63,6 +63,7 @@ MODEL_ARGS_HELP = {
 }
 MODEL_ARGS = tuple(MODEL_ARGS_HELP)
 SAMPLING = ("temperature", "top_k", "top_p", "repetition_penalty", "seed")  # generation kwargs passed through
+NAMES = {"ckpt": "pretrained"}  # how gptneox.load's errors name the arguments that model_args spell differently
 log = logging.getLogger(__name__)
 
 
@@ -137,23 +138,19 @@ class GPTNeoXLM(TemplateLM):
         self.truncated = Counter()  # requests cut from the left to fit the window, by request type
 
     def _load(self, pretrained, revision, tokenizer, adapter, quantized, dtype, backend):
-        dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
-        if isinstance(pretrained, GPTNeoX):
-            if tokenizer is None:
-                raise ValueError("pretrained is a GPTNeoX instance: give its tokenizer too (tokenizer=...)")
-            if adapter is not None or quantized:
-                raise ValueError("pretrained is a GPTNeoX instance: quantize it or attach the adapter to it first "
-                                 "(gptneox.quantize, gptneox.lora)")
-            model = pretrained.to(device=self._device, dtype=dtype).eval()
-            if backend is not None:
-                model.backend = backend
-        else:
-            model = GPTNeoX.from_pretrained(pretrained, revision=revision, device=self._device, dtype=dtype,
-                                            backend=backend, adapter=adapter, **quantized)
-        if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer.json").is_file():
-            tokenizer = adapter  # a Dolly-style run resizes the vocabulary: its adapter carries the tokenizer
-        if not isinstance(tokenizer, Tokenizer):
-            tokenizer = Tokenizer.from_pretrained(pretrained if tokenizer is None else tokenizer, revision=revision)
+        dtype = None if dtype in (None, "auto") else dtype  # "auto": the checkpoint's own, as HFLM
+        if not isinstance(pretrained, GPTNeoX):
+            return load(pretrained, revision=revision, tokenizer=tokenizer, adapter=adapter, dtype=dtype,
+                        device=self._device, backend=backend, names=NAMES, **quantized)
+        if tokenizer is None:
+            raise ValueError("pretrained is a GPTNeoX instance: give its tokenizer too (tokenizer=...)")
+        if adapter is not None or quantized:
+            raise ValueError("pretrained is a GPTNeoX instance: quantize it or attach the adapter to it first "
+                             "(gptneox.quantize, gptneox.lora)")
+        model = pretrained.to(device=self._device, dtype=resolve_dtype(dtype)).eval()
+        if backend is not None:
+            model.backend = backend
+        tokenizer = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_pretrained(tokenizer)
         return model, tokenizer
 
     def _real_vocab(self) -> int:
@@ -402,79 +399,4 @@ def check_model_args(unknown: dict) -> None:
                          f"{', '.join(MODEL_ARGS)}")
 
 
-if __name__ != "__main__":  # `python -m gptneox.eval` runs this file as __main__ and imports it again below: the
-    register_model(MODEL_NAME)(GPTNeoXLM)  # importable copy is the one registered, once
-
-
-# ------------------------------------------------------------------------------------------------ command line
-def _flag_value(args: list[str], *names: str) -> str | None:
-    for k, arg in enumerate(args):
-        for name in names:
-            if arg == name and k + 1 < len(args):
-                return args[k + 1]
-            if arg.startswith(name + "="):
-                return arg.split("=", 1)[1]
-    return None
-
-
-def usage() -> str:
-    """What gptneox adds to lm-eval's command line; `--help` prints it before lm-eval's own help."""
-    width = max(map(len, MODEL_ARGS_HELP))
-    rows = "\n".join(f"  {k:<{width}}  {v}" for k, v in MODEL_ARGS_HELP.items())
-    return ("usage: python -m gptneox.eval --model_args pretrained=NAME_OR_DIR[,KEY=VALUE...] --tasks TASKS "
-            "[lm-eval's flags]\n\n"
-            f"lm-evaluation-harness with gptneox's model (--model {MODEL_NAME}, set for you; --device auto unless "
-            "given).\nExit status: 0 done, 2 a usage error, 1 a runtime error (one line; GPTNEOX_TRACEBACK=1 shows the "
-            "traceback). Guide: docs/evaluation.md.\n\n"
-            f"--model_args of {MODEL_NAME}, comma-separated KEY=VALUE:\n{rows}\n\n"
-            "lm-eval's own flags follow.\n")
-
-
-def _model_args_device(args: list[str]) -> str | None:
-    """device=... inside --model_args (lm-eval's KEY=VALUE,KEY=VALUE string), or None."""
-    text = _flag_value(args, "--model_args", "--model-args", "-a") or ""
-    pairs = dict(kv.split("=", 1) for kv in text.split(",") if "=" in kv)
-    return pairs.get("device")
-
-
-def main(argv=None) -> int:
-    """`python -m gptneox.eval ARGS`: lm-eval's own command line (`lm_eval run --help` lists its flags) with
-    --model gptneox and, unless given, --device auto. Errors from the model exit 1 with one line (GPTNEOX_TRACEBACK=1
-    shows the traceback), usage errors 2, as gptneox's other commands."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["run"]:
-        args = args[1:]
-    if "-h" in args or "--help" in args:
-        print(usage(), flush=True)
-    model = _flag_value(args, "--model", "-M")
-    if model not in (None, MODEL_NAME):
-        print(f"gptneox.eval: error: --model {model}: this command evaluates --model {MODEL_NAME}; run lm_eval itself "
-              "for other models", file=sys.stderr)
-        return 2
-    if model is None:
-        args = ["--model", MODEL_NAME, *args]
-    if _flag_value(args, "--device") is None:
-        args += ["--device", "auto"]
-    try:  # the device rule of every gptneox command, before lm-eval loads anything
-        pick_device(_flag_value(args, "--device"))
-        pick_device(_model_args_device(args), flag="--model_args device=")
-    except UsageError as e:
-        print(f"gptneox.eval: error: {e}", file=sys.stderr)
-        return 2
-    from lm_eval.__main__ import cli_evaluate
-    argv0, sys.argv = sys.argv, ["lm-eval", *args]  # lm-eval parses sys.argv itself
-    try:
-        cli_evaluate()
-    except RUNTIME_ERRORS as e:
-        if os.environ.get("GPTNEOX_TRACEBACK"):
-            raise
-        print(f"gptneox.eval: error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        sys.argv = argv0
-    return 0
-
-
-if __name__ == "__main__":
-    from gptneox.eval import main as registered_main  # the registered copy of this module
-    sys.exit(registered_main())
+register_model(MODEL_NAME)(GPTNeoXLM)

@@ -16,11 +16,11 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from .batching import Engine, Event, Request
-from .chat import PLAIN_STOP, Stripped, dolly_prompt, plain_prompt
-from .generation import GenerationConfig
-from .serve_api import (APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, chat_logprobs,
-                        completion_body, completion_logprobs, new_id, usage, validation_error)
+from ..generation.batching import Engine, Event, Request
+from ..prompts.chat import PLAIN_STOP, Stripped, dolly_prompt, plain_prompt
+from ..generation.config import GenerationConfig
+from .api import (APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, chat_logprobs, completion_body,
+                  completion_logprobs, new_id, usage, validation_error)
 
 log = logging.getLogger("gptneox.serve")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions

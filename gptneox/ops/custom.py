@@ -8,14 +8,14 @@ shapes, dtypes and strides, instead of tracing into a Triton launcher.
     decode_attention(q, k_cache, v_cache, q_offset, k_start) -> o                          inference
 and the backward ops rotary_bwd and attention_bwd. Shapes: qkv [B, T, nh * 3 * hs] (per head [q | k | v]); q, k, v
 [B, nh, T, hs] contiguous; caches [B, nh, L, hs]; position_ids [B, T] or [T] and input_pos [T] integers; q_offset and
-k_start [B] integers (the two vectors of ops.Mask: causal query i of row b sees the keys
+k_start [B] integers (the two vectors of dispatch.Mask: causal query i of row b sees the keys
 k_start[b] <= j <= q_offset[b] + i, and its own slot). o [B, nh, T, hs] is a view of a [B, T, nh, hs] buffer, so the
 model's y.transpose(1, 2).reshape(B, T, C) is free; lse [B, nh, T] fp32 (log2 units of the scaled scores) is
 auxiliary and not differentiated.
 
 Where they run: CUDA tensors, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, the CPU tests), go to
-the launchers of gptneox.kernels (ops.kernels(), imported on first use); other CPU tensors run the torch path of
-gptneox/ops.py (apply_rotary, the attention math with Mask's dense rule). Facts: docs/kernels.md, "Under
+the launchers of gptneox.kernels (kernels(), imported on first use); other CPU tensors run the torch path of
+reference.py (apply_rotary, the attention math with Mask's dense rule). Facts: docs/kernels.md, "Under
 torch.compile: custom ops".
 """
 
@@ -23,19 +23,13 @@ import torch
 from torch import Tensor
 from torch.library import custom_op
 
-from . import ops  # the torch path and the kernels' loader (ops imports this module: names are looked up at run time)
+from . import reference
+from .runtime import kernels, on_kernels
 
 LOG2E = 1.4426950408889634  # the kernels' lse is log2 of the row's sum of exp(scores): ln-lse * log2(e)
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def _on_kernels(t: Tensor) -> bool:
-    """Whether the Triton kernels run on t's device: CUDA, or CPU under the interpreter."""
-    if t.is_cuda:
-        return True
-    return t.device.type == "cpu" and ops.triton_available() and ops.kernels().interpreting()
-
-
 def _empty_bthd(B: int, nh: int, T: int, hs: int, like: Tensor) -> Tensor:
     return like.new_empty(B, T, nh, hs).transpose(1, 2)  # [B, nh, T, hs] view of a [B, T, nh, hs] buffer
 
@@ -59,21 +53,21 @@ def _head_size(qkv: Tensor, num_heads: int) -> int:
 def _torch_rotary(qkv, position_ids, num_heads, rotary_ndims, base):
     B, T, _ = qkv.shape
     q, k, v = qkv.view(B, T, num_heads, -1).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
-    cos, sin = ops.rotary_cos_sin(position_ids, rotary_ndims, base)  # [B or 1, 1, T, rot] fp32
-    return ops.apply_rotary(q, cos, sin).contiguous(), ops.apply_rotary(k, cos, sin).contiguous(), v.contiguous()
+    cos, sin = reference.rotary_cos_sin(position_ids, rotary_ndims, base)  # [B or 1, 1, T, rot] fp32
+    return reference.apply_rotary(q, cos, sin).contiguous(), reference.apply_rotary(k, cos, sin).contiguous(), v.contiguous()
 
 
 def _torch_rotary_bwd(dq, dk, dv, position_ids, rotary_ndims, base):
     """The transpose of a rotation is the rotation by -angle: apply_rotary with -sin; then back to qkv's layout."""
     B, _, T, _ = dq.shape
-    cos, sin = ops.rotary_cos_sin(position_ids, rotary_ndims, base)
-    dq, dk = ops.apply_rotary(dq, cos, -sin), ops.apply_rotary(dk, cos, -sin)
+    cos, sin = reference.rotary_cos_sin(position_ids, rotary_ndims, base)
+    dq, dk = reference.apply_rotary(dq, cos, -sin), reference.apply_rotary(dk, cos, -sin)
     return torch.cat((dq, dk, dv), dim=-1).transpose(1, 2).reshape(B, T, -1)  # [B, T, nh * 3 * hs]
 
 
 def _scores(q, k, q_offset, k_start):
     """fp32 scores q k^T / sqrt(hs) [B, nh, T, S] under Mask's rule for the spans, masked with fp32's minimum."""
-    mask = ops.spans_to_dense(q_offset, k_start, q.shape[2], k.shape[2])  # [B, 1, T, S]
+    mask = reference.spans_to_dense(q_offset, k_start, q.shape[2], k.shape[2])  # [B, 1, T, S]
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
     return scores.masked_fill(~mask, torch.finfo(torch.float32).min)
 
@@ -102,8 +96,8 @@ def _torch_attention_bwd(do, q, k, v, o, lse, q_offset, k_start):
 def rotary(qkv: Tensor, position_ids: Tensor, num_heads: int, rotary_ndims: int, base: float
            ) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v [B, nh, T, hs] (contiguous) from qkv [B, T, nh * 3 * hs], q and k rotated at position_ids."""
-    if _on_kernels(qkv):
-        return ops.kernels().rotary_fwd(qkv, position_ids, num_heads, rotary_ndims, base)
+    if on_kernels(qkv):
+        return kernels().rotary_fwd(qkv, position_ids, num_heads, rotary_ndims, base)
     return _torch_rotary(qkv, position_ids, num_heads, rotary_ndims, base)
 
 
@@ -117,8 +111,8 @@ def _(qkv, position_ids, num_heads, rotary_ndims, base):
 @custom_op("gptneox::rotary_bwd", mutates_args=())
 def rotary_bwd(dq: Tensor, dk: Tensor, dv: Tensor, position_ids: Tensor, rotary_ndims: int, base: float) -> Tensor:
     """dqkv [B, T, nh * 3 * hs] (contiguous) from the gradients of q, k, v [B, nh, T, hs]."""
-    if _on_kernels(dq):
-        return ops.kernels().rotary_bwd(dq, dk, dv, position_ids, rotary_ndims, base)
+    if on_kernels(dq):
+        return kernels().rotary_bwd(dq, dk, dv, position_ids, rotary_ndims, base)
     return _torch_rotary_bwd(dq, dk, dv, position_ids, rotary_ndims, base)
 
 
@@ -148,8 +142,8 @@ def rotary_into_cache(qkv: Tensor, position_ids: Tensor, k_cache: Tensor, v_cach
                       num_heads: int, rotary_ndims: int, base: float) -> Tensor:
     """q [B, nh, T, hs] (contiguous); rotated k and v are written into k_cache, v_cache [B, nh, L, hs] at the slots
     input_pos [T]. Inference only (no autograd)."""
-    if _on_kernels(qkv):
-        q, _, _ = ops.kernels().rotary_fwd(qkv, position_ids, num_heads, rotary_ndims, base, k_cache=k_cache,
+    if on_kernels(qkv):
+        q, _, _ = kernels().rotary_fwd(qkv, position_ids, num_heads, rotary_ndims, base, k_cache=k_cache,
                                            v_cache=v_cache, input_pos=input_pos)
         return q
     q, k, v = _torch_rotary(qkv, position_ids, num_heads, rotary_ndims, base)
@@ -169,8 +163,8 @@ def _(qkv, position_ids, k_cache, v_cache, input_pos, num_heads, rotary_ndims, b
 def attention(q: Tensor, k: Tensor, v: Tensor, q_offset: Tensor, k_start: Tensor) -> tuple[Tensor, Tensor]:
     """Causal flash attention of q [B, nh, T, hs] over k, v [B, nh, S, hs] under the spans q_offset, k_start [B]:
     o [B, nh, T, hs] (a view of [B, T, nh, hs]) and lse [B, nh, T] fp32."""
-    if _on_kernels(q):
-        o, lse = ops.kernels().attention_fwd(q, k, v, causal=True, q_offset=q_offset, k_start=k_start)
+    if on_kernels(q):
+        o, lse = kernels().attention_fwd(q, k, v, causal=True, q_offset=q_offset, k_start=k_start)
         return _bthd(o), lse
     return _torch_attention(q, k, v, q_offset, k_start)
 
@@ -185,8 +179,8 @@ def _(q, k, v, q_offset, k_start):
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, q_offset: Tensor,
                   k_start: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (contiguous, the shapes of q, k, v) from do [B, nh, T, hs] and the forward's o and lse."""
-    if _on_kernels(q):
-        return ops.kernels().attention_bwd(do, q, k, v, o, lse, causal=True, q_offset=q_offset, k_start=k_start)
+    if on_kernels(q):
+        return kernels().attention_bwd(do, q, k, v, o, lse, causal=True, q_offset=q_offset, k_start=k_start)
     return _torch_attention_bwd(do, q, k, v, o, lse, q_offset, k_start)
 
 
@@ -216,35 +210,13 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, q_offset: Tens
     """Flash-decoding: o [B, nh, T, hs] (a view of [B, T, nh, hs]) for a few queries q [B, nh, T, hs] over the whole
     caches [B, nh, L, hs]; row b reads only its filled slots (up to q_offset[b] + T), found on the device, so a
     compiled step with a static cache needs no host-side length. Inference only."""
-    if _on_kernels(q):
-        return _bthd(ops.kernels().decode_attention(q, k_cache, v_cache, q_offset, k_start))
-    mask = ops.spans_to_dense(q_offset, k_start, q.shape[2], k_cache.shape[2])  # [B, 1, T, L]
-    return _bthd(ops.sdpa_attention(q, k_cache, v_cache, mask))
+    if on_kernels(q):
+        return _bthd(kernels().decode_attention(q, k_cache, v_cache, q_offset, k_start))
+    mask = reference.spans_to_dense(q_offset, k_start, q.shape[2], k_cache.shape[2])  # [B, 1, T, L]
+    return _bthd(reference.sdpa_attention(q, k_cache, v_cache, mask))
 
 
 @decode_attention.register_fake
 def _(q, k_cache, v_cache, q_offset, k_start):
     B, nh, T, hs = q.shape
     return _empty_bthd(B, nh, T, hs, q)
-
-
-# ------------------------------------------------------------------------------------------------ quant matmul
-@custom_op("gptneox::quant_matmul", mutates_args=())
-def quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None, group_size: int | None) -> Tensor:
-    """x [M, K] times the weight-only int8 / int4 W^T -> [M, N] in x's dtype (gptneox/quantize.py's layout: weight
-    int8 [N, K] or packed int4 [N, ceil(K / 2)], scales and zeros per channel or group). Inference only. The kernels
-    of kernels/quant_matmul.py; on CPU gptneox/cpu_quant.c; elsewhere dequantize-then-matmul, the reference both are
-    tested against."""
-    if _on_kernels(x):
-        return ops.kernels().quant_matmul(x, weight, scales, zeros, group_size)
-    from .quantize import cpu_matmul, dequantize_weight
-    mode = "int8" if zeros is None else "int4"
-    matmul = cpu_matmul(mode, x.shape[1], weight, scales, zeros, None, group_size) if x.device.type == "cpu" else None
-    if matmul is not None:
-        return matmul(x)
-    return x @ dequantize_weight(weight, scales, zeros, x.shape[1], mode, group_size).to(x.dtype).t()
-
-
-@quant_matmul.register_fake
-def _(x, weight, scales, zeros, group_size):
-    return x.new_empty(x.shape[0], weight.shape[0])

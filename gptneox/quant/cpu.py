@@ -1,12 +1,13 @@
 """The CPU weight-only int8 / int4 matmul (cpu_quant.c): built once by the machine's C compiler, called via ctypes.
 
-torch's own packed CPU operators stream int8 / int4 weights at about 0.4 GB/s on an AVX2 CPU, slower than MKL's fp32
-GEMV (docs/benchmarks.md), which defeats the point of reading fewer bytes. cpu_quant.c reads the quantized bytes
+torch's own packed CPU operators stream int8 / int4 weights slower than MKL's fp32 GEMV reads fp32 ones
+(docs/benchmarks.md), which defeats the point of reading fewer bytes. cpu_quant.c reads the quantized bytes
 once and converts them in registers. It is compiled on first use with `$CC` (else cc / gcc / clang), -O3, AVX2 and
 FMA when torch reports that the CPU has them, and OpenMP, into GPTNEOX_CACHE (default ~/.cache/gptneox) under a
 name hashing the source, the compiler and the flags; the file is written to a temporary name and renamed, so two
 processes building at once never load half a library. GPTNEOX_CPU_KERNEL=0 turns it off. Without a compiler,
-library() is None (with one warning) and gptneox.quantize falls back to torch's operators.
+library() is None (with one warning) and QuantizedLinear falls back to torch's operators (schemes.py).
+Which of the two runs is decided once per process, by a small check against dequantize_weight (below).
 """
 
 import ctypes
@@ -22,6 +23,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from .schemes import SCHEMES, dequantize_weight, quantize_weight
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
 PROMPT_ROWS = 48  # rows of x above which a layer dequantizes into chunks for torch's GEMM (measured crossover)
@@ -108,13 +111,13 @@ def library(arch: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
 
 def supports(mode: str, K: int, group_size: int | None, scales_dtype: torch.dtype) -> bool:
     """Whether the kernels take this layout: scales in fp32 / bf16 / fp16 and, for int4, at most GROUPS_MAX groups of
-    a multiple of 32 columns per row (every scheme gptneox.quantize makes, for K up to 32768)."""
+    a multiple of 32 columns per row (every scheme of schemes.py makes, for K up to 32768)."""
     return scales_dtype in DTYPE_CODES and (mode == "int8" or (group_size % 32 == 0
                                                                and -(-K // group_size) <= GROUPS_MAX))
 
 
 class QuantMatmul:
-    """y = x W^T + bias for one quantized layer on CPU (the tensors of gptneox/quantize.py: int8 weight [N, K] and
+    """y = x W^T + bias for one quantized layer on CPU (the tensors of schemes.py: int8 weight [N, K] and
     scales [N]; int4 weight uint8 [N, ceil(K/2)], scales and zeros [N, ceil(K/g)]; bias [N] or None).
 
     It checks the tensors (device, dtype, shape) and holds them while it holds their pointers; QuantizedLinear makes
@@ -198,3 +201,58 @@ class QuantMatmul:
         for n0, n1, chunk in self._chunks():
             torch.mm(x32, chunk.t(), out=y[:, n0:n1])
         return y
+
+
+# ---------------------------------------------------------------------------------------- which kernel runs
+@functools.cache
+def cpu_kernels() -> frozenset:
+    """The modes whose torch CPU operator exists in this torch and agrees with dequantize_weight on a small case
+    (odd sizes, a short last group): a changed or missing operator falls back instead of computing wrong numbers."""
+    ok = set()
+    gen = torch.Generator().manual_seed(0)
+    w, x = torch.randn(20, 72, generator=gen), torch.randn(3, 72, generator=gen)
+    for mode, g in (("int8", None), ("int4", 32)):
+        t = quantize_weight(w, mode, g)
+        ref = x @ dequantize_weight(t["weight"], t["scales"], t.get("zeros"), 72, mode, g).t()
+        scheme = SCHEMES[mode]
+        try:
+            packed = scheme.torch_pack(t["weight"], t["scales"], t.get("zeros"), 72, g, x.dtype)
+            y = scheme.torch_mm(x, packed, 72, 20, g)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            continue
+        if y.shape == ref.shape and torch.allclose(y, ref, rtol=1e-4, atol=1e-4):
+            ok.add(mode)
+    return frozenset(ok)
+
+
+@functools.cache
+def own_cpu_kernels() -> frozenset:
+    """The modes that cpu_quant.c runs here: built by this machine's compiler (library()) and agreeing with
+    dequantize_weight on small odd cases (a short last group, an odd K, a scalar tail, a bias, both of its paths),
+    so that a broken build falls back instead of computing wrong numbers."""
+    lib = library()
+    if lib is None:
+        return frozenset()
+    ok = set()
+    gen = torch.Generator().manual_seed(0)
+    f32 = {"generator": gen, "dtype": torch.float32, "device": "cpu"}  # whatever torch's defaults are
+    w, bias = torch.randn(21, 75, **f32), torch.randn(21, **f32)
+    for mode, g in (("int8", None), ("int4", 32)):
+        t = quantize_weight(w, mode, g)
+        matmul = QuantMatmul(lib, mode, 75, t["weight"], t["scales"], t.get("zeros"), bias, g)
+        dense = dequantize_weight(t["weight"], t["scales"], t.get("zeros"), 75, mode, g)
+        for M in (3, 17, PROMPT_ROWS + 1):  # the kernel's partial and whole 8-row blocks, a prompt
+            x = torch.randn(M, 75, **f32)
+            if not torch.allclose(matmul(x), torch.addmm(bias, x, dense.t()), rtol=1e-4, atol=1e-4):
+                break
+        else:
+            ok.add(mode)
+    return frozenset(ok)
+
+
+def cpu_matmul(mode: str, K: int, weight, scales, zeros, bias, group_size) -> "QuantMatmul | None":
+    """cpu_quant.c bound to these tensors, or None where they do not run through it (not on the CPU, a layout the
+    kernels do not take, a failed build): QuantizedLinear's and the custom op's one test."""
+    if weight.device.type != "cpu" or not supports(mode, K, group_size, scales.dtype) or mode not in own_cpu_kernels():
+        return None
+    return QuantMatmul(library(), mode, K, weight, scales, zeros, bias, group_size)

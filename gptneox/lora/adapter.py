@@ -2,7 +2,7 @@
 
 PEFT (huggingface/peft) names a GPT-NeoX adapter's tensors base_model.model.<module>.lora_A.weight [r, in] and
 .lora_B.weight [out, r], one adapter per module, scale lora_alpha / r (rank_pattern / alpha_pattern per module).
-It can adapt only the whole fused query_key_value, so our q / k / v adapters (lora.py) are written as that one
+It can adapt only the whole fused query_key_value, so our q / k / v adapters (layers.py) are written as that one
 adapter: A stacked [n r, C], B block-diagonal [3 C, n r] with zero rows where there is no adapter, rank n r and
 alpha n alpha, the product identical. Safetensors metadata (which PEFT ignores) records that layout, so our own
 adapters load back as they were, and the vocabulary they were trained with.
@@ -18,8 +18,8 @@ import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .atomic import atomic_dir, follow_umask
-from .lora import FULL, QKV, TARGETS, LoRALinear, check_no_adapters, lora_modules, target_paths, wrap_layer
+from ..atomic import atomic_dir, follow_umask
+from .layers import FULL, QKV, TARGETS, LoRALinear, check_no_adapters, lora_modules, target_paths, wrap_layer
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN = "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"
 ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_BIN)  # what save_adapter replaces (+ tokenizer.json if given)

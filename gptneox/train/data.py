@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import progress as progress_bars
-from .dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, format_training
-from .tokenizer import Tokenizer
+from .. import progress as progress_bars
+from ..prompts.dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY_NL, format_training
+from ..tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # HF's ignored label
 FIELDS = ("instruction", "context", "response")  # databricks-dolly-15k; "category" is optional and unused

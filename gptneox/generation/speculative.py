@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .generation import _Run, _activation_dtype
+from .run import Run, activation_dtype
 from .sampling import process_logits
 
 NEG_INF = float("-inf")
@@ -90,7 +90,7 @@ def accept(p, q, drafts, greedy: bool, generator=None):
     return a, torch.multinomial(last / last.sum(-1, keepdim=True), 1, generator=generator)[:, 0]
 
 
-class SpeculativeRun(_Run):
+class SpeculativeRun(Run):
     """One call of speculative decoding: the plain run's inputs, state and target cache, plus the draft's cache and
     each row's rotary position, and the slot of its newest token (shared: rows advance together, holes masked)."""
 
@@ -107,7 +107,7 @@ class SpeculativeRun(_Run):
                              f"context window of {window} tokens: use a draft with a longer window, or none")
         device = self.input_ids.device
         self.k, self.draft, self.V = k, draft, gen.model.config.vocab_size
-        self.draft_cache = gen.kv_cache(B, self.max_len, _activation_dtype(draft), device, which="draft")
+        self.draft_cache = gen.kv_cache(B, self.max_len, activation_dtype(draft), device, which="draft")
         real = torch.ones_like(self.input_ids) if self.prompt_mask is None else self.prompt_mask  # [B, T]
         self.mask = torch.ones(B, self.max_len, dtype=torch.long, device=device)  # [B, slots]: 0 on pads, holes
         self.mask[:, :T] = real
