@@ -138,7 +138,7 @@ def load_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None
                     quantize=None, group_size=128):
     """cls built on the meta device, its tensors streamed in from a checkpoint directory, or from a model name (and
     revision) found or fetched by hub.resolve_checkpoint. Holds no reference to the model once it is returned.
-    quantize ("int8" / "int4", gptneox/quantize.py): each linear weight is quantized on `device` as it arrives, so
+    quantize ("int8" / "int4", gptneox/quant/): each linear weight is quantized on `device` as it arrives, so
     no more than one float weight is ever held; a quantized checkpoint (config.json "quantization") loads as it is."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)  # "cuda" without CUDA, "bf16": checked first
     path = checkpoint_path(name_or_path, revision=revision)
@@ -294,7 +294,7 @@ def save_pretrained(model, path, *, max_shard_size="5GB", tokenizer=None, progre
     if model.config.tie_word_embeddings:
         state.pop("embed_out.weight")  # tied to embed_in; safetensors refuses shared tensors
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())
-    quantization = settings_of(model)  # int8 / int4 tensors (weight, scales, zeros): gptneox/quantize.py
+    quantization = settings_of(model)  # int8 / int4 tensors (weight, scales, zeros): gptneox/quant/
     max_bytes = parse_size(max_shard_size)
     replaces = partial(replaced_by_save, tokenizer=tokenizer is not None)
     with atomic_dir(path, writer="save_pretrained", replaces=replaces, force=force) as tmp:

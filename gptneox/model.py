@@ -2,8 +2,8 @@
 
 Parameter names are the checkpoints' own (gpt_neox.layers.N.attention.query_key_value.weight, embed_out.weight),
 so a Pythia or Dolly file loads with no per-tensor transformation. Notation: B batch, T tokens, C hidden_size,
-nh heads, hs head size, S keys seen by attention. How each backend computes rotary and attention is ops.py's
-business. Facts: docs/architecture.md, "Forward pass".
+nh heads, hs head size, S keys seen by attention. How each backend computes rotary and attention is ops/'s business
+(ops/dispatch.py). Facts: docs/architecture.md, "Forward pass"; where this file sits: docs/architecture.md, "Layers".
 """
 
 import math
@@ -94,7 +94,7 @@ class Block(nn.Module):
 
 
 class GPTNeoX(nn.Module):
-    """backend: "eager", "sdpa" or "triton" (ops.py); None picks ops.default_backend on every forward.
+    """backend: "eager", "sdpa" or "triton" (ops/runtime.py); None picks ops.default_backend on every forward.
     gradient_checkpointing: in training, recompute each block's activations in backward instead of storing them."""
 
     def __init__(self, config: Config, backend: str | None = None, *, gradient_checkpointing: bool = False):
@@ -162,7 +162,8 @@ class GPTNeoX(nn.Module):
 
     # ------------------------------------------------------------------------------------- hooks (gptneox/hooks.py)
     def hook_names(self) -> list[str]:
-        """Every hook point, TransformerLens' names: hook_embed, blocks.{i}.hook_resid_pre, ... ln_final.hook_normalized."""
+        """Every hook point, TransformerLens' names: hook_embed, blocks.{i}.hook_resid_pre, ...,
+        ln_final.hook_normalized."""
         return hooks.hook_names(self.config)
 
     def hooks(self, fwd_hooks=()):
@@ -216,7 +217,7 @@ class GPTNeoX(nn.Module):
         old = self.config.vocab_size
         if n == old:
             return
-        quantized = hasattr(self.embed_out, "keep_rows")  # int8 / int4 (gptneox.quantize): its rows can only be cut
+        quantized = hasattr(self.embed_out, "keep_rows")  # int8 / int4 (gptneox.quant): its rows can only be cut
         if quantized:
             self.embed_out.keep_rows(n)
         for module in (self.gpt_neox.embed_in,) if quantized else (self.gpt_neox.embed_in, self.embed_out):
@@ -234,7 +235,7 @@ class GPTNeoX(nn.Module):
         """Load an HF-layout checkpoint (safetensors or .bin, single or sharded; see checkpoint.py) from a directory,
         or from a model name found locally or fetched like sample.py --ckpt: "EleutherAI/pythia-70m@step3000", or
         the name with revision="step3000" (see hub.py). quantize="int8" / "int4" (with group_size): weight-only
-        quantization while streaming (gptneox/quantize.py); a quantized checkpoint loads quantized by itself.
+        quantization while streaming (gptneox/quant/); a quantized checkpoint loads quantized by itself.
         adapter: a LoRA adapter directory (ours or PEFT's) to attach, after quantization (QLoRA), the embeddings
         resized to the vocabulary it was trained with (lora.load_adapter)."""
         model = load_pretrained(cls, name_or_path, revision=revision, device=device, dtype=dtype, backend=backend,

@@ -180,7 +180,7 @@ def quantized_tensors(tensors, config: Config, settings: dict, dtype=None):
 def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, force_flag="force=True", verify=False,
                progress=False, logits_max_params=LOGITS_MAX_PARAMS, quantize=None, group_size=128) -> dict:
     """Any HF-layout checkpoint -> an HF safetensors directory (config.json, shards + index, tokenizer files).
-    quantize: "int8" / "int4" writes the weight-only quantized tensors instead (gptneox/quantize.py)."""
+    quantize: "int8" / "int4" writes the weight-only quantized tensors instead (gptneox/quant/)."""
     src, dst = Path(src), check_destination(dst, src=src, force=force, force_flag=force_flag)
     if (src / "config.json").is_file() and quantization_settings(src) is not None:
         raise CheckpointError(f"{src} is a quantized checkpoint ({quantization_settings(src)}); convert_weights.py "

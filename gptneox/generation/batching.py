@@ -19,7 +19,7 @@ the number of rows), about 1e-7 relative in fp32, which can change a greedy toke
 logits. (Left padding would instead shift every row's columns whenever a longer prompt joins, and a shared write
 column would run out of room as requests come and go.) Sampling settings and seeds are per request: each row is
 processed with its own temperature / top-k / top-p and drawn with its own torch.Generator, so a seeded request draws
-what generate() with that seed draws. Logits are processed as gptneox.sampling describes; shapes: B rows of the decode
+what generate() with that seed draws. Logits are processed as sampling.py describes; shapes: B rows of the decode
 batch, P prompt tokens, W key columns in use, V vocabulary.
 """
 

@@ -22,7 +22,7 @@ class GenerationConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     stop_strings: tuple[str, ...] = ()
-    num_draft_tokens: int = 4  # with a draft model: tokens it proposes per target forward (gptneox/speculative.py)
+    num_draft_tokens: int = 4  # with a draft model: tokens it proposes per target forward (speculative.py)
 
     def __post_init__(self):
         if isinstance(self.eos_token_id, (list, tuple)):

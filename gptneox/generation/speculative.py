@@ -11,7 +11,7 @@ One iteration, for every row at once (x is the row's newest token, at cache slot
 Both models keep static KV caches of their own. Rows accept different numbers of tokens, so slots advance by the
 batch's largest count; a row's slots past its own count are rejected drafts and become holes in its attention mask
 (never seen again), and the next write reuses them at batch size 1. Logits processing (repetition penalty,
-temperature, top-k, top-p) is gptneox.sampling's, applied to both distributions as the plain loop applies it.
+temperature, top-k, top-p) is sampling.py's, applied to both distributions as the plain loop applies it.
 Padded vocabularies may differ in width (Pythia 50304, 6.9b 50432, 12b 50688): distributions are compared over the
 target's width, the draft's extra rows are never drawn, and a target token beyond the draft's rows is fed to the
 draft as id 0 (it only drafts worse from there). Shapes: B batch, k drafts, V the target's vocabulary.

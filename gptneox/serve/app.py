@@ -6,7 +6,7 @@
 
 Each HTTP request becomes one engine Request (a Call); the engine's events come back through an asyncio queue and
 leave as one JSON response or as server-sent events. The request bodies, errors and response shapes are
-gptneox.serve_api's; the chat templates gptneox.chat's. Guide: docs/serving.md.
+api.py's; the chat templates gptneox/prompts/chat.py's. Guide: docs/serving.md.
 """
 
 import asyncio

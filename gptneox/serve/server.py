@@ -86,7 +86,7 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
          max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
          template="auto", log_level="info", threads=None) -> int:
     try:
-        import fastapi  # noqa: F401 (checked here, imported by serve_app)
+        import fastapi  # noqa: F401 (checked here, imported by app.py)
         import uvicorn
     except ImportError as e:
         raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
