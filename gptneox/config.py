@@ -41,9 +41,8 @@ class Config:
             if not isinstance(getattr(self, f), int) or getattr(self, f) <= 0:
                 raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)!r}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads ({self.num_attention_heads})"
-            )
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                             f"({self.num_attention_heads})")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct must be in (0, 1], got {self.rotary_pct}")
         if self.rotary_ndims % 2:
@@ -171,7 +170,8 @@ def _refuse_rope_scaling(rope: dict, rope_scaling, source: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- presets
 # Shapes from the Pythia README / configs and Dolly's trainer (docs/architecture.md, "Presets").
-# All: rotary_pct 0.25, base 10000, 2048 context, parallel residual, untied head, eps 1e-5, bos = eos = 0 (Pythia *.yml).
+# All: rotary_pct 0.25, base 10000, 2048 context, parallel residual, untied head, eps 1e-5, bos = eos = 0
+# (Pythia *.yml).
 def _pythia(L, C, nh, vocab=50304):
     return dict(num_hidden_layers=L, hidden_size=C, num_attention_heads=nh, intermediate_size=4 * C, vocab_size=vocab)
 

@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 from .config import HUB_IDS, PRESETS
 
-LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))  # (index, single file) pairs
+# (index, single file) pairs
+LAYOUTS = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin"))
 HOME_ENV = "GPTNEOX_HOME"
 # what a checkpoint needs: config, weights in any published layout, the tokenizer (never optimizer states or .h5)
 FETCH_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

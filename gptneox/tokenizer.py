@@ -76,7 +76,8 @@ class Tokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
-        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch], skip_special_tokens=skip_special_tokens)
+        return self.backend.decode_batch([[int(i) for i in ids] for ids in batch],
+                                         skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -101,7 +101,8 @@ def fit_window(context: list[int], continuation: list[int], max_length: int) -> 
 def score(logits: torch.Tensor, tokens: list[int]) -> tuple[float, bool]:
     """(sum of log-probabilities of tokens [n], whether each is the argmax) under logits [n, V], in fp32."""
     target = torch.tensor(tokens, device=logits.device)
-    logprobs = logits.float().log_softmax(-1)  # [n, V] (torch's CPU logsumexp is 4x slower than this)
+    # [n, V]; log_softmax, faster on the CPU than logsumexp (docs/benchmarks.md, "Log-softmax on the CPU")
+    logprobs = logits.float().log_softmax(-1)
     return float(logprobs.gather(-1, target[:, None]).sum()), bool((logprobs.argmax(-1) == target).all())
 
 
@@ -210,7 +211,7 @@ class GPTNeoXLM(TemplateLM):
 
     def get_model_info(self) -> dict:
         """Goes into the results' "config": what ran, and how many requests were cut to fit the window."""
-        w = self.model.gpt_neox.embed_in.weight  # embed_out may hold int8 / int4 (gptneox.quantize)
+        w = self.model.gpt_neox.embed_in.weight  # embed_out may hold int8 / int4 (gptneox.quant)
         return {"model_num_parameters": self.model.config.num_parameters, "model_dtype": str(w.dtype),
                 "model_revision": self.revision, "model_sha": "", "max_length": self.max_length,
                 "truncated_requests": dict(self.truncated)}

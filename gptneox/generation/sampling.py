@@ -28,8 +28,8 @@ def top_p_filter(logits: torch.Tensor, p: float, candidates: int = 256) -> torch
     """Nucleus filtering (Holtzman et al. 2019): keep the smallest set of most probable tokens whose probability
     sums to at least p; a token is kept iff the tokens ranked strictly above it sum to less than p.
 
-    Only the nucleus needs ranking: the top `candidates` tokens are ranked first (a top-256 of 50k logits took
-    0.2 ms on a 2-core CPU, a full sort 4-60 ms) and the search widens until they hold mass p in every row.
+    Only the nucleus needs ranking: the top `candidates` tokens are ranked first (a top-k is much cheaper than a
+    full sort: docs/benchmarks.md, "Top-p candidates") and the search widens until they hold mass p in every row.
     """
     V = logits.shape[-1]
     if p >= 1.0:  # the nucleus is the whole vocabulary (fp32 rounding of the running sum must not cut the tail)

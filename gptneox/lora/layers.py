@@ -11,7 +11,8 @@ on the whole fused layer: save_adapter writes a subset of q, k, v as that fused 
 block-diagonal with zero rows where there is no adapter, rank n r and alpha n alpha, so the product is identical.
 
 The base may be any module with in_features, out_features and forward(x) (a quantized linear for QLoRA); only
-merge_lora needs a float nn.Linear weight. Adapters on disk, in PEFT's format: adapter.py. Guide: docs/training.md, "LoRA and QLoRA".
+merge_lora needs a float nn.Linear weight. Adapters on disk, in PEFT's format: adapter.py. Guide: docs/training.md,
+"LoRA and QLoRA".
 """
 
 import math

@@ -54,7 +54,8 @@ def _torch_rotary(qkv, position_ids, num_heads, rotary_ndims, base):
     B, T, _ = qkv.shape
     q, k, v = qkv.view(B, T, num_heads, -1).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
     cos, sin = reference.rotary_cos_sin(position_ids, rotary_ndims, base)  # [B or 1, 1, T, rot] fp32
-    return reference.apply_rotary(q, cos, sin).contiguous(), reference.apply_rotary(k, cos, sin).contiguous(), v.contiguous()
+    q, k = reference.apply_rotary(q, cos, sin), reference.apply_rotary(k, cos, sin)
+    return q.contiguous(), k.contiguous(), v.contiguous()
 
 
 def _torch_rotary_bwd(dq, dk, dv, position_ids, rotary_ndims, base):

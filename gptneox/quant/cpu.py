@@ -1,13 +1,13 @@
 """The CPU weight-only int8 / int4 matmul (cpu_quant.c): built once by the machine's C compiler, called via ctypes.
 
 torch's own packed CPU operators stream int8 / int4 weights slower than MKL's fp32 GEMV reads fp32 ones
-(docs/benchmarks.md), which defeats the point of reading fewer bytes. cpu_quant.c reads the quantized bytes
-once and converts them in registers. It is compiled on first use with `$CC` (else cc / gcc / clang), -O3, AVX2 and
-FMA when torch reports that the CPU has them, and OpenMP, into GPTNEOX_CACHE (default ~/.cache/gptneox) under a
-name hashing the source, the compiler and the flags; the file is written to a temporary name and renamed, so two
-processes building at once never load half a library. GPTNEOX_CPU_KERNEL=0 turns it off. Without a compiler,
-library() is None (with one warning) and QuantizedLinear falls back to torch's operators (schemes.py).
-Which of the two runs is decided once per process, by a small check against dequantize_weight (below).
+(docs/benchmarks.md, "Packed int8 / int4 CPU operators"), which defeats the point of reading fewer bytes. cpu_quant.c
+reads the quantized bytes once and converts them in registers. It is compiled on first use with `$CC` (else cc / gcc /
+clang), -O3, AVX2 and FMA when torch reports that the CPU has them, and OpenMP, into GPTNEOX_CACHE (default
+~/.cache/gptneox) under a name hashing the source, the compiler and the flags; the file is written to a temporary name
+and renamed, so two processes building at once never load half a library. GPTNEOX_CPU_KERNEL=0 turns it off. Without a
+compiler, library() is None (with one warning) and QuantizedLinear falls back to torch's operators (schemes.py). Which
+of the two runs is decided once per process, by a small check against dequantize_weight (below).
 """
 
 import ctypes

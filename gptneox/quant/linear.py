@@ -30,7 +30,8 @@ def quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, zeros: Tensor | None
     if on_kernels(x):
         return kernels().quant_matmul(x, weight, scales, zeros, group_size)
     mode = "int8" if zeros is None else "int4"
-    matmul = cpu.cpu_matmul(mode, x.shape[1], weight, scales, zeros, None, group_size) if x.device.type == "cpu" else None
+    on_cpu = x.device.type == "cpu"
+    matmul = cpu.cpu_matmul(mode, x.shape[1], weight, scales, zeros, None, group_size) if on_cpu else None
     if matmul is not None:
         return matmul(x)
     return x @ dequantize_weight(weight, scales, zeros, x.shape[1], mode, group_size).to(x.dtype).t()
