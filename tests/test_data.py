@@ -17,7 +17,8 @@ from gptneox.tokenizer import Tokenizer
 from gptneox.train.state import load_state, save_state, state_files
 
 INSTRUCTION = "Explain to me the difference between nuclear fission and fusion."
-# The intro blurb and "\n\n" (535) as the 20B tokenizer encodes them (docs/architecture.md, "Dolly v2": 50278 follows the intro's 535)
+# The intro blurb and "\n\n" (535) as the 20B tokenizer encodes them (docs/architecture.md, "Dolly v2": 50278
+# follows the intro's 535)
 INTRO = [30003, 310, 271, 9775, 326, 8631, 247, 4836, 15, 19566, 247, 2380, 326, 20420, 29141, 253, 2748, 15, 535]
 
 
@@ -74,7 +75,8 @@ def test_add_dolly_tokens_to_pythia_matches_dolly_tokenizer(pythia_tok, dolly_to
 
 
 def test_mask_uses_first_response_key_token(dolly_tok):
-    # a response key inside the instruction comes first: Dolly's collator masks up to the first one (docs/architecture.md, "Dolly v2")
+    # a response key inside the instruction comes first: Dolly's collator masks up to the first one
+    # (docs/architecture.md, "Dolly v2")
     (ids, labels), = tokenize_records([dict(instruction="Echo ### Response:\nplease", context="", response="ok")],
                                       dolly_tok, 2048)[0]
     first = ids.index(50279)
@@ -195,7 +197,8 @@ def test_load_tokens_rejects_malformed_token_files(tmp_path):
 
 def test_load_tokens_encodes_text_and_ends_with_eod(tmp_path, pythia_tok):
     (tmp_path / "a.txt").write_text("My favorite food is")
-    assert load_tokens(tmp_path / "a.txt", pythia_tok).tolist() == [3220, 7583, 2739, 310, 0]  # docs/architecture.md, "Tokenizer"
+    # docs/architecture.md, "Tokenizer"
+    assert load_tokens(tmp_path / "a.txt", pythia_tok).tolist() == [3220, 7583, 2739, 310, 0]
     (tmp_path / "b.txt").write_bytes(b"fine\nbad \xff byte\n")
     with pytest.raises(DataError, match=r"b.txt:2: not valid UTF-8"):
         load_tokens(tmp_path / "b.txt", pythia_tok)

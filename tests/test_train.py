@@ -1,6 +1,7 @@
 """train.py: one step equals HF transformers' loss and gradients, the Dolly run end to end (export that HF loads,
 an overfit model answering through sample.py), kill-and-resume bit for bit, schedules, and every bad input."""
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -13,6 +14,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,13 +24,14 @@ from tolerances import FP32_LOGITS_REL, FP32_LOSS_ABS, assert_grads_match_hf, as
 
 from gptneox.cli import UsageError
 from gptneox.config import PRESETS, Config
-from gptneox.train.data import IGNORE_INDEX, DataError, count_targets
-from gptneox.prompts.dolly import INTRO_BLURB
 from gptneox.model import GPTNeoX, causal_lm_loss
-from gptneox.train.schedule import lr_at
+from gptneox.prompts.dolly import INTRO_BLURB
 from gptneox.tokenizer import Tokenizer
+from gptneox.train import loop
 from gptneox.train.config import RUN_KEYS, TrainConfig
-from gptneox.train.state import check_out, load_state
+from gptneox.train.data import IGNORE_INDEX, DataError, collate, count_targets
+from gptneox.train.schedule import lr_at
+from gptneox.train.state import RunError, check_out, load_state
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
@@ -111,12 +114,12 @@ def test_train_step_matches_hf_loss_and_grads():
     for n in (13, 9, 16, 5):  # right-padded rows; the first tokens of each are a masked prompt
         ids = torch.randint(2, 101, (n,), generator=g).tolist()
         examples.append((ids, [IGNORE_INDEX] * 3 + ids[3:]))
-    input_ids, labels = train.collate(examples, pad_id=0)
+    input_ids, labels = collate(examples, pad_id=0)
     hf_loss = hf(input_ids, labels=labels).loss
     hf_loss.backward()
     # ours: the same batch as two accumulated micro-batches, normalised by the global target count
-    local, positions, _ = train.train_step(ours, [examples[:2], examples[2:]], count_targets(examples), 1, 0,
-                                           torch.device("cpu"), nullcontext())
+    run_ = SimpleNamespace(model=ours, world=1, pad_id=0, device=torch.device("cpu"), autocast=nullcontext())
+    local, positions, _ = loop.train_step(run_, [examples[:2], examples[2:]], count_targets(examples))
     loss = torch.tensor(local / count_targets(examples))
     with torch.no_grad():  # accumulation and normalisation add nothing to the model's own loss error ...
         assert abs(loss - causal_lm_loss(ours(input_ids), labels)) <= FP32_LOSS_ABS
@@ -131,7 +134,7 @@ def test_grad_checkpointing_gives_identical_gradients():
     models[1].gradient_checkpointing = True
     ids = torch.randint(0, 101, (2, 24))
     for m in models:
-        train.loss_sum(m, ids, ids, nullcontext()).backward()
+        loop.loss_sum(m, ids, ids, nullcontext()).backward()
     for (name, a), b in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(b.grad, a.grad, msg=name)
 
@@ -191,7 +194,8 @@ def test_train_overfits_records_then_answers_through_sample_py(ckpt, tmp_path):
     assert metrics(out)[-1]["loss"] < 0.05
     r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(out), "--prompt",
                         RECORDS[0]["instruction"], "--temperature", "0", "--max_new_tokens", "16"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr
     assert RECORDS[0]["response"] in r.stdout
 
@@ -244,16 +248,26 @@ def test_train_pretrains_on_packed_tokens_and_reduces_loss(tmp_path):
     assert GPTNeoX.from_pretrained(tmp_path / "o").config.vocab_size == 64  # no Dolly resize for pretraining
 
 
+
+def test_train_fine_tunes_a_checkpoint_without_a_tokenizer_on_token_data(tmp_path):
+    """--init loads through gptneox.load; a checkpoint with no tokenizer.json still trains on token ids (none is
+    needed), and the export has none either."""
+    import numpy as np
+    hf_model(0, **TINY).save_pretrained(tmp_path / "ckpt")
+    (np.arange(2048) % 61).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    out = run(tmp_path / "ckpt", tmp_path / "tokens.bin", tmp_path / "o", seq_len=32, max_steps=2, save_every=0)
+    assert len(metrics(out)) == 2 and (out / "model.safetensors").exists() and not (out / "tokenizer.json").exists()
+
 # ------------------------------------------------------------------------------------------------ bad input
 def test_train_refuses_out_that_holds_a_different_run(ckpt, data, tmp_path):
     out = run(ckpt, data, tmp_path / "out", max_steps=2)
-    with pytest.raises(train.RunError, match=r"holds a different run \(lr: 0.001 there, 0.002 now"):
+    with pytest.raises(RunError, match=r"holds a different run \(lr: 0.001 there, 0.002 now"):
         run(ckpt, data, out, max_steps=2, lr=2e-3)
-    with pytest.raises(train.RunError, match="add --resume"):
+    with pytest.raises(RunError, match="add --resume"):
         run(ckpt, data, out, max_steps=2)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(train.RunError, match="not empty and holds no run.json"):
+    with pytest.raises(RunError, match="not empty and holds no run.json"):
         run(ckpt, data, tmp_path / "other")
 
 
@@ -262,7 +276,7 @@ def test_train_refuses_out_that_holds_a_different_run(ckpt, data, tmp_path):
 def test_train_refuses_out_whose_run_json_is_not_a_train_run(text, why, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "run.json").write_text(text)
-    with pytest.raises(train.RunError, match=f"--out {tmp_path / 'out'} holds a run.json that is not a train.py "
+    with pytest.raises(RunError, match=f"--out {tmp_path / 'out'} holds a run.json that is not a train.py "
                                              f"run's \\({why}\\); choose an empty or new directory"):
         check_out(tmp_path / "out", {k: 1 for k in RUN_KEYS}, resume=False)
     assert (tmp_path / "out" / "run.json").read_text() == text
@@ -274,12 +288,12 @@ def test_train_refuses_out_whose_export_was_edited_before_the_run(ckpt, tmp_path
     (out / "run.json").write_text(json.dumps(run))
     assert check_out(out, run, resume=False) is None  # as written: the export will replace it
     (out / "config.json").write_text('{"my": "notes"}')
-    with pytest.raises(train.RunError, match=f"--out {out} holds config.json, not written by gptneox \\(or changed "
+    with pytest.raises(RunError, match=f"--out {out} holds config.json, not written by gptneox \\(or changed "
                                              "since\\): move it away"):
         check_out(out, run, resume=False)
     (out / "config.json").unlink()
     (out / "adapter_model.safetensors").write_bytes(b"a PEFT adapter")  # a LoRA run's export would replace it
-    with pytest.raises(train.RunError, match="holds adapter_model.safetensors, not written by gptneox"):
+    with pytest.raises(RunError, match="holds adapter_model.safetensors, not written by gptneox"):
         check_out(out, run, resume=False)
 
 
@@ -287,7 +301,7 @@ def test_train_export_never_overwrites_an_edited_export(ckpt, data, tmp_path):
     """Full fine-tuning: checked before the run; LoRA's --export-merged (OUT/merged): refused by the export itself."""
     out = run(ckpt, data, tmp_path / "full", max_steps=2)
     (out / "config.json").write_text('{"my": "notes"}')
-    with pytest.raises(train.RunError, match="full holds config.json, not written by gptneox"):
+    with pytest.raises(RunError, match="full holds config.json, not written by gptneox"):
         run(ckpt, data, out, max_steps=2, resume=True)
     assert (out / "config.json").read_text() == '{"my": "notes"}'
     lora = dict(max_steps=2, lora_r=4, lr=1e-2, export_merged=True)
@@ -299,7 +313,7 @@ def test_train_export_never_overwrites_an_edited_export(ckpt, data, tmp_path):
 
 
 def test_train_stops_on_nan_loss_naming_the_step_and_keeps_last_checkpoint(ckpt, data, tmp_path):
-    with pytest.raises(train.RunError, match=r"step 2: loss nan .* not finite.*step-00000001.pt"):
+    with pytest.raises(RunError, match=r"step 2: loss nan .* not finite.*step-00000001.pt"):
         run(ckpt, data, tmp_path / "out", lr=1e30, save_every=1, grad_clip=0)  # step 1's update overflows step 2
     state = load_state(tmp_path / "out" / "checkpoints" / "step-00000001.pt")
     assert state["step"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
@@ -336,6 +350,24 @@ def test_train_cli_prints_clear_errors(ckpt, tmp_path, capsys):
                                                                                                   "constant", 0)
     assert notes == [], "fine-tuning defaults need no word"
     assert args.warmup(20) == 2, "a short run still reaches its lr: warmup at most a tenth of it"
+
+
+def test_train_flags_are_generated_from_train_config_fields():
+    """A flag for every TrainConfig field and a field for every flag (but --help), each with a help text, spelled
+    --name-with-dashes (a switch that is on by default: --no-name), its default the field's."""
+    actions = {a.dest: a for a in train.build_parser()._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert set(actions) == set(fields)
+    for name, f in fields.items():
+        a = actions[name]
+        assert a.help and a.option_strings == [("--no-" if a.default is True else "--") + name.replace("_", "-")]
+        if f.default is dataclasses.MISSING:
+            assert a.required, name
+        else:
+            assert a.default == f.default and type(a.default) is type(f.default), name
+    parsed = vars(train.build_parser().parse_args(["--data", "d.jsonl", "--out", "o"]))
+    assert parsed == {**{k: f.default for k, f in fields.items()}, "data": "d.jsonl", "out": "o"}
+    assert actions["progress"].option_strings == ["--no-progress"] and actions["threads"].metavar == "N"
 
 
 def test_train_failed_save_keeps_previous_checkpoint_and_resumes(ckpt, data, tmp_path, monkeypatch):
@@ -449,7 +481,7 @@ def test_train_cli_runtime_error_is_one_line_with_status_1(ckpt, tmp_path, capsy
 # --------------------------------------------------------------------------- paths, devices: checked before loading
 def assert_refused_before_loading(tmp_path, monkeypatch, capsys, argv, message):
     """A usage error (exit 2, the usage line, one message) raised before the model would load; nothing is written."""
-    monkeypatch.setattr(train, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    monkeypatch.setattr(loop, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
     before = sorted(tmp_path.rglob("*"))
     status = train.cli([str(a) for a in argv])
     err = capsys.readouterr().err

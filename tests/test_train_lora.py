@@ -8,19 +8,21 @@ import os
 from pathlib import Path
 
 import pytest
+import test_train
 import torch
 from safetensors.torch import load_file
 from test_fsdp import finish, one_process, torchrun
-from test_train import (RECORDS, ROOT, assert_refused_before_any_work, kill_resume_and_compare, metrics, run, train,
+from test_train import (RECORDS, ROOT, assert_refused_before_any_work, kill_resume_and_compare, metrics, run,
                         write_jsonl)
-from test_train import ckpt, data, one_thread  # noqa: F401, F811 (fixtures, used by name)
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 from gptneox.lora.layers import base_state_dict, lora_modules, lora_state_dict
 from gptneox.model import GPTNeoX
+from gptneox.train import loop
 from gptneox.train.config import TrainConfig
-from gptneox.train.state import load_state
+from gptneox.train.state import RunError, load_state
 
+ckpt, data, one_thread = test_train.ckpt, test_train.data, test_train.one_thread  # fixtures, used by name
 LORA = dict(lora_r=8, lr=1e-2)
 
 
@@ -28,8 +30,8 @@ def test_train_lora_lowers_the_loss_and_leaves_the_base_bit_for_bit(ckpt, data, 
     args = dict(init=str(ckpt), data=str(data), out=str(tmp_path / "out"), max_steps=6, batch_size=4,
                 micro_batch_size=2, warmup_steps=0, val_size=2, save_every=3, eval_every=3, sample_every=0,
                 progress=False, **LORA)
-    run_, resume_file = train.setup(TrainConfig(**args))
-    train.prepare(run_, resume_file)
+    run_, resume_file = loop.setup(TrainConfig(**args))
+    loop.prepare(run_, resume_file)
     base = {k: v.clone() for k, v in base_state_dict(run_.model).items()}
     stored = load_file(ckpt / "model.safetensors")
     for k, v in base.items():  # the base is --init's (the two embedding matrices resized to the Dolly tokens)
@@ -37,8 +39,8 @@ def test_train_lora_lowers_the_loss_and_leaves_the_base_bit_for_bit(ckpt, data, 
         assert torch.equal(v, hf) if v.shape == hf.shape else torch.equal(v[:hf.shape[0]], hf[:v.shape[0]]), k
     trainable = {n for n, p in run_.model.named_parameters() if p.requires_grad}
     assert trainable == set(lora_state_dict(run_.model)) and len(lora_modules(run_.model)) == 2
-    train.train_loop(run_)
-    train.export_run(run_)
+    loop.train_loop(run_)
+    loop.export_run(run_)
     after = base_state_dict(run_.model)
     assert all(torch.equal(after[k], v) for k, v in base.items()), "a frozen base weight changed"
     rows = metrics(tmp_path / "out")
@@ -145,7 +147,7 @@ def test_train_lora_defaults_and_a_different_run_in_the_same_out(ckpt, data, tmp
     assert (cfg.lr, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets) == (2e-4, 32, 0.05, ("query", "key", "value"))
     assert TrainConfig(init="x", data="d.jsonl", out="o").resolve()[0].lr == 5e-6  # full fine-tuning keeps Dolly's
     out = run(ckpt, data, tmp_path / "out", max_steps=2, **LORA)
-    with pytest.raises(train.RunError, match=r"holds a different run \(.*lora_r: 8 there, None now"):
+    with pytest.raises(RunError, match=r"holds a different run \(.*lora_r: 8 there, None now"):
         run(ckpt, data, out, max_steps=2, lr=1e-2)
 
 
@@ -153,12 +155,12 @@ def test_train_lora_in_bf16_holds_the_frozen_base_in_bf16_and_the_adapters_in_fp
     args = dict(init=str(ckpt), data=str(data), out=str(tmp_path / "out"), max_steps=3, batch_size=4,
                 micro_batch_size=2, warmup_steps=0, val_size=2, save_every=3, eval_every=3, sample_every=0,
                 progress=False, dtype="bf16", **LORA)
-    run_, resume_file = train.setup(TrainConfig(**args))
-    train.prepare(run_, resume_file)
+    run_, resume_file = loop.setup(TrainConfig(**args))
+    loop.prepare(run_, resume_file)
     dtypes = {n: p.dtype for n, p in run_.model.named_parameters()}
     assert {dtypes[n] for n in lora_state_dict(run_.model)} == {torch.float32}
     assert {d for n, d in dtypes.items() if ".lora_" not in n} == {torch.bfloat16}
-    train.train_loop(run_)
+    loop.train_loop(run_)
     rows = metrics(tmp_path / "out")
     assert rows[-1]["loss"] < rows[0]["loss"]
 

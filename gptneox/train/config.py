@@ -1,26 +1,29 @@
 """One training run's settings: TrainConfig, with Dolly v2's recipe as its defaults when fine-tuning and Pythia's
-when pretraining, checked before any work.
+when pretraining, checked before any work; train.py's command line is built from it (parser).
 
-Every field is checked when the config is made (a range per field, named by its train.py flag), and every path by
-check_paths, before a model is loaded or a file written. Fields left None were not given: their defaults then adapt
-to what was given (the batch split to the number of processes, the run's length to --max-steps, the learning rate
-to the kind of run and the model's size: resolve), so that only values the user set can contradict each other. The
-recipes: docs/architecture.md, "Dolly v2", and docs/training.md, "Settings, defaults, and bad values".
+Each field is written once with its train.py flag (flag: default, help text, --help section, check): parser() builds
+the command line from the fields, and TrainConfig applies the same checks to values given in Python, each message
+naming the flag. check_paths checks every path before a model is loaded or a file written. Fields left None were not
+given: their defaults then adapt to what was given (the batch split to the number of processes, the run's
+length to --max-steps, the learning rate to the kind of run and the model's size: resolve), so that only values the
+user set can contradict each other. The recipes: docs/architecture.md, "Dolly v2", and docs/training.md, "Settings,
+defaults, and bad values".
 """
 
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from ..checkpoint import quantization_settings
-from ..cli import UsageError
+from ..cli import (ArgumentParser, UsageError, add_threads_flag, device_arg, dtype_arg, non_negative_int,
+                   positive_int)
 from ..config import HUB_IDS, PRESETS, Config
-from .data import DATA_FILES, DOLLY_15K, is_instruction_data, needs_tokenizer, steps_per_epoch
 from ..hub import parse_name
-from ..quant.linear import LORA_POINTER
-from .schedule import SCHEDULES
 from ..lora.layers import LoRAConfig
+from ..quant.linear import LORA_POINTER
+from .data import DATA_FILES, DOLLY_15K, is_instruction_data, needs_tokenizer, steps_per_epoch
+from .schedule import SCHEDULES
 
 DOLLY_EPOCHS = 2  # databrickslabs/dolly train_dolly.py
 DOLLY_BATCH = 48  # 6 per A100 x 8 GPUs
@@ -40,15 +43,53 @@ PYTHIA_LR = {"pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4, "pyth
              "pythia-2.8b": 1.6e-4, "pythia-6.9b": 1.2e-4, "pythia-12b": 1.2e-4}
 PYTHIA_WARMUP, PYTHIA_SCHEDULE, DOLLY_SCHEDULE = 1430, "cosine", "constant"
 QUANTIZE_MODES = ("int8", "int4")
+TRAIN_DTYPES = ("bf16", "fp32")
 # the settings that define a run: a resumed run must repeat them, and an --out holding other values is refused
 RUN_KEYS = ("init", "config", "tokenizer", "data", "epochs", "max_steps", "val_size", "batch_size", "lr",
             "warmup_steps", "schedule", "weight_decay", "grad_clip", "seq_len", "seed", "dtype", "skip_bad_lines")
 LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "quantize_base")  # in run.json of LoRA runs
 LORA_FLAGS = ("lora_alpha", "lora_dropout", "lora_targets", "export_merged", "quantize_base")  # need --lora-r
+# train.py --help's sections, in this order
+GROUPS = MODEL, DATA, OPTIMISATION, LORA, CHECKPOINTS, HARDWARE = (
+    "model", "data", "optimisation", "LoRA and QLoRA (guide: docs/training.md)", "evaluation and checkpoints",
+    "hardware")
 
 
-def flag(name: str) -> str:
+def dashed(name: str) -> str:
+    """A field's flag: lora_r -> --lora-r."""
     return "--" + name.replace("_", "-")
+
+
+def flag(default=MISSING, help: str | None = None, *, group: str, type=None, at_least: int | float | None = None,
+         above: float | None = None, choices: tuple[str, ...] | None = None, metavar: str | None = None, add=None):
+    """A TrainConfig field with its train.py flag, written once. The flag is --name-with-dashes, required without a
+    default; a boolean is a switch (--name, or --no-name when it defaults to True). help: argparse's (%(default)s
+    shows the default); group: its --help section (GROUPS). The check, on the command line and in TrainConfig alike:
+    at_least, an integer's lower bound (the flag's type then positive_int for 1, non_negative_int for 0, else int)
+    or a float's (a finite number); above, a float's strict bound; choices. type: argparse's, where no bound gives
+    it. add: a flag shared with the other scripts (cli.add_threads_flag) that adds itself, help and all."""
+    if type is None and (at_least is not None or above is not None):
+        low = at_least if at_least is not None else above
+        type = {0: non_negative_int, 1: positive_int}.get(low, int) if isinstance(low, int) else float
+    metadata = dict(help=help, group=group, type=type, at_least=at_least, above=above, choices=choices,
+                    metavar=metavar, add=add)
+    return field(metadata=metadata) if default is MISSING else field(default=default, metadata=metadata)
+
+
+def _value_problem(f: Field, value) -> str | None:
+    """What is wrong with one field's value by its own check (flag), or None. None is "not given" for an integer
+    field and for one whose default is None."""
+    m = f.metadata
+    if m["choices"] and value not in (None, *m["choices"]):
+        return f"{dashed(f.name)} {value!r}: choose one of {', '.join(m['choices'])}"
+    low, strict = (m["above"], True) if m["above"] is not None else (m["at_least"], False)
+    if isinstance(low, int):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            return f"{dashed(f.name)} must be an integer >= {low}, got {value!r}"
+    elif low is not None and not (value is None and f.default is None):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or strict and value == low:
+            return f"{dashed(f.name)} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}"
+    return None
 
 
 def pythia_size(config: Config) -> str:
@@ -103,41 +144,94 @@ def _out_problem(out: str) -> str | None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data: str  # "dolly-15k", a .jsonl of instruction records, or .txt / .bin / .npy pretraining tokens
-    out: str  # the run directory
-    init: str | None = None  # checkpoint to fine-tune ...
-    config: str | None = None  # ... or a preset / config.json to pretrain from random weights
-    tokenizer: str | None = None
-    epochs: int | None = None  # default DOLLY_EPOCHS, unless max_steps sets the length
-    max_steps: int | None = None
-    val_size: int | None = None  # default data.default_val_size
-    batch_size: int | None = None  # global, in examples; default DOLLY_BATCH
-    micro_batch_size: int | None = None  # per forward and process; default: the largest divisor <= 6 that fits
-    lr: float | None = None  # default (resolve): DOLLY_LR, LORA_LR with lora_r, PYTHIA_LR when pretraining
-    warmup_steps: int | None = None  # default DOLLY_WARMUP, PYTHIA_WARMUP when pretraining; at most a tenth of the run
-    schedule: str | None = None  # default (resolve): DOLLY_SCHEDULE, PYTHIA_SCHEDULE when pretraining
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # 0 = off
-    seq_len: int | None = None  # default: the model's context
-    seed: int = 42
-    save_every: int = 200  # 0 = only at the end
-    keep: int = 3  # 0 = keep every state
-    eval_every: int = 50  # 0 = never
-    sample_every: int | None = None  # default eval_every
-    resume: bool = False
-    device: str | None = None
-    dtype: str | None = None  # bf16 (autocast) or fp32; default bf16 on CUDA, fp32 elsewhere
-    threads: int | None = None  # torch's CPU threads; default: torch's own
-    compile: bool = False
-    grad_checkpointing: bool = False
-    skip_bad_lines: bool = False
-    progress: bool = True
-    lora_r: int = 0  # 0: full fine-tuning; else the rank of LoRA adapters on a frozen base
-    lora_alpha: float | None = None  # default 2 * lora_r
-    lora_dropout: float | None = None  # default LORA_DROPOUT
-    lora_targets: str | None = None  # comma-separated lora.TARGETS; default LORA_TARGETS
-    export_merged: bool = False  # LoRA: also write the merged model (HF layout) to OUT/merged
-    quantize_base: str | None = None  # QLoRA: hold the frozen base in int8 or int4 (gptneox.quantize)
+    """A run's settings; each field is also a train.py flag (flag: its help, section and check; parser). None: not
+    given, a default that adapts to what was (resolve, batches, warmup, run_length, lora)."""
+    data: str = flag(help=f"{DOLLY_15K!r} (databricks-dolly-15k, downloaded once to ~/.cache/gptneox or "
+                     "$GPTNEOX_CACHE), a .jsonl file of {instruction, context, response} records (Dolly's template, "
+                     "loss on the response), or pretraining text/tokens: .txt, or uint16 .bin/.npy", group=DATA)
+    out: str = flag(help="output directory: model (HF layout), metrics.jsonl, loss.png, run.json, checkpoints/",
+                    group=CHECKPOINTS)
+    # ----------------------------------------------------------------------------------------------------- model
+    init: str | None = flag(None, "checkpoint to fine-tune: a directory in the HF layout, or a name resolved like "
+                            "sample.py --ckpt (e.g. EleutherAI/pythia-2.8b)", group=MODEL)
+    config: str | None = flag(None, "instead of --init: a preset name (pythia-70m, ...) or a config.json, randomly "
+                              "initialised (gpt-neox small_init / wang_init) for pretraining", group=MODEL)
+    tokenizer: str | None = flag(None, "tokenizer.json (default: the one in the --init directory); needed for "
+                                 "instruction data and .txt files. Dolly's 3 special tokens are added if absent",
+                                 group=MODEL)
+    # ------------------------------------------------------------------------------------------------------ data
+    val_size: int | None = flag(None, "examples held out for validation; 0 = none (default: 200 as Dolly, at most a "
+                                "tenth of the data)", group=DATA, at_least=0)  # data.default_val_size
+    seq_len: int | None = flag(None, "longest record kept (Dolly drops longer ones whole) or packed sequence length, "
+                               "at least 2 (default: the model's context, 2048)", group=DATA, at_least=2)
+    skip_bad_lines: bool = flag(False, "count and skip malformed data lines instead of stopping at the first",
+                                group=DATA)
+    # ---------------------------------------------------------------------------------------------- optimisation
+    epochs: int | None = flag(None, f"passes over the training data (default {DOLLY_EPOCHS}, as Dolly); not with "
+                              "--max-steps", group=OPTIMISATION, at_least=1)
+    max_steps: int | None = flag(None, "optimizer steps: the run's length, instead of --epochs", group=OPTIMISATION,
+                                 at_least=1)
+    batch_size: int | None = flag(None, f"global batch in examples, summed over processes and accumulation (default: "
+                                  f"{DOLLY_BATCH}, Dolly's {DOLLY_MICRO_BATCH} per GPU x 8 A100s, rounded to a "
+                                  "multiple of --micro-batch-size x processes)", group=OPTIMISATION, at_least=1)
+    micro_batch_size: int | None = flag(None, "examples per forward pass per process; batch-size / (micro x "
+                                        "processes) micro-batches are accumulated per step (default: the largest "
+                                        f"divisor of the per-process batch up to Dolly's {DOLLY_MICRO_BATCH})",
+                                        group=OPTIMISATION, at_least=1)
+    lr: float | None = flag(None, "peak learning rate. Default: fine-tuning (--init) 5e-6, as Dolly; 2e-4 with "
+                            "--lora-r, QLoRA's for models up to 13B; pretraining (--config) Pythia's for the model's "
+                            "size (70m 1e-3, 160m 6e-4, 410m and 1b 3e-4, 1.4b 2e-4, 2.8b 1.6e-4, 6.9b and 12b "
+                            "1.2e-4; another size takes the nearest's). --resume keeps the run's recorded value",
+                            group=OPTIMISATION, above=0.0)  # resolve: DOLLY_LR, LORA_LR, PYTHIA_LR
+    warmup_steps: int | None = flag(None, f"warmup steps (default: fine-tuning {DOLLY_WARMUP}, as Dolly; pretraining "
+                                    f"{PYTHIA_WARMUP}, Pythia's 1%% of 143000; either way at most a tenth of the run's "
+                                    "steps)", group=OPTIMISATION, at_least=0)
+    schedule: str | None = flag(None, "constant: DeepSpeed WarmupLR's log warmup then constant (Dolly's: the default "
+                                "for fine-tuning); cosine: linear warmup then cosine decay to lr/10 (Pythia's: the "
+                                "default for pretraining). --resume keeps the run's recorded value",
+                                group=OPTIMISATION, choices=SCHEDULES)
+    weight_decay: float = flag(0.0, "AdamW decoupled weight decay on matrices (not biases or LayerNorms); default "
+                               "%(default)g, as Dolly", group=OPTIMISATION, at_least=0.0)
+    grad_clip: float = flag(1.0, "max global gradient norm (default %(default)s, HF's; 0 = off)", group=OPTIMISATION,
+                            at_least=0.0)
+    seed: int = flag(42, "seed of the split, the data order and a random init (default %(default)s)",
+                     group=OPTIMISATION, type=int)
+    # ------------------------------------------------------------------------------------------------------ LoRA
+    lora_r: int = flag(0, "rank of LoRA adapters trained on a frozen base (default %(default)s = full fine-tuning; 8 "
+                       "or 16 are usual)", group=LORA, type=non_negative_int)  # checked in _lora_problems
+    lora_alpha: float | None = flag(None, "LoRA scale alpha / r (default 2 x --lora-r)", group=LORA, type=float)
+    lora_dropout: float | None = flag(None, f"dropout on the adapters' input (default {LORA_DROPOUT:g})", group=LORA,
+                                      type=float)
+    lora_targets: str | None = flag(None, "comma-separated layers to adapt: query, key, value (the rows of the fused "
+                                    "query_key_value, any subset), dense, dense_h_to_4h, dense_4h_to_h, embed_out "
+                                    f"(default {LORA_TARGETS})", group=LORA)  # lora.TARGETS
+    export_merged: bool = flag(False, "with --lora-r: also write the merged model (HF layout, loads in transformers) "
+                               "to OUT/merged", group=LORA)
+    quantize_base: str | None = flag(None, "with --lora-r, QLoRA: hold the frozen base in int8 or int4 "
+                                     "(gptneox.quantize); the adapters stay fp32", group=LORA, choices=QUANTIZE_MODES)
+    # -------------------------------------------------------------------------------- evaluation and checkpoints
+    eval_every: int = flag(50, "validation loss every N steps and at the end (default %(default)s, as Dolly; 0 = "
+                           "never)", group=CHECKPOINTS, at_least=0)
+    sample_every: int | None = flag(None, "greedy answer to a fixed instruction every N steps and at the end, logged "
+                                    "on one line (instruction data only: pretraining runs never sample; default: "
+                                    "--eval-every; 0 = never)", group=CHECKPOINTS, at_least=0)
+    save_every: int = flag(200, "save the full training state every N steps (default %(default)s, as Dolly; 0 = only "
+                           "the final state); the end is always saved", group=CHECKPOINTS, at_least=0)
+    keep: int = flag(3, "training states kept, the newest (default %(default)s; 0 = all)", group=CHECKPOINTS,
+                     at_least=0)
+    resume: bool = flag(False, "continue the run in --out from its last saved state; give the same other arguments "
+                        "(an --out with no saved state is an error). Ctrl-C prints the command", group=CHECKPOINTS)
+    # -------------------------------------------------------------------------------------------------- hardware
+    device: str | None = flag(None, "auto, cpu, cuda, cuda:1 (default auto: cuda:LOCAL_RANK if available, else cpu; "
+                              "a device this machine lacks is refused)", group=HARDWARE, type=device_arg)
+    dtype: str | None = flag(None, "bf16 (or bfloat16): autocast with fp32 master weights (default on CUDA, as "
+                             "Dolly); fp32 (or float32): default elsewhere", group=HARDWARE,
+                             type=dtype_arg(TRAIN_DTYPES, quantize_flag="--lora-r R --quantize-base"))
+    threads: int | None = flag(None, group=HARDWARE, at_least=1, add=add_threads_flag)  # the scripts' shared flag
+    compile: bool = flag(False, "torch.compile each transformer block", group=HARDWARE)
+    grad_checkpointing: bool = flag(False, "recompute activations in backward to save memory (Dolly: on)",
+                                    group=HARDWARE)
+    progress: bool = flag(True, "no progress bars", group=HARDWARE)  # --no-progress
 
     def __post_init__(self):
         for problem in self._problems():
@@ -148,21 +242,10 @@ class TrainConfig:
             yield "give exactly one of --init (a checkpoint to fine-tune) or --config (a preset, random init)"
         if self.epochs is not None and self.max_steps is not None:
             yield "give --epochs or --max-steps, not both: each sets the run's length"
-        at_least = dict(epochs=1, max_steps=1, val_size=0, batch_size=1, micro_batch_size=1, warmup_steps=0,
-                        seq_len=2, save_every=0, keep=0, eval_every=0, sample_every=0, threads=1)
-        for name, low in at_least.items():
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                yield f"{flag(name)} must be an integer >= {low}, got {value!r}"
-        for name, low, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("grad_clip", 0.0, False)):
-            value = getattr(self, name)
-            if name == "lr" and value is None:
-                continue
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or strict and value == low:
-                yield f"{flag(name)} must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}"
-        if self.schedule not in (None, *SCHEDULES):
-            yield f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}"
-        if self.dtype not in (None, "bf16", "fp32"):
+        for f in fields(self):
+            if problem := _value_problem(f, getattr(self, f.name)):
+                yield problem
+        if self.dtype not in (None, *TRAIN_DTYPES):
             yield (f"--dtype {self.dtype}: training runs in bf16 (autocast over fp32 master weights) or fp32; fp16 "
                    "would need loss scaling")
         if not isinstance(self.seed, int):
@@ -185,11 +268,9 @@ class TrainConfig:
         if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
             yield f"--lora-r must be an integer >= 0 (0 = full fine-tuning), got {self.lora_r!r}"
             return
-        given = [flag(k) for k in LORA_FLAGS if getattr(self, k) not in (None, False)]
+        given = [dashed(k) for k in LORA_FLAGS if getattr(self, k) not in (None, False)]
         if not self.lora_r and given:
             yield f"{', '.join(given)} need(s) LoRA: add --lora-r R (R > 0; 0, the default, is full fine-tuning)"
-        if self.quantize_base not in (None, *QUANTIZE_MODES):
-            yield f"--quantize-base {self.quantize_base!r}: choose one of {', '.join(QUANTIZE_MODES)}"
         if self.lora_r:
             try:
                 self.lora
@@ -332,3 +413,27 @@ class TrainConfig:
         if lora:  # resolved; a full fine-tuning run's run.json has none of these keys (as before LoRA existed)
             settings.update(lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_targets=",".join(lora.targets))
         return {k: settings[k] for k in RUN_KEYS + (LORA_KEYS if lora else ())}
+
+
+def parser(description: str = "", prog: str = "train.py") -> ArgumentParser:
+    """train.py's command line, generated from TrainConfig's fields (flag): in GROUPS' sections, each in field order;
+    its values are TrainConfig's keyword arguments."""
+    p = ArgumentParser(description, prog=prog)
+    for title in GROUPS:
+        group = p.add_argument_group(title)
+        for f in fields(TrainConfig):
+            m = f.metadata
+            if m["group"] != title:
+                continue
+            if m["add"]:
+                m["add"](group)
+            elif f.default is MISSING:
+                group.add_argument(dashed(f.name), required=True, help=m["help"], type=m["type"], metavar=m["metavar"])
+            elif isinstance(f.default, bool):  # a switch; one that defaults to on is turned off by --no-NAME
+                name = dashed(f.name) if not f.default else "--no-" + dashed(f.name)[2:]
+                group.add_argument(name, dest=f.name, action="store_false" if f.default else "store_true",
+                                   help=m["help"])
+            else:
+                group.add_argument(dashed(f.name), default=f.default, type=m["type"], choices=m["choices"],
+                                   metavar=m["metavar"], help=m["help"])
+    return p
