@@ -7,7 +7,7 @@ puts first on sys.path) `import kernels` finds a regular package of that name fi
 `kernels` that transformers imports, and never this folder (README, "Install"). Imports inside this folder are
 relative for that reason; from an uninstalled checkout, gptneox.ops loads it under the same name (ops.kernels()).
 
-The reference for every kernel is the torch path in gptneox/ops.py; gptneox.ops dispatches here for
+The reference for every kernel is the torch path in gptneox/ops/ (reference.py); gptneox.ops dispatches here for
 backend="triton". Public functions (each differentiable unless noted):
     rotary(qkv, position_ids, num_heads, rotary_ndims, base, k_cache=, v_cache=, input_pos=) -> q, k, v
     attention(q, k, v, causal=, q_offset=, k_start=, sm_scale=) -> o
@@ -15,7 +15,7 @@ backend="triton". Public functions (each differentiable unless noted):
     quant_matmul(x, weight, scales, zeros=, group_size=) -> x W^T, W int8 / int4 (inference only)
 The launchers (rotary_fwd / rotary_bwd, attention_fwd / attention_bwd) skip autograd, for tests and benchmarks;
 best_configs() names the launch config each autotuned attention kernel last used (GPTNEOX_AUTOTUNE: docs/kernels.md).
-The model reaches the launchers through gptneox/kernel_ops.py, which registers them as torch.library custom ops
+The model reaches the launchers through gptneox/ops/custom.py, which registers them as torch.library custom ops
 (torch.ops.gptneox.rotary, rotary_into_cache, attention, decode_attention and the backward ops) so that
 torch.compile(fullgraph=True) and CUDA graphs keep them; this package itself imports nothing of gptneox.
 """

@@ -6,8 +6,8 @@ its logsumexp (fp32), and a combine pass merges them: o = sum_s exp(lse_s - lse)
 from q_offset [B] (the slot of each row's first new token: keys beyond q_offset + T - 1 are unseen) and left
 padding from k_start [B]; the kernel divides each row's own filled keys (read on the device) among the splits, so
 a static cache of L slots costs only what is filled, with no host-side length (CUDA graphs, torch.compile). The
-number of splits is fixed by L and the GPU. The kernels are those of attention.py (the forward with num_splits > 1,
-and the combine).
+number of splits is fixed by L and the GPU. The kernels are those of attention_fwd.py (the forward with
+num_splits > 1, and the combine), launched by attention.attention_fwd.
 Inference only: no autograd. Reference: gptneox.ops.eager_attention with the model's dense mask over the cache.
 Credits: Dao, Haziza, Massa, Sizov, "Flash-Decoding for long-context inference" (2023).
 """

@@ -6,11 +6,11 @@ without a device; this script does that for the kernels' launch configs and prin
 "ok <name> shared=<bytes> estimate=<bytes> regs=<n> spills=<bytes> tma=<n>" or "FAIL <name>: <why>". For the
 attention kernels it compiles every config GPTNEOX_AUTOTUNE=quick can pick (fp32: its one config), plus at hd 256
 the largest config of each full search that the autotune pruner keeps on sm_90, and fails when the compiler's shared
-memory exceeds the pruner's estimate (kernels/attention.py _smem_*: it must be an upper bound), when a default config
-does not fit, when a 16-bit kernel at head size <= 128 spills registers (ptxas -v on the kernel's PTX: spill stores
-plus loads), or when an attention kernel for sm_90 does not read through TMA (cp.async.bulk.tensor in its PTX). Run by
-test_compile.py in a subprocess, because the tests' TRITON_INTERPRET=1 turns @triton.jit functions into interpreted
-ones. The kernels are loaded from the checkout's kernels/ folder directly (they import nothing of gptneox).
+memory exceeds the pruner's estimate (kernels/attention_configs.py _smem_*: it must be an upper bound), when a default
+config does not fit, when a 16-bit kernel at head size <= 128 spills registers (ptxas -v on the kernel's PTX: spill
+stores plus loads), or when an attention kernel for sm_90 does not read through TMA (cp.async.bulk.tensor in its PTX).
+Run by test_compile.py in a subprocess, because the tests' TRITON_INTERPRET=1 turns @triton.jit functions into
+interpreted ones. The kernels are loaded from the checkout's kernels/ folder directly (they import nothing of gptneox).
 """
 
 import argparse
@@ -42,10 +42,11 @@ def load_kernels():
     spec = importlib.machinery.ModuleSpec("gptneox_kernels_aot", None, is_package=True)
     spec.submodule_search_locations = [str(KERNELS)]
     sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    return tuple(importlib.import_module(f"{spec.name}.{name}") for name in ("attention", "rotary", "quant_matmul"))
+    return tuple(importlib.import_module(f"{spec.name}.{name}")
+                 for name in ("attention_configs", "attention_fwd", "attention_bwd", "rotary", "quant_matmul"))
 
 
-attention, rotary, quant = load_kernels()
+att_cfg, att_fwd, att_bwd, rotary, quant = load_kernels()
 
 
 def compile_kernel(fn, arch, pointers, constexprs, num_warps, num_stages):
@@ -86,11 +87,11 @@ def ptxas_report(kernel, arch) -> tuple[int, int]:
 
 def attention_kernels():
     """(name, kernel, shared memory estimate, the quick configs, the full search) for fwd, dk/dv and dq."""
-    a = attention
-    return [("fwd", a._attn_fwd_kernel, a._smem_fwd, a._QUICK_FWD, [c for c in a._FWD_CONFIGS if a._keep_fwd(c)]),
-            ("dkdv", a._attn_bwd_dkdv_kernel, a._smem_dkdv, a._QUICK_DKDV,
-             [c for c in a._BWD_CONFIGS if a._keep_dkdv(c)]),
-            ("dq", a._attn_bwd_dq_kernel, a._smem_dq, a._QUICK_DQ, [c for c in a._BWD_CONFIGS if a._keep_dq(c)])]
+    c, f, b = att_cfg, att_fwd, att_bwd
+    return [("fwd", f._attn_fwd_kernel, c._smem_fwd, c._QUICK_FWD, [x for x in c._FWD_CONFIGS if c._keep_fwd(x)]),
+            ("dkdv", b._attn_bwd_dkdv_kernel, c._smem_dkdv, c._QUICK_DKDV,
+             [x for x in c._BWD_CONFIGS if c._keep_dkdv(x)]),
+            ("dq", b._attn_bwd_dq_kernel, c._smem_dq, c._QUICK_DQ, [x for x in c._BWD_CONFIGS if c._keep_dq(x)])]
 
 
 def largest_kept(configs, smem, e, D):
@@ -102,17 +103,17 @@ def largest_kept(configs, smem, e, D):
 def attention_cases(dtypes, head_dims, causal_only, quick=True, edge=False):
     """(name, kernel, pointer types, constexprs, num_warps, num_stages, estimate or None, must fit): the quick configs
     (fp32: its one config) and/or, at hd 256 in 16 bits, the largest config the pruner keeps (edge)."""
-    defaults = (attention._DEFAULT_CONFIG, attention._DEFAULT_DKDV, *attention._FP32_CONFIGS)
+    defaults = (att_cfg._DEFAULT_CONFIG, att_cfg._DEFAULT_DKDV, *att_cfg._FP32_CONFIGS)
     for dt in dtypes:
         pointers = {n: f"*{dt}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "dq_ptr", "dk_ptr", "dv_ptr")}
         pointers.update(lse_ptr="*fp32", delta_ptr="*fp32", q_off_ptr="*i32", k_start_ptr="*i32")
         for hs in head_dims:
-            D0, D1 = attention.split_head_dim(hs)
+            D0, D1 = att_cfg.split_head_dim(hs)
             for causal in (True,) if causal_only else (True, False):
                 consts = dict(HS=hs, D0=D0, D1=D1, D1B=D1 or 16, CAUSAL=causal,
                               DOT_PRECISION="ieee" if dt == "fp32" else "tf32")
                 for kind, fn, smem, quick_configs, full in attention_kernels():
-                    configs = [] if not quick else attention._FP32_CONFIGS if dt == "fp32" else list(quick_configs)
+                    configs = [] if not quick else att_cfg._FP32_CONFIGS if dt == "fp32" else list(quick_configs)
                     if edge and dt != "fp32" and hs == 256:
                         configs.append(largest_kept(full, smem, ELEMENT_SIZE[dt], D0 + D1))
                     for c in configs:
@@ -126,15 +127,15 @@ def attention_cases(dtypes, head_dims, causal_only, quick=True, edge=False):
 def decode_cases():
     split = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", o_ptr="*fp32", lse_ptr="*fp32", q_off_ptr="*i32",
                  k_start_ptr="*i32")
-    yield ("_attn_fwd_kernel decode split bf16 hs=80", attention._attn_fwd_kernel, split,
+    yield ("_attn_fwd_kernel decode split bf16 hs=80", att_fwd._attn_fwd_kernel, split,
            dict(HS=80, D0=64, D1=16, D1B=16, CAUSAL=True, DOT_PRECISION="tf32", BLOCK_M=16, BLOCK_N=64), 4, 2,
-           attention._smem_fwd(attention._config(16, 64, 2, 4), 2, 80), True, True, True)
-    yield ("_attn_combine_kernel bf16 hs=80", attention._attn_combine_kernel,
+           att_cfg._smem_fwd(att_cfg._config(16, 64, 2, 4), 2, 80), True, True, True)
+    yield ("_attn_combine_kernel bf16 hs=80", att_fwd._attn_combine_kernel,
            dict(o_part_ptr="*fp32", lse_part_ptr="*fp32", o_ptr="*bf16", lse_ptr="*fp32"),
            dict(HS=80, BLOCK_S=16, BLOCK_D=128), 4, 2, None, True, True, False)
-    yield ("_attn_bwd_delta_kernel bf16 hs=128", attention._attn_bwd_delta_kernel,
+    yield ("_attn_bwd_delta_kernel bf16 hs=128", att_bwd._attn_bwd_delta_kernel,
            dict(o_ptr="*bf16", do_ptr="*bf16", delta_ptr="*fp32"),
-           dict(HS=128, BLOCK_M=attention._DELTA_BLOCK_M, BLOCK_D=128), 4, 1, None, True, True, False)
+           dict(HS=128, BLOCK_M=att_cfg._DELTA_BLOCK_M, BLOCK_D=128), 4, 1, None, True, True, False)
 
 
 def rotary_cases(dtypes):

@@ -11,7 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from gptneox import ops
-from gptneox.ops import kernels
+from gptneox.ops.runtime import kernels
 
 
 def make_inputs(B, nh, T, S, hs):
@@ -121,27 +121,28 @@ def test_attention_rejects_bad_input(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ autotune pruning (CPU)
-def _attention_module():
+def _attention_module(name="attention"):
+    """gptneox.kernels.<name>: attention (the launchers), attention_configs, attention_fwd or attention_bwd."""
     kernels()  # loads gptneox.kernels (from the checkout when not installed)
-    return sys.modules["gptneox.kernels.attention"]
+    return sys.modules[f"gptneox.kernels.{name}"]
 
 
 @pytest.mark.parametrize("dtype,e", [(torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)], ids=str)
 @pytest.mark.parametrize("hs,D", [(64, 64), (80, 80), (112, 128), (256, 256)])  # D: the head blocks D0 + D1
 def test_autotune_keeps_exactly_the_configs_that_fit_shared_memory(monkeypatch, dtype, e, hs, D):
-    att = _attention_module()
+    cfg = _attention_module("attention_configs")
     limit = 120_000  # a fake device, half of sm_90: at hd 256 it keeps some configs of each kernel and drops others
-    monkeypatch.setattr(att, "max_shared_memory", lambda device_index: limit)
+    monkeypatch.setattr(cfg, "max_shared_memory", lambda device_index: limit)
     monkeypatch.setenv("GPTNEOX_AUTOTUNE", "1")
     q = torch.empty(1, 1, 1, hs, dtype=dtype)  # all the pruner reads: dtype, head size, device
     for smem, full, quick, default in (
-            (att._smem_fwd, [c for c in att._FWD_CONFIGS if att._keep_fwd(c)], att._QUICK_FWD, att._DEFAULT_CONFIG),
-            (att._smem_dkdv, [c for c in att._BWD_CONFIGS if att._keep_dkdv(c)], att._QUICK_DKDV, att._DEFAULT_DKDV),
-            (att._smem_dq, [c for c in att._BWD_CONFIGS if att._keep_dq(c)], att._QUICK_DQ, att._DEFAULT_CONFIG)):
-        prune = att._prune(smem, full, quick, default)
-        candidates = att._FP32_CONFIGS if dtype == torch.float32 else full
+            (cfg._smem_fwd, [c for c in cfg._FWD_CONFIGS if cfg._keep_fwd(c)], cfg._QUICK_FWD, cfg._DEFAULT_CONFIG),
+            (cfg._smem_dkdv, [c for c in cfg._BWD_CONFIGS if cfg._keep_dkdv(c)], cfg._QUICK_DKDV, cfg._DEFAULT_DKDV),
+            (cfg._smem_dq, [c for c in cfg._BWD_CONFIGS if cfg._keep_dq(c)], cfg._QUICK_DQ, cfg._DEFAULT_CONFIG)):
+        prune = cfg._prune(smem, full, quick, default)
+        candidates = cfg._FP32_CONFIGS if dtype == torch.float32 else full
         fitting = [c for c in candidates if smem(c, e, D) <= limit]
-        fallback = [att._FP32_CONFIGS[0] if dtype == torch.float32 else default]
+        fallback = [cfg._FP32_CONFIGS[0] if dtype == torch.float32 else default]
         assert prune(full, {"q_ptr": q}) == (fitting or fallback)  # Triton 2.x: named_args only
         assert prune(full, {"q_ptr": q}, HS=hs, CAUSAL=True) == (fitting or fallback)  # 3.6 / 3.9: and kwargs
         if dtype != torch.float32 and D == 256:  # the case that prunes: some configs kept, some dropped
@@ -149,27 +150,27 @@ def test_autotune_keeps_exactly_the_configs_that_fit_shared_memory(monkeypatch, 
 
 
 def test_autotune_modes_pick_their_candidates_before_pruning(monkeypatch):
-    att = _attention_module()
-    monkeypatch.setattr(att, "max_shared_memory", lambda device_index: 232448)  # sm_90
-    full = [c for c in att._FWD_CONFIGS if att._keep_fwd(c)]
-    prune = att._prune(att._smem_fwd, full, att._QUICK_FWD)
+    cfg = _attention_module("attention_configs")
+    monkeypatch.setattr(cfg, "max_shared_memory", lambda device_index: 232448)  # sm_90
+    full = [c for c in cfg._FWD_CONFIGS if cfg._keep_fwd(c)]
+    prune = cfg._prune(cfg._smem_fwd, full, cfg._QUICK_FWD)
     q = torch.empty(1, 1, 1, 128, dtype=torch.bfloat16)
-    fitting = [c for c in full if att._smem_fwd(c, 2, 128) <= 232448]
+    fitting = [c for c in full if cfg._smem_fwd(c, 2, 128) <= 232448]
     assert 0 < len(fitting) < len(full)  # hd 128 in bf16 on sm_90: 4 stages of 128 x 128 blocks do not fit
-    for mode, expected in (("1", fitting), ("quick", att._QUICK_FWD), ("0", [att._DEFAULT_CONFIG])):
+    for mode, expected in (("1", fitting), ("quick", cfg._QUICK_FWD), ("0", [cfg._DEFAULT_CONFIG])):
         monkeypatch.setenv("GPTNEOX_AUTOTUNE", mode)
         assert prune(full, {"q_ptr": q}) == expected  # every quick config fits at hd 128
-        assert prune(full, {"q_ptr": q.float()}) == att._FP32_CONFIGS  # fp32: one small config in every mode
+        assert prune(full, {"q_ptr": q.float()}) == cfg._FP32_CONFIGS  # fp32: one small config in every mode
     monkeypatch.setenv("GPTNEOX_AUTOTUNE", "fast")
     with pytest.raises(ValueError, match="GPTNEOX_AUTOTUNE='fast'"):
         prune(full, {"q_ptr": q})
-    assert 2 <= len(att._QUICK_FWD) <= 4 and 2 <= len(att._QUICK_DKDV) <= 4 and 2 <= len(att._QUICK_DQ) <= 4
+    assert 2 <= len(cfg._QUICK_FWD) <= 4 and 2 <= len(cfg._QUICK_DKDV) <= 4 and 2 <= len(cfg._QUICK_DQ) <= 4
 
 
 def test_autotune_estimate_grows_with_blocks_dtype_and_head_size():
-    att = _attention_module()
-    small, big = att._config(32, 32, 2, 4), att._config(128, 128, 2, 8)
-    for smem in (att._smem_fwd, att._smem_dkdv, att._smem_dq):
+    cfg = _attention_module("attention_configs")
+    small, big = cfg._config(32, 32, 2, 4), cfg._config(128, 128, 2, 8)
+    for smem in (cfg._smem_fwd, cfg._smem_dkdv, cfg._smem_dq):
         assert smem(small, 2, 64) < smem(big, 2, 64) < smem(big, 2, 256) < smem(big, 4, 256)
 
 
@@ -179,27 +180,27 @@ def _block_shapes(*config_lists):
 
 
 def _search_spaces():
-    att = _attention_module()
-    fwd = [c for c in att._FWD_CONFIGS if att._keep_fwd(c)]
-    dkdv = [c for c in att._BWD_CONFIGS if att._keep_dkdv(c)]
-    dq = [c for c in att._BWD_CONFIGS if att._keep_dq(c)]
-    extra = [att._DEFAULT_CONFIG, *att._FP32_CONFIGS]
-    return {"fwd": _block_shapes(fwd, att._QUICK_FWD, extra),
-            "dkdv": _block_shapes(dkdv, att._QUICK_DKDV, [att._DEFAULT_DKDV, *att._FP32_CONFIGS]),
-            "dq": _block_shapes(dq, att._QUICK_DQ, extra)}
+    cfg = _attention_module("attention_configs")
+    fwd = [c for c in cfg._FWD_CONFIGS if cfg._keep_fwd(c)]
+    dkdv = [c for c in cfg._BWD_CONFIGS if cfg._keep_dkdv(c)]
+    dq = [c for c in cfg._BWD_CONFIGS if cfg._keep_dq(c)]
+    extra = [cfg._DEFAULT_CONFIG, *cfg._FP32_CONFIGS]
+    return {"fwd": _block_shapes(fwd, cfg._QUICK_FWD, extra),
+            "dkdv": _block_shapes(dkdv, cfg._QUICK_DKDV, [cfg._DEFAULT_DKDV, *cfg._FP32_CONFIGS]),
+            "dq": _block_shapes(dq, cfg._QUICK_DQ, extra)}
 
 
 def check_config(kind, block_m, block_n, dtype, hs=80, causal=True):
     """One block shape of one kernel (the others at their defaults) against the references, on a shape where the
     biggest blocks (128) still loop over two key and query blocks with masked and unmasked stretches: T 140, S 164,
     per-row cache offsets and left padding."""
-    att = _attention_module()
+    att, cfg = _attention_module(), _attention_module("attention_configs")
     B, nh, T, S = 2, 1, 140, 164
     q_offset, k_start = torch.tensor([24, 9], device=DEVICE), torch.tensor([0, 40], device=DEVICE)
     mask = dense_mask(T, S, q_offset, k_start, causal)
-    chosen = att._config(block_m, block_n, 1, 4)
-    fwd_cfg = chosen if kind == "fwd" else att._DEFAULT_CONFIG
-    bwd_cfg = (chosen if kind == "dkdv" else att._DEFAULT_DKDV, chosen if kind == "dq" else att._DEFAULT_CONFIG)
+    chosen = cfg._config(block_m, block_n, 1, 4)
+    fwd_cfg = chosen if kind == "fwd" else cfg._DEFAULT_CONFIG
+    bwd_cfg = (chosen if kind == "dkdv" else cfg._DEFAULT_DKDV, chosen if kind == "dq" else cfg._DEFAULT_CONFIG)
     x32 = make_inputs(B, nh, T, S, hs)
     do32 = torch.randn(B, nh, T, hs, device=DEVICE)
     results = {}
@@ -270,9 +271,9 @@ def test_rows_of_an_odd_number_of_bytes_are_refused():
 
 
 def test_autotune_key_buckets_sequence_lengths():
-    att = _attention_module()
-    assert [att.seq_bucket(n) for n in (1, 128, 129, 2048, 3000, 10**6)] == [128, 128, 256, 2048, 4096, 16384]
-    for tuned in (att._attn_fwd_tuned, att._attn_bwd_dkdv_tuned, att._attn_bwd_dq_tuned):
+    cfg, fwd, bwd = (_attention_module(f"attention_{name}") for name in ("configs", "fwd", "bwd"))
+    assert [cfg.seq_bucket(n) for n in (1, 128, 129, 2048, 3000, 10**6)] == [128, 128, 256, 2048, 4096, 16384]
+    for tuned in (fwd._attn_fwd_tuned, bwd._attn_bwd_dkdv_tuned, bwd._attn_bwd_dq_tuned):
         assert list(tuned.keys) == ["D0", "D1", "CAUSAL", "T_BUCKET", "S_BUCKET"]
         assert set(tuned.keys) <= set(tuned.arg_names)
 
