@@ -44,13 +44,14 @@ class LoadPlan:
     device: torch.device
     backend: str | None
     adapter: Path | None
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | None  # None: asked for none (tokenizer=False)
 
 
 def plan(ckpt, *, revision=None, adapter=None, quantize=None, group_size=128, dtype=None, device=None, backend=None,
          tokenizer=None, names: dict | None = None) -> LoadPlan:
     """Every check of load(), no weight read. names: how the caller spells each argument in messages (a script's
-    flags, e.g. {"ckpt": "--ckpt"}); dtype "auto" means devices.auto_dtype of the device."""
+    flags, e.g. {"ckpt": "--ckpt"}); dtype "auto" means devices.auto_dtype of the device; tokenizer: a Tokenizer, a
+    tokenizer.json or a directory holding one, None for the rule above, or False for none (token data needs none)."""
     names = {**NAMES, **(names or {})}
     try:
         path = resolve_checkpoint(str(ckpt), revision=revision)
@@ -71,9 +72,9 @@ def plan(ckpt, *, revision=None, adapter=None, quantize=None, group_size=128, dt
                     _tokenizer(tokenizer, adapter, path, revision))
 
 
-def _tokenizer(tokenizer, adapter, path: Path, revision) -> Tokenizer:
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer
+def _tokenizer(tokenizer, adapter, path: Path, revision) -> Tokenizer | None:
+    if tokenizer is False or isinstance(tokenizer, Tokenizer):
+        return tokenizer or None
     if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer.json").is_file():
         tokenizer = Path(adapter) / "tokenizer.json"  # a run that resized the vocabulary carries its tokenizer
     return Tokenizer.from_pretrained(path if tokenizer is None else tokenizer, revision=revision)

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [p for pattern in ("*.py", "gptneox/*.py", "kernels/**/*.py", "benchmarks/*.py", "tests/**/*.py",
+SOURCES = [p for pattern in ("*.py", "gptneox/**/*.py", "kernels/**/*.py", "benchmarks/*.py", "tests/**/*.py",
                              "examples/**/*.py", "*.md", "docs/*.md") for p in ROOT.glob(pattern)]
 # docs/architecture.md, "Forward pass" and "Half precision"  |  architecture.md, "Presets"  |  architecture.md#presets;
 # not part of a URL or another path

@@ -15,14 +15,13 @@ from pathlib import Path
 import torch
 
 from .. import progress
-from ..checkpoint import weight_files
 from ..cli import UsageError, pick_device, set_threads
 from ..config import Config
 from ..generation.generator import generate
 from ..generation.run import stop_ids
 from ..generation.streaming import completion_text
 from ..hub import resolve_checkpoint
-from ..loading import LoadPlan, load
+from ..loading import load
 from ..lora.adapter import load_adapter, save_adapter
 from ..lora.layers import add_lora, base_state_dict, merge_lora
 from ..model import GPTNeoX, causal_lm_loss
@@ -124,13 +123,9 @@ def load_init(cfg: TrainConfig) -> tuple[GPTNeoX, Tokenizer | None]:
     """--init in fp32 on the CPU through gptneox.loading.load, and its tokenizer: --tokenizer, else the checkpoint's
     tokenizer.json, else None (token data needs none; check_paths refused the data that does)."""
     path = init_path(cfg)
-    if cfg.tokenizer or (path / "tokenizer.json").exists():
-        model, tok = load(path, dtype=torch.float32, device="cpu", tokenizer=cfg.tokenizer, progress=cfg.progress,
-                          names=INIT_NAMES)
-    else:  # plan() opens a tokenizer whatever the data: the same plan, without one
-        plan = LoadPlan(path, Config.from_hf_config(path), weight_files(path), quantization=None,
-                        dtype=torch.float32, device=torch.device("cpu"), backend=None, adapter=None, tokenizer=None)
-        model, tok = load(plan, progress=cfg.progress)
+    tokenizer = cfg.tokenizer or (None if (path / "tokenizer.json").exists() else False)
+    model, tok = load(path, dtype=torch.float32, device="cpu", tokenizer=tokenizer, progress=cfg.progress,
+                      names=INIT_NAMES)
     return model.train(), tok
 
 
