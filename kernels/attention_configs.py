@@ -15,7 +15,7 @@ from ._utils import autotune_configs, configs_for_mode, max_shared_memory, split
 # dtypes (Triton adds them) and a power-of-two bucket of each sequence length (seq_bucket), so a new length retunes
 # only when it changes bucket. For each new key, _prune first drops the configs whose shared memory cannot fit the
 # device (Triton would compile them in full before the launch fails) and gives fp32 its own tiny list (exact "ieee"
-# dots are FMA loops: 25-67 s to compile per kernel for sm_90).
+# dots are FMA loops, slow to compile: docs/kernels.md, "Autotuning").
 def _config(m, n, s, w):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_stages=s, num_warps=w)
 
@@ -40,12 +40,12 @@ def _keep_dq(c):  # and the other way round for dq
 
 _INTERPRET_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_stages=1, num_warps=4)  # small: numpy runs it
 _DEFAULT_CONFIG = _config(64, 32, 2, 4)  # 16-bit fwd and dq: fits every head size on sm_90 (test_compile.py)
-# dk/dv holds two [N, D] fp32 accumulators and the k, v blocks: at hd 128, 64 x 32 over 4 warps spills 700 bytes per
-# thread (ptxas, sm_90, Triton 3.9), 32 x 64 over 8 warps none (188 registers)
+# dk/dv holds two [N, D] fp32 accumulators and the k, v blocks: at hd 128, 64 x 32 over 4 warps spills registers
+# on sm_90, 32 x 64 over 8 warps none (docs/kernels.md, "Autotuning")
 _DEFAULT_DKDV = _config(32, 64, 2, 8)
 # fp32 searches this one config in every mode: smaller blocks over 8 warps give each thread a quarter of the unrolled
-# FMA dot, so the hd 256 forward compiles for sm_90 in 6 s instead of 61 s (64 x 32, 4 warps; Triton 3.6, 2 CPU
-# cores); SDPA is the model's fp32 path anyway
+# FMA dot, so it compiles for sm_90 in a tenth of the time (docs/kernels.md, "Autotuning"); SDPA is the model's fp32
+# path anyway
 _FP32_CONFIGS = [_config(32, 32, 2, 8)]
 # GPTNEOX_AUTOTUNE=quick: the likely H100 / H200 winners (tutorial 06's Hopper choices; FA2's block shapes), plus
 # the default config, which the tests compile too (Triton's disk cache then serves it)
