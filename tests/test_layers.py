@@ -111,3 +111,22 @@ def test_python_dash_m_entry_points_answer_help(module):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"python -m {module}" in done.stdout
+
+
+def test_the_flat_layouts_module_paths_import_with_a_deprecation_warning():
+    """Code written against wave 2's flat layout keeps running: gptneox.streaming is gptneox.generation.streaming."""
+    code = ("import importlib, sys, warnings\n"
+            "from gptneox._moved import MOVED\n"
+            "for old, new in MOVED.items():\n"
+            "    with warnings.catch_warnings(record=True) as caught:\n"
+            "        warnings.simplefilter('always')\n"
+            "        module = importlib.import_module(old)\n"
+            "    assert module is importlib.import_module(new), old\n"
+            "    assert any(new in str(w.message) and w.category is DeprecationWarning for w in caught), old\n"
+            "from gptneox.streaming import completion_text\n"
+            "import gptneox\n"
+            "assert callable(gptneox.quantize) and gptneox.quantize.__module__ == 'gptneox.quant.transform'\n"
+            "print(len(MOVED))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == 17
