@@ -80,6 +80,7 @@ def test_train_lora_export_merged_loads_in_transformers_and_sample_py_applies_th
     assert texts[0] == texts[1] and texts[0].strip()
 
 
+@pytest.mark.slow  # the kill-and-resume mechanism is the full fine-tune's, which the default tier runs (test_train.py)
 def test_train_lora_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
     args = dict(init=ckpt, data=data, max_steps=30, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=3,
                 val_size=2, save_every=4, eval_every=5, sample_every=0, seed=3, lora_r=4, lora_dropout=0.1,
