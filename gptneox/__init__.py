@@ -30,7 +30,7 @@ from .config import PRESETS, Config
 from .generation import GenerationConfig, Generator, generate, stream
 from .hub import pythia_steps, resolve_checkpoint
 from .loading import load
-from .lora import LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
+from .lora import AdapterBank, LoRAConfig, add_lora, load_adapter, merge_lora, save_adapter, unmerge_lora
 from .model import GPTNeoX, KVCache, causal_lm_loss
 from .prompts.dolly import extract_response, format_prompt
 from .quant import QuantizedLinear, quantize
@@ -39,5 +39,5 @@ from .tokenizer import Tokenizer
 __all__ = ["Config", "PRESETS", "GPTNeoX", "KVCache", "causal_lm_loss", "Tokenizer", "CheckpointError",
            "GenerationConfig", "Generator", "generate", "stream", "format_prompt", "extract_response",
            "resolve_checkpoint", "pythia_steps", "LoRAConfig", "add_lora", "merge_lora", "unmerge_lora",
-           "save_adapter", "load_adapter", "quantize", "QuantizedLinear", "load"]
+           "save_adapter", "load_adapter", "AdapterBank", "quantize", "QuantizedLinear", "load"]
 __version__ = "0.1.0"

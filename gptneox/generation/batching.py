@@ -27,10 +27,12 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
+from ..lora.bank import bank_rows
 from .config import GenerationConfig
 from .run import stop_ids
 from .sampling import process_logits, sample
@@ -60,13 +62,15 @@ class Request:
     """One completion. prompt: token ids; config: its settings (max_new_tokens, temperature, top_k, top_p, seed,
     eos_token_id = the stop ids, stop_strings); emit(Event) is called from the engine's thread. top_logprobs: also
     report the log-probability of each chosen token and that many alternatives (None: neither); prompt_logprobs:
-    also compute each prompt token's log-probability and alternatives at prefill (OpenAI's echo with logprobs)."""
+    also compute each prompt token's log-probability and alternatives at prefill (OpenAI's echo with logprobs).
+    adapter: the name of a LoRA tune in the model's AdapterBank (lora/bank.py), None for the base."""
 
     prompt: Sequence[int]
     config: GenerationConfig
     emit: Callable[[Event], None]
     top_logprobs: int | None = None
     prompt_logprobs: bool = False
+    adapter: str | None = None
     # filled by the engine
     tokens: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -149,6 +153,8 @@ class Engine:
         P = len(request.prompt)
         if not 1 <= P < self.max_len:
             raise ValueError(f"the prompt has {P} tokens; a slot holds {self.max_len} (prompt + new tokens)")
+        if request.adapter is not None:
+            bank_rows(self.model, [request.adapter], 1)  # a ValueError now for no bank or an unknown name
         with self._cond:
             if len(self.waiting) >= self.max_queue:
                 self.stats["rejected"] += 1
@@ -221,12 +227,19 @@ class Engine:
         ids = torch.tensor([list(r.prompt)], device=self.device)  # [1, P]
         cols = torch.arange(P, device=self.device)  # [P]: the slot's first P columns, positions 0..P-1
         cache = [SlotView(layer, slice(slot, slot + 1), cols[None], P) for layer in self.cache]
-        logits = self.model(ids, cache=cache, input_pos=cols, logits_to_keep=0 if r.prompt_logprobs else 1)
+        with self._rows([r]):
+            logits = self.model(ids, cache=cache, input_pos=cols, logits_to_keep=0 if r.prompt_logprobs else 1)
         return logits[0].float()
 
     @torch.no_grad()
     def _decode(self) -> None:
         """One token for every busy row: rows 0..B-1 (the lowest slots, free ones among them fed a dummy token)."""
+        for r in filter(None, self.rows):  # a request whose tune left the bank fails alone
+            bank = getattr(self.model, "adapter_bank", None)
+            if r.adapter is not None and (bank is None or r.adapter not in bank.names):
+                self._fail(r, f"adapter {r.adapter!r} was removed from the bank")
+        if not self.busy:
+            return
         B = max(i for i, r in enumerate(self.rows) if r is not None) + 1
         rows = self.rows[:B]
         self.decode_steps[self.busy] += 1
@@ -240,8 +253,9 @@ class Engine:
         # input_pos [W]: a query slot past every key, so the Mask's causal rule admits all W columns and its
         # own-slot rule none; the attention mask alone then says which keys each row sees
         try:
-            logits = self.model(x, position_ids=pos, attention_mask=mask, cache=cache,
-                                input_pos=torch.tensor([W], device=self.device))[:, -1].float()  # [B, V]
+            with self._rows(rows):
+                logits = self.model(x, position_ids=pos, attention_mask=mask, cache=cache,
+                                    input_pos=torch.tensor([W], device=self.device))[:, -1].float()  # [B, V]
         except Exception as e:  # noqa: BLE001 - every row of the step fails, the loop goes on
             log.exception("decode step failed")
             for r in filter(None, rows):
@@ -255,6 +269,11 @@ class Engine:
                 except Exception as e:  # noqa: BLE001
                     log.exception("sampling failed")
                     self._fail(r, f"sampling failed for this request: {type(e).__name__}: {e}")
+
+    def _rows(self, rows: list[Request | None]):
+        """The context giving each row its request's LoRA tune (free rows: the base); none when no row has one."""
+        adapters = [r.adapter if r is not None else None for r in rows]
+        return nullcontext() if all(a is None for a in adapters) else bank_rows(self.model, adapters, len(rows))
 
     # ------------------------------------------------------------------------------------------ one row
     def _advance(self, r: Request, logits: torch.Tensor, token: int | None = None) -> None:

@@ -52,12 +52,15 @@ class Generator:
         return self.caches[which][1]
 
     @torch.no_grad()
-    def steps(self, input_ids, config: GenerationConfig, *, attention_mask=None, tokenizer=None
+    def steps(self, input_ids, config: GenerationConfig, *, attention_mask=None, tokenizer=None, adapters=None
               ) -> Iterator[Generation]:
         """The generation loop as an iterator: yields the Generation state after every new token (with a draft
-        model, after every target forward, which may add several tokens to each row)."""
+        model, after every target forward, which may add several tokens to each row). adapters: see generate."""
+        if adapters is not None and (self.compile or self.draft_model is not None):
+            raise ValueError("adapters= (an AdapterBank's tunes per row) runs uncompiled and without a draft model "
+                             "for now: use compile=False and no draft_model")
         if self.draft_model is None:
-            run = Run(self, input_ids, attention_mask, config, tokenizer)
+            run = Run(self, input_ids, attention_mask, config, tokenizer, adapters)
         else:
             run = SpeculativeRun(self, input_ids, attention_mask, config, tokenizer)
         try:
@@ -66,7 +69,7 @@ class Generator:
             self.tokens_generated += int(run.state.lengths.sum())
 
     def generate(self, input_ids, config: GenerationConfig | None = None, *, attention_mask=None, tokenizer=None,
-                 return_logprobs: bool = False, return_stats: bool = False, **settings):
+                 adapters=None, return_logprobs: bool = False, return_stats: bool = False, **settings):
         """New token ids [B, N] (N <= max_new_tokens: the loop ends when every row has stopped) for prompts
         input_ids: a tensor [B, T] (left-padded, with attention_mask) or a list of id lists of any lengths.
 
@@ -74,11 +77,13 @@ class Generator:
         return logprobs [B, N], the model's log-probability (log_softmax of the raw logits, before any processing)
         of each chosen token, 0 on padding. return_stats (with a draft model): also return this call's
         speculative.Stats (acceptance rate, tokens per target forward, draft and target time).
+        adapters: one LoRA tune per prompt, a name of the model's AdapterBank or None for the base alone (a single
+        name: every prompt); each row keeps its tune through prefill and every decode step (lora/bank.py).
         settings: GenerationConfig fields, replacing config's.
         """
         state, before = None, self.stats
         for state in self.steps(input_ids, GenerationConfig.of(config, **settings), attention_mask=attention_mask,
-                                tokenizer=tokenizer):
+                                tokenizer=tokenizer, adapters=adapters):
             pass  # run to the end; the last state holds the result
         out = [state.tokens[:, :state.n]]
         if return_logprobs:
@@ -89,11 +94,13 @@ class Generator:
             out.append(self.stats.since(before))
         return out[0] if len(out) == 1 else tuple(out)
 
-    def stream(self, tokenizer, input_ids, config: GenerationConfig | None = None, **settings) -> Iterator[str]:
+    def stream(self, tokenizer, input_ids, config: GenerationConfig | None = None, *, adapters=None,
+               **settings) -> Iterator[str]:
         """Yield the generated text of one prompt (a list of ids, or a [1, T] tensor) piece by piece.
 
         A piece never ends inside a multi-byte character nor inside a possible stop string; the stop token and stop
         string are not part of the text. The pieces join to streaming.completion_text() of generate()'s tokens.
+        adapters: [the prompt's tune or None], or its name (see generate).
         """
         config = GenerationConfig.of(config, **settings)
         if isinstance(input_ids, torch.Tensor) and (input_ids.dim() != 2 or input_ids.shape[0] != 1):
@@ -101,7 +108,7 @@ class Generator:
         prompts = input_ids if isinstance(input_ids, torch.Tensor) else [list(input_ids)]
         text = TextStream(tokenizer, stop_ids(self.model, config.eos_token_id, tokenizer), config.stop_strings)
         state = None
-        for state in self.steps(prompts, config, tokenizer=tokenizer):
+        for state in self.steps(prompts, config, tokenizer=tokenizer, adapters=adapters):
             piece = text.update(state.tokens[0, :state.n].tolist(), final=bool(state.done[0]))
             if piece:
                 yield piece
@@ -112,19 +119,21 @@ class Generator:
 
 # ---------------------------------------------------------------------------------------------- entry points
 def generate(model, input_ids, config: GenerationConfig | None = None, *, compile: bool = False, draft_model=None,
-             attention_mask=None, tokenizer=None, return_logprobs: bool = False, return_stats: bool = False,
-             **settings):
+             attention_mask=None, tokenizer=None, adapters=None, return_logprobs: bool = False,
+             return_stats: bool = False, **settings):
     """New token ids [B, N] for prompts input_ids with a fresh Generator: see Generator.generate. settings are
     GenerationConfig's fields (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, eos_token_id,
     pad_token_id, stop_strings, num_draft_tokens). draft_model: a smaller model of the same tokenizer that proposes
     num_draft_tokens tokens per target forward (speculative decoding: the output is the target's, exactly in
-    distribution, token for token when greedy). To reuse caches and a compiled step across calls, hold a Generator."""
+    distribution, token for token when greedy). adapters: one LoRA tune of model.adapter_bank (or None) per prompt
+    (lora/bank.py). To reuse caches and a compiled step across calls, hold a Generator."""
     return Generator(model, compile=compile, draft_model=draft_model).generate(
-        input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, return_logprobs=return_logprobs,
-        return_stats=return_stats, **settings)
+        input_ids, config, attention_mask=attention_mask, tokenizer=tokenizer, adapters=adapters,
+        return_logprobs=return_logprobs, return_stats=return_stats, **settings)
 
 
 def stream(model, tokenizer, input_ids, config: GenerationConfig | None = None, *, compile: bool = False,
-           draft_model=None, **settings) -> Iterator[str]:
+           draft_model=None, adapters=None, **settings) -> Iterator[str]:
     """The text of one prompt's completion, piece by piece, with a fresh Generator: see Generator.stream."""
-    return Generator(model, compile=compile, draft_model=draft_model).stream(tokenizer, input_ids, config, **settings)
+    return Generator(model, compile=compile, draft_model=draft_model).stream(tokenizer, input_ids, config,
+                                                                             adapters=adapters, **settings)

@@ -7,9 +7,11 @@ N new tokens.
 """
 
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 
 import torch
 
+from ..lora.bank import bank_rows
 from .config import GenerationConfig
 from .sampling import process_logits, sample
 
@@ -98,7 +100,7 @@ class Run:
     between steps it holds the cache, masks and positions, the repetition set and the RNG. speculative.SpeculativeRun
     is the same loop with a draft model."""
 
-    def __init__(self, gen, input_ids, attention_mask, config: GenerationConfig, tokenizer):
+    def __init__(self, gen, input_ids, attention_mask, config: GenerationConfig, tokenizer, adapters=None):
         model, self.gen, self.config, self.tokenizer = gen.model, gen, config, tokenizer
         device = model.gpt_neox.embed_in.weight.device
         if isinstance(input_ids, (list, tuple)):
@@ -109,6 +111,7 @@ class Run:
         self.input_ids = input_ids = input_ids.to(device)
         self.prompt_mask = attention_mask = None if attention_mask is None else attention_mask.to(device)  # [B, T]
         B, T = input_ids.shape
+        self.rows = bank_rows(model, adapters, B)  # each row's LoRA tune (lora/bank.py) for every forward, or None
         self.ends = torch.tensor(stop_ids(model, config.eos_token_id, tokenizer), dtype=torch.long, device=device)
         self.pad_id = pad_id = (config.pad_token_id if config.pad_token_id is not None
                                 else int(self.ends[0]) if len(self.ends) else 0)
@@ -146,7 +149,8 @@ class Run:
         return seen.scatter_(1, prompt, True)[:, :V]  # column V collected the pads
 
     def prefill(self):
-        logits = prefill(self.gen.model, self.input_ids, self.position_ids, self.slot_mask, self.cache)
+        with self.rows or nullcontext():
+            logits = prefill(self.gen.model, self.input_ids, self.position_ids, self.slot_mask, self.cache)
         if self.position_ids is not None:  # [B, 1] rotary position of each row's next token, advanced in place
             self.position_ids = self.position_ids[:, -1:] + 1
         return logits
@@ -178,7 +182,9 @@ class Run:
     def next_logits(self):
         """Logits [B, V] after feeding the tokens just chosen; the slot and the positions move on by one."""
         token = self.state.tokens[:, self.state.n - 1:self.state.n]  # [B, 1]
-        logits = self.gen.step(self.gen.model, token, self.input_pos, self.position_ids, self.slot_mask, self.cache)
+        with self.rows or nullcontext():
+            logits = self.gen.step(self.gen.model, token, self.input_pos, self.position_ids, self.slot_mask,
+                                   self.cache)
         self.input_pos += 1
         if self.position_ids is not None:
             self.position_ids += 1
