@@ -11,11 +11,12 @@ from safetensors.torch import load_file, save_file
 from tiny import hf_model, hf_state_dict
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
-from gptneox import Config, GPTNeoX, generate, quantize
+from gptneox import Config, GPTNeoX, generate, quantize, stream
 from gptneox.generation.batching import Engine, Request
 from gptneox.generation.config import GenerationConfig
 from gptneox.generation.generator import Generator
-from gptneox.generation.run import left_pad
+from gptneox.generation.run import left_pad, stop_ids
+from gptneox.generation.streaming import completion_text
 from gptneox.lora import AdapterBank, AdapterError, BankLinear, LoRAConfig, add_lora, load_adapter, save_adapter
 
 warnings.filterwarnings("ignore", module="peft")
@@ -210,6 +211,30 @@ def test_engine_requests_carry_their_adapter(adapters):
             engine.submit(Request(PROMPTS[0], GenerationConfig(max_new_tokens=2), lambda e: None, adapter="nope"))
     finally:
         engine.stop()
+
+
+def test_engine_request_whose_adapter_leaves_the_bank_fails_alone(adapters):
+    model, bank = banked(adapters)
+    engine = Engine(model, DigitsTokenizer(), max_batch_size=2)  # not started: the test drives its steps
+    events = {"qv": [], "all": []}
+    requests = [Request(PROMPTS[0], GenerationConfig(max_new_tokens=8, temperature=0), events[a].append, adapter=a)
+                for a in events]
+    for r in requests:
+        engine._start(r)
+    bank.remove("qv")
+    engine._decode()
+    assert events["qv"][-1].kind == "error" and "'qv' was removed from the bank" in events["qv"][-1].message
+    assert [e.kind for e in events["all"]] == ["token", "token"] and engine.rows == [None, requests[1]]
+
+
+def test_stream_takes_the_prompts_adapter(adapters):
+    model, _ = banked(adapters)
+    tok = DigitsTokenizer()
+    row = generate(model, PROMPTS[2:3], adapters=["all"], max_new_tokens=6, temperature=0)[0].tolist()
+    text = "".join(stream(model, tok, PROMPTS[2], adapters=["all"], max_new_tokens=6, temperature=0))
+    assert text and text == completion_text(tok, row, stop_ids(model))
+    assert "".join(Generator(model).stream(tok, PROMPTS[2], adapters="all", max_new_tokens=6, temperature=0)) == (
+        completion_text(tok, row, stop_ids(model)))
 
 
 # ----------------------------------------------------------------------------------------------- refusals
