@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDING_KEY, META_VOCAB, AdapterError, _check_config,
-                      _plan, read_adapter)
+from .adapter import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDING_KEY, META_VOCAB, AdapterError,
+                      _check_config, _plan, read_adapter)
 from .layers import TARGETS, _device, _float_tensor, target_paths
 
 BASE = -1  # the index of a row that runs the base alone
@@ -147,7 +147,7 @@ class AdapterBank:
         path = Path(path)
         config, tensors, metadata = read_adapter(path)
         _check_config(config, path / ADAPTER_CONFIG)
-        file = path / (ADAPTER_WEIGHTS if (path / ADAPTER_WEIGHTS).is_file() else "adapter_model.bin")
+        file = path / (ADAPTER_WEIGHTS if (path / ADAPTER_WEIGHTS).is_file() else ADAPTER_BIN)
         vocab = int(metadata.get(META_VOCAB, self.model.config.vocab_size))
         if vocab != self.model.config.vocab_size:
             raise AdapterError(f"{file}: the adapter was trained with a vocabulary of {vocab} rows, the model has "
