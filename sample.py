@@ -256,7 +256,8 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
                                               strip=template == "dolly")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-    report(model, target.files, dev, load_s, time.perf_counter() - t0, gen.tokens_generated, len(ids), gen.stats, quantized,
+    gen_s = time.perf_counter() - t0
+    report(model, target.files, dev, load_s, gen_s, gen.tokens_generated, len(ids), gen.stats, quantized,
            adapter, compile_s)
     return 0
 

@@ -17,7 +17,8 @@ adapter_model.safetensors: PEFT's format) and, with --export-merged, the merged 
 
 import sys
 
-from gptneox.cli import ArgumentParser, run as run_cli
+from gptneox.cli import ArgumentParser
+from gptneox.cli import run as run_cli
 from gptneox.train import loop
 from gptneox.train.config import TrainConfig, parser
 

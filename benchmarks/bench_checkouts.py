@@ -47,8 +47,8 @@ CASES = {"forward": "1 x 128 tokens, fp32", "generate": "greedy, 128 prompt + 32
 
 
 def run(checkout: Path, case: str, model: str, threads: int) -> float:
-    done = subprocess.run([sys.executable, "-c", CASE, case, model, str(threads), str(checkout)], cwd=checkout, check=True,
-                          capture_output=True, text=True, env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin"})
+    argv = [sys.executable, "-c", CASE, case, model, str(threads), str(checkout)]
+    done = subprocess.run(argv, cwd=checkout, check=True, capture_output=True, text=True, env={"PYTHONPATH": str(checkout), "PATH": "/usr/bin:/bin"})
     return json.loads(done.stdout.strip().splitlines()[-1])["s"]
 
 

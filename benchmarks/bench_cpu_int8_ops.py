@@ -4,7 +4,7 @@
 
 Rows per layer shape [N, K] (x [1, K] fp32, W int8 per output channel, what gptneox.quantize's "int8" stores):
   fp32 F.linear                   MKL's GEMV on the dequantized weight: the speed to beat (2x is issue 13's target)
-  gptneox cpu_quant int8          weight-only, exact: gptneox/cpu_quant.c, what QuantizedLinear runs on CPU
+  gptneox cpu_quant int8          weight-only, exact: gptneox/quant/cpu_quant.c, what QuantizedLinear runs on CPU
   gptneox cpu_quant int4 g128     the same kernel's int4 (error against its own int4 weight, dequantized)
   aten._weight_int8pack_mm        weight-only, exact: torch's packed operator, QuantizedLinear's fallback
   fbgemm linear_dynamic           W8A8: x quantized per tensor to 7 bits (reduce_range, x86) - not weight-only

@@ -1,5 +1,5 @@
 """lm-eval wall time (performance.md P13): the same offline multiple-choice task through lm-eval's own evaluator with
-our model ("gptneox", gptneox/eval.py) and with lm-eval's HFLM around transformers' GPTNeoXForCausalLM, on one
+our model ("gptneox", gptneox/eval/) and with lm-eval's HFLM around transformers' GPTNeoXForCausalLM, on one
 pythia-160m-shaped checkpoint (random init: numerics do not change speed), fp32, CPU, same results required.
 
     PYTHONPATH=. python benchmarks/bench_eval.py --tokenizer PATH/TO/pythia/tokenizer.json --repeats 3

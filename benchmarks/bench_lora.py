@@ -151,8 +151,8 @@ def child(args) -> dict:
 
 def run_mode(args, mode) -> dict:
     """mode in a fresh child process (its peak memory is its own)."""
-    if mode == "qlora-int4" and importlib.util.find_spec("gptneox.quantize") is None:
-        return dict(mode=mode, missing="gptneox.quantize is not in this tree (the quantization issue's branch)")
+    if mode == "qlora-int4" and importlib.util.find_spec("gptneox.quant") is None:
+        return dict(mode=mode, missing="gptneox.quant is not in this tree (the quantization issue's branch)")
     argv = [sys.executable, __file__, "--child", "--mode", mode, "--shape", args.shape, "--seq-len", str(args.seq_len),
             "--batch-size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype, "--warmup",
             str(args.warmup), "--iters", str(args.iters)]

@@ -278,7 +278,7 @@ def decode(rec: Record, ctx: Context):
 
 
 def compiled_decode(rec: Record, ctx: Context):
-    """Generator(compile=True) with backend "triton": the kernels are custom ops (gptneox/kernel_ops.py), so the
+    """Generator(compile=True) with backend "triton": the kernels are custom ops (gptneox/ops/custom.py), so the
     compiled decode step (CUDA graphs on GPU, mode reduce-overhead) keeps flash-decoding over the filled cache.
     Its greedy tokens must equal eager's; tokens/s compiled against eager, both at batch 1 over a full-window cache."""
     from gptneox import Config, Generator

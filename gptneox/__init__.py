@@ -23,7 +23,7 @@ def _mount_kernels() -> None:
 
 
 _mount_kernels()
-sys.meta_path.append(_moved.Moved())  # the flat layout's module paths keep working (_moved.py)
+_moved.install()  # the flat layout's module paths keep working
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, Config

@@ -22,7 +22,7 @@ from .hub import LAYOUTS, checkpoint_path
 from .lora.layers import base_state_dict, lora_modules
 from .quant.linear import QuantizedLinear
 from .quant.schemes import check_settings, quantize_weight
-from .quant.transform import config_entries, quantize, settings_of
+from .quant.transform import config_entries, describe, quantize, settings_of
 
 # (index file, single file) pairs, most preferred first: safetensors over pickles, as transformers
 # buffers old transformers saved that carry no information: causal mask, its fill value, rotary inv_freq
@@ -129,8 +129,9 @@ def requested_quantization(path: Path, saved: dict | None, mode: str | None, gro
     check_settings(mode, group_size)
     asked = {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": group_size}
     if saved is not None and saved != asked:
-        raise ValueError(f"{path} is already quantized ({saved}); it cannot be requantized to {asked} (that would "
-                         "compound the error): load the unquantized checkpoint with quantize=...")
+        raise ValueError(f"{path} is already quantized ({describe(saved, None)}); it cannot be requantized to "
+                         f"{describe(asked, None)} (the errors would compound): load it as it is, without a "
+                         "quantization setting, or quantize the unquantized checkpoint")
     return asked
 
 

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-from .cli import UsageError
 from .checkpoint import CheckpointError, load_pretrained, quantization_settings, requested_quantization, weight_files
+from .cli import UsageError
 from .config import Config
 from .devices import auto_dtype, resolve_device, resolve_dtype, shown
 from .hub import resolve_checkpoint
 from .lora.adapter import ADAPTER_CONFIG, load_adapter
 from .model import GPTNeoX
-from .quant.transform import describe, quantize as quantize_model, weight_bytes
+from .quant.schemes import check_settings
+from .quant.transform import describe, weight_bytes
+from .quant.transform import quantize as quantize_model
 from .tokenizer import Tokenizer
 
 NAMES = {k: k for k in ("ckpt", "revision", "adapter", "quantize", "group_size", "dtype", "device", "tokenizer")}
@@ -53,31 +55,37 @@ def plan(ckpt, *, revision=None, adapter=None, quantize=None, group_size=128, dt
     flags, e.g. {"ckpt": "--ckpt"}); dtype "auto" means devices.auto_dtype of the device; tokenizer: a Tokenizer, a
     tokenizer.json or a directory holding one, None for the rule above, or False for none (token data needs none)."""
     names = {**NAMES, **(names or {})}
+    device = resolve_device("cpu" if device is None else device, name=names["device"])  # the cheap checks first:
+    dtype = auto_dtype(device) if isinstance(dtype, str) and dtype == "auto" else resolve_dtype(dtype,
+                                                                                               name=names["dtype"])
+    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():  # a typo is said before a download
+        raise LoadError(f"{shown(names['adapter'], adapter)}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, "
+                        "ours or PEFT's)")
+    if quantize is not None:
+        try:
+            check_settings(quantize, group_size)
+        except ValueError as e:
+            raise LoadError(f"{shown(names['quantize'], quantize)}: {e}") from None
     try:
         path = resolve_checkpoint(str(ckpt), revision=revision)
     except (ValueError, FileNotFoundError) as e:
         raise LoadError(str(e) if str(ckpt) in str(e) else f"{shown(names['ckpt'], ckpt)}: {e}") from None
-    device = resolve_device("cpu" if device is None else device, name=names["device"])
-    dtype = auto_dtype(device) if isinstance(dtype, str) and dtype == "auto" else resolve_dtype(dtype,
-                                                                                               name=names["dtype"])
-    if adapter is not None and not (Path(adapter) / ADAPTER_CONFIG).is_file():
-        raise LoadError(f"{shown(names['adapter'], adapter)}: no {ADAPTER_CONFIG} there (a LoRA adapter directory, "
-                        "ours or PEFT's)")
     config, files = Config.from_hf_config(path), weight_files(path)  # a broken checkpoint: CheckpointError
     try:
         settings = requested_quantization(path, quantization_settings(path), quantize, group_size)
     except ValueError as e:
         raise LoadError(f"{shown(names['quantize'], quantize)}: {e}") from None
     return LoadPlan(path, config, files, settings, dtype, device, backend, None if adapter is None else Path(adapter),
-                    _tokenizer(tokenizer, adapter, path, revision))
+                    _tokenizer(tokenizer, adapter, path))
 
 
-def _tokenizer(tokenizer, adapter, path: Path, revision) -> Tokenizer | None:
+def _tokenizer(tokenizer, adapter, path: Path) -> Tokenizer | None:
+    """path is the resolved checkpoint directory (a revision's own snapshot), so no revision applies here."""
     if tokenizer is False or isinstance(tokenizer, Tokenizer):
         return tokenizer or None
     if tokenizer is None and adapter is not None and (Path(adapter) / "tokenizer.json").is_file():
         tokenizer = Path(adapter) / "tokenizer.json"  # a run that resized the vocabulary carries its tokenizer
-    return Tokenizer.from_pretrained(path if tokenizer is None else tokenizer, revision=revision)
+    return Tokenizer.from_pretrained(path if tokenizer is None else tokenizer)
 
 
 def load(ckpt, *, revision=None, adapter=None, quantize=None, group_size=128, dtype=None, device=None, backend=None,
@@ -86,6 +94,10 @@ def load(ckpt, *, revision=None, adapter=None, quantize=None, group_size=128, dt
     (then give no other argument but progress). quantize "int8" / "int4" (group_size for int4): weight-only, while
     the weights stream in; a quantized checkpoint loads quantized by itself. dtype None keeps the checkpoint's."""
     if isinstance(ckpt, LoadPlan):
+        given = dict(revision=revision, adapter=adapter, quantize=quantize, dtype=dtype, device=device,
+                     backend=backend, tokenizer=tokenizer, names=names)
+        if any(v is not None for v in given.values()) or group_size != 128:
+            raise TypeError("load(plan) takes no other argument but progress: the plan holds the settings")
         p = ckpt
     else:
         p = plan(ckpt, revision=revision, adapter=adapter, quantize=quantize, group_size=group_size, dtype=dtype,

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import hooks, ops
-from .config import Config
 from .checkpoint import load_pretrained, save_pretrained
+from .config import Config
 from .generation.generator import generate
 from .lora.adapter import load_adapter
 

@@ -7,8 +7,12 @@ Facts: docs/architecture.md, "Tokenizer" and "Dolly v2".
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from .prompts.dolly import END_KEY, INSTRUCTION_KEY, RESPONSE_KEY  # Dolly's special tokens: ids 50277-50279 in its file
 from .hub import checkpoint_path
+from .prompts.dolly import (  # Dolly's special tokens: ids 50277-50279 in its file
+    END_KEY,
+    INSTRUCTION_KEY,
+    RESPONSE_KEY,
+)
 
 EOS = "<|endoftext|>"  # id 0: EOD, eos and bos of every Pythia / Dolly model
 PAD = "<|padding|>"  # id 1

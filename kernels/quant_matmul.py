@@ -11,8 +11,8 @@ takes x's dtype. Two shapes of launch:
     decode   M <= DECODE_MAX_M: one program per (row, block of N), a dot product by tl.sum: decoding reads each
              weight byte once per step, so the kernel is a stream over W (gpt-fast's int8 / int4 decode).
     prefill  tl.dot tiles [BLOCK_M, BLOCK_N], the dequantized weight tile cast to x's dtype (fp32: "ieee").
-Inference only, no autograd: gptneox/quantize.py's QuantizedLinear computes the input gradient from dequantize().
-Reference: dequantize-then-matmul, gptneox.quantize.dequantize_weight (named here, not imported).
+Inference only, no autograd: gptneox/quant/linear.py's QuantizedLinear computes the input gradient from dequantize().
+Reference: dequantize-then-matmul, gptneox.quant.dequantize_weight (named here, not imported).
 Credits: gpt-fast's WeightOnlyInt8Linear / WeightOnlyInt4Linear (the schemes), tinygemm's zero-point form.
 """
 

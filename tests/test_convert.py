@@ -1,4 +1,4 @@
-"""HF -> HF conversion (gptneox/convert.py, convert_weights.py): every layout, dtypes, sharding, atomic output, and
+"""HF -> HF conversion (gptneox/convert/, convert_weights.py): every layout, dtypes, sharding, atomic output, and
 one clear error per kind of bad input."""
 
 import json

@@ -1,4 +1,5 @@
-"""gptneox/cpu_quant.c: the CPU int8 / int4 matmul against dequantize-then-matmul, its build, cache and fallbacks."""
+"""gptneox/quant/cpu_quant.c: the CPU int8 / int4 matmul against dequantize-then-matmul, its build, cache and
+fallbacks."""
 
 import os
 import subprocess

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 from scripts import run_script
-from tiny import checkpoint_with_tokenizer, hf_model, save_checkpoint
+from tiny import checkpoint_with_tokenizer
 from tolerances import FP32_LOGITS_REL, assert_rel_close
 
 import gptneox

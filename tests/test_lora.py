@@ -1,4 +1,4 @@
-"""LoRA (gptneox/lora.py): against PEFT on the HF model with identical adapter weights (logits, loss, gradients),
+"""LoRA (gptneox/lora/): against PEFT on the HF model with identical adapter weights (logits, loss, gradients),
 q / k / v adapters on exactly their rows of every head, merge / unmerge, adapters in PEFT's format both ways, the
 forward, generation, KV cache and backends with adapters, a stand-in base module without a weight, bad input."""
 

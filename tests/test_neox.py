@@ -1,5 +1,5 @@
-"""gpt-neox native checkpoints (gptneox/neox.py): reading DeepSpeed files at TP 1/2/4, merge rules, HF -> NeoX -> HF,
-and one clear error per kind of bad NeoX input."""
+"""gpt-neox native checkpoints (gptneox/convert/neox.py): reading DeepSpeed files at TP 1/2/4, merge rules, HF -> NeoX
+-> HF, and one clear error per kind of bad NeoX input."""
 
 import json
 import runpy

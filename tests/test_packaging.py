@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+FLAT_LAYOUT = {"ops.py", "kernel_ops.py", "quantize.py", "cpu_quant.py", "cpu_quant.c", "lora.py", "adapter.py",
+               "generation.py", "sampling.py", "speculative.py", "serve.py", "eval.py", "convert.py", "neox.py"}
 
 
 def run_python(code: str, cwd: Path, pythonpath: str = "", env: dict | None = None) -> str:
@@ -69,7 +71,10 @@ def test_packaging_wheel_installs_kernels_as_gptneox_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "gptneox/kernels/api.py" in names and "gptneox/model.py" in names
     assert "gptneox/kernels/__init__.py" not in names
-    assert "gptneox/quant/cpu_quant.c" in names and "gptneox/generation/run.py" in names  # .c: compiled on the user's machine on first use
+    assert "gptneox/quant/cpu_quant.c" in names  # compiled on the user's machine on first use
+    assert {"gptneox/generation/run.py", "gptneox/serve/__main__.py", "gptneox/eval/__main__.py"} <= set(names)
+    flat = [n for n in names if n.count("/") == 1 and n.removeprefix("gptneox/") in FLAT_LAYOUT]
+    assert not flat, f"modules of the flat layout in the wheel (a stale build/ folder?): {flat}"
     assert not any(n.startswith(("kernels/", "tests/", "benchmarks/")) for n in names), names
     top = next(n for n in names if n.endswith("top_level.txt"))
     assert zipfile.ZipFile(wheel).read(top).decode().split() == ["gptneox"]

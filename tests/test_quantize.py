@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 (gptneox/quantize.py): the schemes' error bounds, a quantized model against the same model
+"""Weight-only int8 / int4 (gptneox/quant/): the schemes' error bounds, a quantized model against the same model
 with the dequantized weights, generation and the KV cache, gradients for LoRA, streaming load, save / load bit for
 bit, convert_weights.py and sample.py flags, and every bad input the issue names."""
 
@@ -84,7 +84,7 @@ def test_quantize_weight_keeps_the_float_dtype_of_scales(dtype):
 
 def test_cpu_operators_exist_and_agree_on_this_torch():
     """torch >= 2.6 has both packed CPU operators; a torch where one is missing or changed would silently run the
-    dequantize fallback, so this states what the suite expects of the pinned torch. Likewise gptneox/cpu_quant.c,
+    dequantize fallback, so this states what the suite expects of the pinned torch. Likewise gptneox/quant/cpu_quant.c,
     which this machine's compiler builds: a failed build would silently fall back to the slower operators."""
     assert cpu_kernels() == {"int8", "int4"}
     assert own_cpu_kernels() == {"int8", "int4"}
@@ -308,7 +308,7 @@ def test_training_frozen_weights_is_refused_with_a_pointer_to_lora():
 
 def test_quantized_directory_refuses_another_quantization(ckpt, tmp_path):
     GPTNeoX.from_pretrained(ckpt, quantize="int8").save_pretrained(tmp_path / "q")
-    with pytest.raises(ValueError, match=r"already quantized \({'mode': 'int8'}\); it cannot be requantized"):
+    with pytest.raises(ValueError, match=r"already quantized \(int8\); it cannot be requantized to int4 g128"):
         GPTNeoX.from_pretrained(tmp_path / "q", quantize="int4")
     GPTNeoX.from_pretrained(tmp_path / "q", quantize="int8")  # the same settings: fine
 

@@ -15,6 +15,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 
+import gptneox
 from gptneox import GPTNeoX, Tokenizer, causal_lm_loss, pythia_steps
 from gptneox.hub import CheckpointNotFound
 
@@ -168,3 +169,28 @@ def test_sweep_over_revisions_frees_each_model(env):
     grown = vm_rss() - rss
     assert grown < 3 * model_bytes, f"RSS grew {grown / 2**20:.1f} MiB over {len(steps)} loads of a " \
                                     f"{model_bytes / 2**20:.1f} MiB model"
+
+
+def test_gptneox_load_and_lm_evals_model_take_a_revision(env):
+    """gptneox.load(name, revision=) loads that revision's weights and tokenizer, as lm-eval's revision model_arg."""
+    hub_revision(env, "step1000", seed=1)
+    hub_revision(env, "step2000", seed=2)
+    a, tok = gptneox.load(REPO, revision="step1000")
+    b, _ = gptneox.load(REPO + "@step2000")
+    ids = torch.tensor([tok.encode(TEXT)])
+    with torch.no_grad():
+        assert not torch.equal(a(ids), b(ids))
+        assert torch.equal(a(ids), GPTNeoX.from_pretrained(REPO, revision="step1000")(ids))
+    from gptneox.eval import GPTNeoXLM
+    lm = GPTNeoXLM(pretrained=REPO, revision="step2000", device="cpu", dtype="float32")
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids), b(ids)[..., :lm.vocab_size], atol=1e-5)  # its head cut to the vocab
+
+
+def test_gptneox_load_says_a_bad_setting_before_looking_for_the_checkpoint(env, tmp_path):
+    """A dtype or adapter typo is one line at once, not after a search (or a download) for the weights."""
+    for kwargs, message in [(dict(dtype="half"), "dtype='half': not a dtype"),
+                            (dict(adapter=tmp_path), "no adapter_config.json there"),
+                            (dict(quantize="int4", group_size=48), "group_size 48 is not supported")]:
+        with pytest.raises(ValueError, match=message):
+            gptneox.load("EleutherAI/no-such-model-here", **kwargs)

@@ -417,7 +417,7 @@ def test_vllm_chat_templates_render_as_the_server_does(shared_data, name, templa
 
 
 def test_import_gptneox_needs_no_server_packages():
-    code = ("import sys, gptneox, gptneox.batching, gptneox.chat; "
+    code = ("import sys, gptneox, gptneox.generation.batching, gptneox.prompts.chat; "
             "assert not {'fastapi', 'uvicorn', 'starlette'} & set(sys.modules), sorted(sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -471,3 +471,11 @@ def test_serve_quantize_loads_quantized_weights_and_keeps_an_adapter_beside_them
     ids = torch.tensor([tok.encode("Name three colors.")])
     with torch.no_grad():  # a fresh adapter (B = 0) adds nothing: the quantized model's own logits
         assert torch.equal(served(ids), want(ids))
+
+
+def test_serve_without_the_serve_extra_says_how_to_install_it(monkeypatch):
+    """No fastapi / pydantic: one line naming the extra, not an import traceback (gptneox.serve still imports)."""
+    from gptneox.serve import server
+    monkeypatch.setattr(server, "MISSING", "pydantic")
+    with pytest.raises(RuntimeError, match=r"serve extra \(pydantic is missing\): pip install -e \"\.\[serve\]\""):
+        server.main(ckpt="anything")

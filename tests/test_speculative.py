@@ -1,5 +1,6 @@
-"""Speculative decoding (gptneox/speculative.py): greedy output token for token the target's own for any draft, the
-sampled distribution the target's, caches that roll back, rows and stops inside accepted runs, and bad input."""
+"""Speculative decoding (gptneox/generation/speculative.py): greedy output token for token the target's own for any
+draft, the sampled distribution the target's, caches that roll back, rows and stops inside accepted runs, and bad
+input."""
 
 import math
 import os

@@ -19,16 +19,14 @@ import torch
 
 from .. import atomic, cli
 from .. import progress as progress_bars
-from ..checkpoint import CheckpointError, ShardWriter, parse_size
+from ..checkpoint import CheckpointError, ShardWriter, parse_size, quantization_settings
 from ..config import Config
-from .neox import check_split, expected_shapes, load_neox, neox_tensors, save_neox
-from .source import HFCheckpoint, LazyTensors
-from ..checkpoint import quantization_settings
 from ..model import GPTNeoX
 from ..quant.schemes import check_settings, quantize_weight
 from ..quant.transform import config_entries, targets
+from .neox import check_split, expected_shapes, load_neox, neox_tensors, save_neox
+from .source import HFCheckpoint, LazyTensors
 
-SHARD_FILE = re.compile(r"(model|pytorch_model)-(\d+)-of-(\d+)\.(safetensors|bin)")
 # files besides the weights that a model directory needs: tokenizer, generation defaults, custom pipeline code (Dolly)
 COPIED_FILES = re.compile(r"tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|added_tokens\.json|"
                           r"vocab\.json|merges\.txt|generation_config\.json|[\w-]+\.py")

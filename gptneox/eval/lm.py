@@ -35,12 +35,12 @@ from tqdm import tqdm  # an lm-eval dependency
 
 from .. import devices
 from ..devices import resolve_dtype
-from ..prompts.dolly import END_KEY, format_prompt
 from ..generation.config import GenerationConfig
 from ..generation.generator import Generator
 from ..generation.run import left_pad
 from ..loading import load
 from ..model import GPTNeoX
+from ..prompts.dolly import END_KEY, format_prompt
 from ..tokenizer import Tokenizer
 
 MODEL_NAME = "gptneox"

@@ -11,8 +11,7 @@ from .dispatch import (ATTENTION, ATTENTION_POINTS, DECODE_MAX_T, ROTARY_POINTS,
                        qkv_rotary)
 from .reference import (ACT2FN, apply_rotary, eager_attention, gelu_fast, gelu_new, gelu_tanh, rotary_cos_sin,
                         rotate_half, sdpa_attention, spans_to_dense)
-from .runtime import (BACKENDS, TRITON_MISSING, check_backend, compiling, default_backend, kernels,
-                      triton_available)
+from .runtime import BACKENDS, TRITON_MISSING, check_backend, compiling, default_backend, kernels, triton_available
 
 __all__ = ["custom", "ATTENTION", "ATTENTION_POINTS", "DECODE_MAX_T", "ROTARY_POINTS", "SPANS_ERROR", "Mask",
            "Rotary", "attention", "qkv_rotary", "ACT2FN", "apply_rotary", "eager_attention", "gelu_fast", "gelu_new",

@@ -56,7 +56,6 @@ def kernels():
                          "gptneox, or use backend='sdpa' or 'eager'") from None
 
 
-
 def on_kernels(t: torch.Tensor) -> bool:
     """Whether the Triton kernels run on t's device: CUDA, or CPU under the interpreter (TRITON_INTERPRET=1)."""
     if t.is_cuda:

@@ -1,8 +1,8 @@
-/* Weight-only int8 / int4 matrix products on CPU: y[M, N] = x[M, K] W^T, with W in the layout of gptneox/quantize.py.
+/* Weight-only int8 / int4 matrix products on CPU: y[M, N] = x[M, K] W^T, with W in the layout of schemes.py.
  *
  * Decoding reads every weight once per token, so on a CPU it runs at memory bandwidth: this reads the quantized
  * bytes once per call and converts them in registers (never a float copy of W). Built and loaded by
- * gptneox/cpu_quant.py (the compiler on the user's machine, ctypes); AVX2 + FMA when the compiler targets them,
+ * cpu.py (the compiler on the user's machine, ctypes); AVX2 + FMA when the compiler targets them,
  * plain C otherwise. OpenMP splits the output rows; it is the libgomp torch already loaded, so one thread pool.
  *
  *   int8  w[n, k] = q[n, k] * s[n]                                   q int8 [N, K], s [N]
@@ -23,7 +23,7 @@
 #include <immintrin.h>
 #endif
 
-enum { F32 = 0, BF16 = 1, F16 = 2 };  /* codes of the scales' dtype, as cpu_quant.py passes them */
+enum { F32 = 0, BF16 = 1, F16 = 2 };  /* codes of the scales' dtype, as cpu.py passes them */
 #define MB 8                          /* rows of x per weight pass: 8 accumulators + 4 weights fit 16 ymm */
 #define NB 8                          /* output rows per OpenMP work item */
 
@@ -136,7 +136,7 @@ void gptneox_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *q, 
         for (int64_t n = n0; n < n0 + NB && n < N; n++) int8_rows(x, M, K, q, scales, bias, sdtype, n, y, N);
 }
 
-#define GMAX 1024  /* groups per row handled (K <= 32768 at g = 32); cpu_quant.py checks it */
+#define GMAX 1024  /* groups per row handled (K <= 32768 at g = 32); cpu.py checks it */
 
 /* int4, whole groups: out[m] = sum_j s[j] * sum_{k in group j} (q[k] - 8) xp[m, k] over groups 0 .. ngroups - 1,
  * each of g columns (a multiple of 32). The hot loop: two widening loads, four masks / shifts, four subtractions,
@@ -266,7 +266,7 @@ int gptneox_int4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *q, 
 }
 
 
-/* Long prompts: out [n1 - n0, K] = the fp32 weight rows n0 .. n1 - 1, for torch's GEMM (cpu_quant.py, PROMPT_ROWS).
+/* Long prompts: out [n1 - n0, K] = the fp32 weight rows n0 .. n1 - 1, for torch's GEMM (cpu.py, PROMPT_ROWS).
  * As dequantize_weight computes them; loops simple enough for the compiler to vectorise. */
 void gptneox_int8_dequant(const int8_t *q, int64_t K, const void *scales, int sdtype, int64_t n0, int64_t n1,
                           float *out, int nthreads) {

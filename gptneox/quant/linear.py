@@ -66,14 +66,20 @@ class QuantizedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, mode: str, group_size: int | None = 128, *,
                  dtype=None, device=None):
         super().__init__()
-        self.scheme = scheme(mode)
         self.in_features, self.out_features = in_features, out_features
-        self.mode, self.group_size = mode, self.scheme.group(group_size)
-        tensors = self.scheme.empty(out_features, in_features, self.group_size, dtype, device)
+        self.mode, self.group_size = mode, scheme(mode).group(group_size)
+        tensors = scheme(mode).empty(out_features, in_features, self.group_size, dtype, device)
         for name in ("weight", "scales", "zeros"):
             self.register_buffer(name, tensors.get(name))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self._runtime = {}  # "cpu": the cpu_quant.c binding; or torch's packed CPU form (fallback)
+
+    @property
+    def scheme(self):  # schemes.SCHEMES' entry of self.mode
+        return scheme(self.mode)
+
+    def __getstate__(self):  # deepcopy / torch.save: the CPU kernel's binding holds pointers, and is rebuilt on use
+        return {**self.__dict__, "_runtime": {}}
 
     @classmethod
     @torch.no_grad()

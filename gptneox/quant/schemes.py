@@ -55,11 +55,12 @@ class Int8:
 
     @staticmethod
     def torch_pack(weight, scales, zeros, K: int, group_size, dtype):
-        return weight, scales.to(dtype)
+        return weight, scales  # the tensors themselves: an in-place load reaches them
 
     @staticmethod
     def torch_mm(x, packed, K: int, N: int, group_size):
-        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), *packed)
+        weight, scales = packed
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), weight, scales.to(x.dtype))
 
 
 class Int4:

@@ -17,8 +17,8 @@ import time
 from contextlib import asynccontextmanager
 
 from ..generation.batching import Engine, Event, Request
-from ..prompts.chat import PLAIN_STOP, Stripped, dolly_prompt, plain_prompt
 from ..generation.config import GenerationConfig
+from ..prompts.chat import PLAIN_STOP, Stripped, dolly_prompt, plain_prompt
 from .api import (APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, chat_logprobs, completion_body,
                   completion_logprobs, new_id, usage, validation_error)
 
@@ -274,10 +274,11 @@ class BearerKey:
 
 def create_app(service: Service, *, api_key: str | None = None):
     """The FastAPI app; its lifespan starts and stops the service's engine."""
-    from fastapi import FastAPI, Request as HTTPRequest
+    from fastapi import FastAPI
+    from fastapi import Request as HTTPRequest
     from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
     from fastapi.responses import JSONResponse
+    from pydantic import ValidationError
     from starlette.exceptions import HTTPException
 
     @asynccontextmanager

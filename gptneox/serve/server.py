@@ -17,14 +17,19 @@ import logging
 import os
 import socket
 
-
 from .. import cli
 from ..generation.batching import Engine
 from ..loading import LoadPlan, plan
 from ..loading import load as gptneox_load
 from ..lora import merge_lora
 from ..quant import describe, settings_of
-from .app import Service, create_app
+
+try:  # the serve extra (fastapi brings pydantic): main() says how to install it
+    from .app import Service, create_app
+except ImportError as e:
+    MISSING = e.name
+else:
+    MISSING = None
 
 GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
 log = logging.getLogger("gptneox.serve")
@@ -85,12 +90,13 @@ def load(p: LoadPlan):
 def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
          max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
          template="auto", log_level="info", threads=None) -> int:
+    missing = MISSING
     try:
-        import fastapi  # noqa: F401 (checked here, imported by app.py)
         import uvicorn
     except ImportError as e:
-        raise RuntimeError(f"the server needs the serve extra ({e.name} is missing): "
-                           "pip install -e \".[serve]\"") from None
+        missing = missing or e.name
+    if missing is not None:
+        raise RuntimeError(f"the server needs the serve extra ({missing} is missing): pip install -e \".[serve]\"")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     cli.set_threads(threads)
     dev = cli.pick_device(device)

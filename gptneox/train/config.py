@@ -16,8 +16,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 from pathlib import Path
 
 from ..checkpoint import quantization_settings
-from ..cli import (ArgumentParser, UsageError, add_threads_flag, device_arg, dtype_arg, non_negative_int,
-                   positive_int)
+from ..cli import ArgumentParser, UsageError, add_threads_flag, device_arg, dtype_arg, non_negative_int, positive_int
 from ..config import HUB_IDS, PRESETS, Config
 from ..hub import parse_name
 from ..lora.layers import LoRAConfig

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from . import distributed as dist
-from ..lora.adapter import ADAPTER_FILES
 from ..atomic import check_replace
 from ..checkpoint import replaced_by_save
+from ..lora.adapter import ADAPTER_FILES
+from . import distributed as dist
 from .config import RUN_KEYS
 
 STATE_FILE = re.compile(r"step-(\d{8})\.pt")

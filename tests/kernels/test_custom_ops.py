@@ -1,4 +1,4 @@
-"""The kernels as torch.library custom ops (gptneox/kernel_ops.py): opcheck on every op (schema, fake tensors and
+"""The kernels as torch.library custom ops (gptneox/ops/custom.py): opcheck on every op (schema, fake tensors and
 their strides, autograd registration, AOT dispatch), the torch path they take on a CPU without the interpreter
 against the kernels, and torch.compile(fullgraph=True) keeping them in the model's forward, its backward, the
 compiled mask check and the Generator's compiled decode step. Four compiled graphs in all (two with Inductor)."""

@@ -1,5 +1,5 @@
 """The whole model with backend="triton" against Hugging Face GPTNeoX (logits, loss, gradients, cache, padding),
-and the wiring in gptneox/ops.py: backend choice, masks, errors, loading the kernels from an uninstalled checkout."""
+and the wiring in gptneox/ops/: backend choice, masks, errors, loading the kernels from an uninstalled checkout."""
 
 import os
 import shutil
