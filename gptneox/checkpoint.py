@@ -21,7 +21,8 @@ from .devices import resolve_device, resolve_dtype
 from .hub import LAYOUTS, checkpoint_path
 from .lora.layers import base_state_dict, lora_modules
 from .quant.linear import QuantizedLinear
-from .quant.schemes import check_settings, quantize_weight
+from .quant.schemes import quantize_weight
+from .quant.schemes import settings as quant_settings
 from .quant.transform import config_entries, describe, quantize, settings_of
 
 # (index file, single file) pairs, most preferred first: safetensors over pickles, as transformers
@@ -114,11 +115,9 @@ def quantization_settings(path: Path) -> dict | None:
     if settings is None:
         return None
     try:
-        check_settings(settings["mode"], settings.get("group_size"))
+        return quant_settings(settings["mode"], settings.get("group_size"))  # canonical order (json sorts keys)
     except (TypeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}/config.json: field 'quantization' is {settings!r}: {e}") from None
-    mode = settings["mode"]  # in the canonical order (config.json sorts its keys)
-    return {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": settings["group_size"]}
 
 
 def requested_quantization(path: Path, saved: dict | None, mode: str | None, group_size: int) -> dict | None:
@@ -126,8 +125,7 @@ def requested_quantization(path: Path, saved: dict | None, mode: str | None, gro
     quantized checkpoint for other settings is a ValueError."""
     if mode is None:
         return saved
-    check_settings(mode, group_size)
-    asked = {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": group_size}
+    asked = quant_settings(mode, group_size)
     if saved is not None and saved != asked:
         raise ValueError(f"{path} is already quantized ({describe(saved, None)}); it cannot be requantized to "
                          f"{describe(asked, None)} (the errors would compound): load it as it is, without a "

@@ -22,7 +22,8 @@ from .. import progress as progress_bars
 from ..checkpoint import CheckpointError, ShardWriter, parse_size, quantization_settings
 from ..config import Config
 from ..model import GPTNeoX
-from ..quant.schemes import check_settings, quantize_weight
+from ..quant.schemes import quantize_weight
+from ..quant.schemes import settings as quant_settings
 from ..quant.transform import config_entries, targets
 from .neox import check_split, expected_shapes, load_neox, neox_tensors, save_neox
 from .source import HFCheckpoint, LazyTensors
@@ -185,8 +186,7 @@ def convert_hf(src, dst, *, dtype=None, max_shard_size="5GB", force=False, force
                               "converts float checkpoints (load it with GPTNeoX.from_pretrained instead)")
     settings = None
     if quantize is not None:
-        check_settings(quantize, group_size)
-        settings = {"mode": quantize} if quantize == "int8" else {"mode": quantize, "group_size": group_size}
+        settings = quant_settings(quantize, group_size)
     ckpt = HFCheckpoint(src)
     copy = copied_files(src)
     if settings is None:

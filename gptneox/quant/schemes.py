@@ -37,6 +37,14 @@ class Int8:
         return None  # per channel
 
     @staticmethod
+    def settings(group_size) -> dict:  # config.json's "quantization"
+        return {"mode": "int8"}
+
+    @staticmethod
+    def label(group_size) -> str:  # how a report names the weights
+        return "int8"
+
+    @staticmethod
     def empty(N: int, K: int, group_size, dtype, device) -> dict:
         return {"weight": torch.empty(N, K, dtype=torch.int8, device=device),
                 "scales": torch.empty(N, dtype=dtype, device=device)}
@@ -72,6 +80,14 @@ class Int4:
             raise ValueError(f"int4 group_size {group_size!r} is not supported; choose one of "
                              f"{', '.join(map(str, GROUP_SIZES))}")
         return group_size
+
+    @staticmethod
+    def settings(group_size: int) -> dict:
+        return {"mode": "int4", "group_size": group_size}
+
+    @staticmethod
+    def label(group_size: int) -> str:
+        return f"int4 g{group_size}"
 
     @staticmethod
     def empty(N: int, K: int, group_size: int, dtype, device) -> dict:
@@ -146,6 +162,13 @@ def scheme(mode: str):
 def check_settings(mode: str, group_size: int | None) -> None:
     """A ValueError naming the bad setting: an unknown mode, or an int4 group size outside GROUP_SIZES."""
     scheme(mode).group(group_size)
+
+
+def settings(mode: str, group_size: int | None = None) -> dict:
+    """config.json's "quantization" for these settings, checked, in the canonical order: {"mode": "int8"} or
+    {"mode": "int4", "group_size": g}."""
+    s = scheme(mode)
+    return s.settings(s.group(group_size))
 
 
 def quantize_weight(w: torch.Tensor, mode: str, group_size: int | None = None) -> dict[str, torch.Tensor]:

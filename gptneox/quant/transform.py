@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from .linear import LORA_POINTER, QuantizedLinear
-from .schemes import check_settings
+from .schemes import check_settings, scheme, settings
 
 
 def targets(model) -> list[str]:
@@ -27,8 +27,7 @@ def settings_of(model) -> dict | None:
     if not found:
         return None
     assert len(found) == 1, f"mixed quantization settings {found}"
-    mode, group_size = found.pop()
-    return {"mode": mode} if mode == "int8" else {"mode": mode, "group_size": group_size}
+    return settings(*found.pop())
 
 
 def _replace(model, name: str, module: nn.Module) -> None:
@@ -78,8 +77,8 @@ def weight_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for n, t in tensors.items() if "embed_in" not in n)
 
 
-def describe(settings: dict | None, dtype: torch.dtype) -> str:
+def describe(quantization: dict | None, dtype: torch.dtype) -> str:
     """"int4 g128", "int8", or the float dtype's name ("bfloat16"): how a report names the weights."""
-    if settings is None:
+    if quantization is None:
         return str(dtype).removeprefix("torch.")
-    return settings["mode"] + (f" g{settings['group_size']}" if settings["mode"] == "int4" else "")
+    return scheme(quantization["mode"]).label(quantization.get("group_size"))
