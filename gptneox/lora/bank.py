@@ -18,7 +18,10 @@ by tune once; each BankLinear then adds, per tune present in the batch and on th
 
     y[rows_k] += (x[rows_k] A_k^T) B_k^T        x [B, T, in], y [B, T, out]; rows of the base cost nothing
 
-in grouped_lora(), the torch reference path and the one seam for a grouped kernel (SGMV / Punica style). Adding or
+in grouped_lora(), the torch reference path. On CUDA with Triton (use_kernel), the layer instead stacks its tunes
+once, A [T, R, in] and B [T, out, R] zero-padded to its largest rank R, and runs the grouped kernel
+(kernels/lora.py, Punica's shrink / expand: each token reads its own tune's A and B by index, -1 for the base) in
+two launches whatever the number of tunes; CPU, autograd and torch.compile keep the torch path. Adding or
 removing a tune changes only the bank's tensors: no layer is rebuilt, no base weight written. Inference only (no
 dropout, no gradients to the tunes; generation's adapters= runs uncompiled, without a draft model). Refused for now:
 adapters on a resized vocabulary (Dolly's added tokens) and whole embedding matrices other than the base's own
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops.runtime import compiling, kernels, triton_available
 from .adapter import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDING_KEY, META_VOCAB, AdapterError,
                       _check_config, _plan, read_adapter)
 from .layers import TARGETS, _device, _float_tensor, target_paths
@@ -41,12 +45,24 @@ BASE = -1  # the index of a row that runs the base alone
 
 def grouped_lora(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
     """y plus each group's low-rank product on its rows: groups [(rows [n] or None for every row, A [R, in],
-    B [out, R])]; x [B, ..., in], y [B, ..., out]. The torch reference path; a grouped kernel replaces this."""
+    B [out, R])]; x [B, ..., in], y [B, ..., out]. The torch reference path (BankLinear runs the Triton kernel
+    instead where use_kernel says so)."""
     for rows, A, B in groups:
         xs = x if rows is None else x.index_select(0, rows)
         d = F.linear(F.linear(xs.to(A.dtype), A), B).to(y.dtype)  # [n, ..., out]
         y = y + d if rows is None else y.index_add(0, rows, d)
     return y
+
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def use_kernel(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether a BankLinear runs the grouped Triton kernel: CUDA tensors, Triton installed, eager, no gradient to
+    x or y (the kernel adds into y in place and has no backward). Tests force it on CPU under the interpreter."""
+    return (x.is_cuda and y.is_cuda and x.dtype in KERNEL_DTYPES and y.dtype in KERNEL_DTYPES
+            and triton_available() and not compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad)))
 
 
 class _Active:
@@ -65,6 +81,8 @@ class BankLinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.active = active
         self.tunes = {}  # slot -> (A [R, in], B [out, R] scaled); plain tensors, moved by _apply
+        self._stack = None  # the kernel's stacked tunes: (what they were built from, A, B, {slot: index})
+        self._idx = None  # the kernel's row indices: (selection, tokens per row, idx [rows x tokens])
 
     @property
     def weight(self):
@@ -74,6 +92,7 @@ class BankLinear(nn.Module):
     def _apply(self, fn, *args, **kwargs):  # model.to(...) moves the tunes with the base
         super()._apply(fn, *args, **kwargs)
         self.tunes = {k: (fn(A), fn(B)) for k, (A, B) in self.tunes.items()}
+        self._stack = self._idx = None
         return self
 
     def forward(self, x):  # x [B, ..., in] -> [B, ..., out]
@@ -84,8 +103,46 @@ class BankLinear(nn.Module):
         batch, groups = selection
         if x.shape[0] != batch:
             raise ValueError(f"the adapter rows name {batch} rows, the forward has a batch of {x.shape[0]}")
-        groups = [(rows, *self.tunes[slot]) for slot, rows in groups if slot in self.tunes]
-        return grouped_lora(y, x, groups) if groups else y
+        if not any(slot in self.tunes for slot, _ in groups):
+            return y
+        if use_kernel(x, y):
+            return self._kernel_forward(y, x, selection)
+        return grouped_lora(y, x, [(rows, *self.tunes[slot]) for slot, rows in groups if slot in self.tunes])
+
+    def _stacked(self):
+        """(A [T, R, in], B [T, out, R], {slot: index}): the tunes zero-padded to the largest rank, rebuilt only
+        when the tunes change (add / remove put new tensors in self.tunes)."""
+        items = [(slot, *self.tunes[slot]) for slot in sorted(self.tunes)]
+        if self._stack is not None and len(self._stack[0]) == len(items) and all(
+                s == s2 and A is A2 and B is B2 for (s, A, B), (s2, A2, B2) in zip(items, self._stack[0])):
+            return self._stack[1:]
+        R = max(A.shape[0] for _, A, _ in items)
+        like = items[0][1]
+        A_stack = like.new_zeros(len(items), R, self.in_features)
+        B_stack = like.new_zeros(len(items), self.out_features, R)
+        for i, (_, A, B) in enumerate(items):
+            A_stack[i, :A.shape[0]] = A
+            B_stack[i, :, :A.shape[0]] = B
+        self._stack = (items, A_stack, B_stack, {slot: i for i, (slot, _, _) in enumerate(items)})
+        self._idx = None
+        return self._stack[1:]
+
+    def _kernel_forward(self, y, x, selection):
+        """grouped_lora's sum by the Triton kernel: every token of batch row b takes its tune's index (-1: none on
+        this layer), and the kernel adds into y, the base layer's fresh output, in place."""
+        A, B, index = self._stacked()
+        batch, groups = selection
+        tokens = x[0].numel() // self.in_features if batch else 0  # tokens per batch row
+        if self._idx is None or self._idx[0] is not selection or self._idx[1] != tokens:
+            idx = torch.full((batch,), BASE, dtype=torch.int32, device=x.device)
+            for slot, rows in groups:
+                if slot in index:
+                    idx[slice(None) if rows is None else rows] = index[slot]
+            self._idx = (selection, tokens, idx.repeat_interleave(tokens))
+        flat = y.reshape(-1, self.out_features)
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        kernels().grouped_lora(flat, x.reshape(-1, self.in_features), A, B, self._idx[2])
+        return flat.view(y.shape)
 
 
 class Rows:
