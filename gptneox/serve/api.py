@@ -184,3 +184,19 @@ def chat_chunk(rid, model, created, delta: dict | None, finish_reason=None, logp
                                          "finish_reason": finish_reason}]
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
             **({"usage": use} if use is not None else {})}
+
+
+# ------------------------------------------------------------------------------------- LoRA adapters at runtime
+class LoadAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: Annotated[StrictStr, Field(min_length=1)]
+    lora_path: Annotated[StrictStr, Field(min_length=1)]
+
+
+class UnloadAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: Annotated[StrictStr, Field(min_length=1)]

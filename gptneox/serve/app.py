@@ -13,14 +13,18 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
-from ..generation.batching import Engine, Event, Request
+from ..generation import batching
+from ..generation.batching import Event, Request
 from ..generation.config import GenerationConfig
+from ..lora.adapter import ADAPTER_CONFIG
 from ..prompts.chat import PLAIN_STOP, Stripped, dolly_prompt, plain_prompt
-from .api import (APIError, ChatRequest, CompletionRequest, chat_body, chat_chunk, chat_logprobs, completion_body,
-                  completion_logprobs, new_id, usage, validation_error)
+from .api import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_body,
+                  chat_chunk, chat_logprobs, completion_body, completion_logprobs, new_id, usage, validation_error)
 
 log = logging.getLogger("gptneox.serve")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
@@ -30,6 +34,51 @@ POLL_S = 0.25  # how often a waiting request checks that its client is still the
 
 class ClientGone(Exception):
     """The client closed its connection while its request was running."""
+
+
+def adapter_rank(path) -> int:
+    """The largest LoRA rank an adapter directory's adapter_config.json gives ("r", "rank_pattern"); ValueError
+    naming the file or the field when there is none to read."""
+    file = Path(path) / ADAPTER_CONFIG
+    if not Path(path).is_dir():
+        raise ValueError(f"{path}: not a directory")
+    if not file.is_file():
+        raise ValueError(f"{path}: no {ADAPTER_CONFIG} (not a LoRA adapter directory)")
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    ranks = [config.get("r"), *(config.get("rank_pattern") or {}).values()] if isinstance(config, dict) else [None]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
+        raise ValueError(f"{file}: field 'r' (and rank_pattern) must hold positive integers")
+    return max(ranks)
+
+
+class Engine(batching.Engine):
+    """The batching engine, each forward (a prefill, a decode step) under forward_lock, so that the AdapterBank
+    changes between forwards, never during one (Service.bank_op). A bank operation first takes the gate, which the
+    engine passes before each forward: a waiting operation runs after the forward in progress, not after many."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forward_lock, self.gate = threading.Lock(), threading.Lock()
+
+    def _start(self, r: Request) -> None:
+        with self.gate:
+            pass
+        with self.forward_lock:
+            super()._start(r)
+
+    def _decode(self) -> None:
+        with self.gate:
+            pass
+        with self.forward_lock:
+            super()._decode()
+
+    def between_forwards(self, op, *args):
+        """op(*args) on the calling thread while no forward runs."""
+        with self.gate, self.forward_lock:
+            return op(*args)
 
 
 # ------------------------------------------------------------------------------------------------- one call
@@ -85,22 +134,64 @@ def sse(obj) -> str:
 
 # --------------------------------------------------------------------------------------------- the service
 class Service:
-    """What the endpoints share: the engine, the tokenizer, the served name and the chat template."""
+    """What the endpoints share: the engine, the tokenizer, the served name and the chat template.
 
-    def __init__(self, engine: Engine, tokenizer, *, model_name: str, template: str):
+    LoRA adapters: the request's `model` picks one. adapters {name: directory} are the tunes of the model's
+    AdapterBank (lora/bank.py; each row of a batch runs its own); aliases {name: directory} name an adapter merged
+    into the weights at load (the one --adapter, served under its name and the base's alike). runtime: the tunes may
+    be loaded and unloaded while serving (load_adapter / unload_adapter; the engine must be this module's Engine);
+    max_adapters: at most that many tunes, the least recently used idle one evicted by a load past it; max_rank:
+    a tune of a higher rank is refused."""
+
+    def __init__(self, engine: Engine, tokenizer, *, model_name: str, template: str, adapters=None, aliases=None,
+                 runtime: bool = False, max_adapters: int | None = None, max_rank: int | None = None):
         if template not in ("dolly", "plain"):
             raise ValueError(f"template must be 'dolly' or 'plain', got {template!r}")
         self.engine, self.tokenizer, self.model_name, self.template = engine, tokenizer, model_name, template
         self.window, self.vocab = engine.max_len, engine.model.config.vocab_size
         self.created = int(time.time())
+        self.bank = getattr(engine.model, "adapter_bank", None)
+        if (adapters or runtime) and self.bank is None:
+            raise ValueError("adapters and runtime loading need an AdapterBank on the engine's model")
+        if runtime and not isinstance(engine, Engine):
+            raise ValueError("runtime adapter loading needs gptneox.serve.app.Engine (it locks each forward)")
+        self.adapters = {name: str(path) for name, path in (adapters or {}).items()}  # the bank's tunes served
+        self.aliases = {name: str(path) for name, path in (aliases or {}).items()}  # names of the merged weights
+        self.runtime, self.max_adapters, self.max_rank = runtime, max_adapters, max_rank
+        self.used = {name: time.monotonic() for name in self.adapters}  # name -> last request (least recently used)
+        self.requests: dict[str, list[Request]] = {}  # name -> its requests not known to be finished
+        self.changing = None  # an asyncio.Lock, made in the event loop: one load / unload at a time
 
-    def check(self, body) -> None:
-        if body.model != self.model_name:
-            raise APIError(400, f"model {body.model!r} is not served here; this server serves {self.model_name!r}",
-                           param="model", code="model_not_found")
+    def adapter_of(self, model: str) -> str | None:
+        """The bank tune a request's model names (None: the served weights); an unknown name is a 404."""
+        if model == self.model_name or model in self.aliases:
+            return None
+        if model in self.adapters:
+            self.used[model] = time.monotonic()
+            return model
+        served = ", ".join(map(repr, [self.model_name, *self.aliases, *self.adapters]))
+        raise APIError(404, f"The model {model!r} does not exist; this server serves {served}", param="model",
+                       code="model_not_found")
+
+    def check(self, body) -> str | None:
+        """The request's adapter (adapter_of), once its unsupported fields are refused."""
+        adapter = self.adapter_of(body.model)
         bad = body.unsupported()
         if bad:
             raise APIError(400, f"{bad[0]}: not supported by this server", param=bad[0], code="unsupported")
+        return adapter
+
+    def call(self, http, ids, config, adapter, **options) -> Call:
+        call = Call(self.engine, http, ids, config, adapter=adapter, **options)
+        if adapter is not None:
+            self.requests.setdefault(adapter, []).append(call.request)
+        return call
+
+    def in_use(self, name: str) -> int:
+        """Requests of tune `name` queued or running (a finished or cancelled one is forgotten)."""
+        live = [r for r in self.requests.get(name, []) if r.finish_reason is None and not r.cancelled]
+        self.requests[name] = live
+        return len(live)
 
     def ids(self, prompt: str | list[int], param: str) -> list[int]:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -126,13 +217,13 @@ class Service:
 
     # ----------------------------------------------------------------------------------------- completions
     async def completions(self, body: CompletionRequest, http):
-        self.check(body)
+        adapter = self.check(body)
         prompt = body.one_prompt()
         ids, stops = self.ids(prompt, "prompt"), body.stops()
         config = self.config(body, len(ids), body.max_tokens or COMPLETION_MAX_TOKENS, body.top_p, stops)
         echo = self.tokenizer.decode(ids) if body.echo else ""
-        call = Call(self.engine, http, ids, config, top_logprobs=body.logprobs,
-                    prompt_logprobs=body.echo and body.logprobs is not None)
+        call = self.call(http, ids, config, adapter, top_logprobs=body.logprobs,
+                         prompt_logprobs=body.echo and body.logprobs is not None)
         rid, created = new_id("cmpl"), int(time.time())
         first = await call.first()
         if body.stream:
@@ -146,7 +237,7 @@ class Service:
             call.close()
         r = call.request
         logprobs = None if body.logprobs is None else self.completion_scores(r, body.echo, 0)
-        return completion_body(rid, self.model_name, text, r.finish_reason, usage(len(ids), len(r.tokens)), logprobs,
+        return completion_body(rid, body.model, text, r.finish_reason, usage(len(ids), len(r.tokens)), logprobs,
                                created)
 
     def completion_scores(self, r: Request, echo: bool, offset: int, start: int = 0, end: int | None = None):
@@ -158,25 +249,25 @@ class Service:
         r, sent, n = call.request, len(echo), 0
         if echo:
             logprobs = self.completion_scores(r, True, 0, 0, 0) if body.logprobs is not None else None
-            yield sse(completion_body(rid, self.model_name, echo, None, None, logprobs, created))
+            yield sse(completion_body(rid, body.model, echo, None, None, logprobs, created))
         while True:
             if event.kind == "token":
                 n += 1
                 logprobs = (None if body.logprobs is None
                             else self.completion_scores(r, False, sent, n - 1, n))
                 if event.text or logprobs:
-                    yield sse(completion_body(rid, self.model_name, event.text, None, None, logprobs, created))
+                    yield sse(completion_body(rid, body.model, event.text, None, None, logprobs, created))
                 sent += len(event.text)
             else:
                 use = usage(prompt_len, len(r.tokens))
-                yield sse(completion_body(rid, self.model_name, "", r.finish_reason,
+                yield sse(completion_body(rid, body.model, "", r.finish_reason,
                                           use if _include_usage(body) else None, None, created))
                 return
             event = await call.next()
 
     # ------------------------------------------------------------------------------------------------ chat
     async def chat(self, body: ChatRequest, http):
-        self.check(body)
+        adapter = self.check(body)
         messages = [m.pair() for m in body.messages]
         try:
             prompt = dolly_prompt(messages) if self.template == "dolly" else plain_prompt(messages)
@@ -190,7 +281,7 @@ class Service:
             top_p = DOLLY_CHAT["top_p"] if top_p is None else top_p
             max_tokens = max_tokens or min(DOLLY_CHAT["max_tokens"], self.window - len(ids))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        call = Call(self.engine, http, ids, self.config(body, len(ids), max_tokens, top_p, stops), top_logprobs=top)
+        call = self.call(http, ids, self.config(body, len(ids), max_tokens, top_p, stops), adapter, top_logprobs=top)
         rid, created = new_id("chatcmpl"), int(time.time())
         first = await call.first()
         if body.stream:
@@ -205,21 +296,21 @@ class Service:
             call.close()
         r = call.request
         logprobs = chat_logprobs(self.tokenizer, r.tokens, r.logprobs) if body.logprobs else None
-        return chat_body(rid, self.model_name, text, r.finish_reason, usage(len(ids), len(r.tokens)), logprobs)
+        return chat_body(rid, body.model, text, r.finish_reason, usage(len(ids), len(r.tokens)), logprobs)
 
     async def chat_chunks(self, call: Call, event: Event, body, rid, created, prompt_len: int):
         r, answer, n = call.request, Stripped(), 0
-        yield sse(chat_chunk(rid, self.model_name, created, {"role": "assistant", "content": ""}))
+        yield sse(chat_chunk(rid, body.model, created, {"role": "assistant", "content": ""}))
         while event.kind == "token":
             n += 1
             piece = answer.feed(event.text)
             logprobs = chat_logprobs(self.tokenizer, r.tokens[n - 1:n], r.logprobs[n - 1:n]) if body.logprobs else None
             if piece or logprobs:
-                yield sse(chat_chunk(rid, self.model_name, created, {"content": piece}, logprobs=logprobs))
+                yield sse(chat_chunk(rid, body.model, created, {"content": piece}, logprobs=logprobs))
             event = await call.next()
-        yield sse(chat_chunk(rid, self.model_name, created, {}, r.finish_reason))
+        yield sse(chat_chunk(rid, body.model, created, {}, r.finish_reason))
         if _include_usage(body):
-            yield sse(chat_chunk(rid, self.model_name, created, None, use=usage(prompt_len, len(r.tokens))))
+            yield sse(chat_chunk(rid, body.model, created, None, use=usage(prompt_len, len(r.tokens))))
 
     # ------------------------------------------------------------------------------------------- streaming
     def stream(self, chunks, call: Call):
@@ -244,12 +335,93 @@ class Service:
     def health(self) -> dict:
         e = self.engine
         steps = {str(n): k for n, k in enumerate(e.decode_steps) if k}  # requests per step -> steps
-        return {"status": "ok", "model": self.model_name, "slots": {"busy": e.busy, "total": e.max_batch_size},
-                "waiting": len(e.waiting), "decode_steps": steps, "requests": dict(e.stats)}
+        return {"status": "ok", "model": self.model_name, "adapters": [*self.aliases, *self.adapters],
+                "slots": {"busy": e.busy, "total": e.max_batch_size}, "waiting": len(e.waiting),
+                "decode_steps": steps, "requests": dict(e.stats)}
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
-                                            "owned_by": "gptneox", "max_model_len": self.window}]}
+        """The base and every adapter, an adapter's "parent" the base's id (as vLLM lists LoRA modules)."""
+        def entry(name, root, parent):
+            return {"id": name, "object": "model", "created": self.created, "owned_by": "gptneox", "root": root,
+                    "parent": parent, "max_model_len": self.window}
+        tunes = {**self.aliases, **self.adapters}
+        return {"object": "list", "data": [entry(self.model_name, self.model_name, None),
+                                           *(entry(n, path, self.model_name) for n, path in tunes.items())]}
+
+    # ------------------------------------------------------------------------------- adapters at runtime
+    async def bank_op(self, op, *args):
+        """op(*args) on a worker thread, between two of the engine's forwards."""
+        return await asyncio.to_thread(self.engine.between_forwards, op, *args)
+
+    def idle_victim(self, keep: str | None = None) -> str | None:
+        """The least recently used tune with no request queued or running (None when every one is busy)."""
+        idle = [n for n in self.adapters if n != keep and not self.in_use(n)]
+        return min(idle, key=lambda n: self.used[n]) if idle else None
+
+    async def load_adapter(self, body: LoadAdapterRequest):
+        """POST /v1/load_lora_adapter: all or nothing. A bad directory, a tensor that does not fit the base or a
+        rank over max_rank is a 400 and the bank is as it was; past max_adapters the least recently used idle tune
+        is evicted, and when every tune is busy the load is refused (409)."""
+        from fastapi.responses import PlainTextResponse
+        self.changing = self.changing or asyncio.Lock()
+        async with self.changing:
+            name, path = body.lora_name, body.lora_path
+            if name == self.model_name or name in self.aliases or name in self.adapters:
+                raise APIError(400, f"lora_name: the model {name!r} is already served (unload it first)",
+                               param="lora_name", code="invalid_value")
+            try:
+                rank = adapter_rank(path)
+            except ValueError as e:
+                raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_value") from None
+            if self.max_rank is not None and rank > self.max_rank:
+                raise APIError(400, f"lora_path: {Path(path) / ADAPTER_CONFIG}: rank r={rank} is over this server's "
+                               f"--max-adapter-rank {self.max_rank}", param="lora_path", code="invalid_value")
+            full = self.max_adapters is not None and len(self.adapters) >= self.max_adapters
+            if full and self.idle_victim() is None:
+                raise APIError(409, f"{len(self.adapters)} adapters are loaded (--max-adapters {self.max_adapters}) "
+                               "and every one has requests running; retry later", code="adapter_limit")
+            try:
+                await self.bank_op(self.bank.add, name, path)
+            except (ValueError, OSError) as e:  # AdapterError is a ValueError; add checks all before it changes
+                raise APIError(400, f"lora_path: {e}", param="lora_path", code="invalid_value") from None
+            if full:  # evicted only now, so that a failed load evicts nothing
+                victim = self.idle_victim(keep=name)
+                if victim is None:  # the idle one took a request meanwhile
+                    await self.bank_op(self.bank.remove, name)
+                    raise APIError(409, f"{len(self.adapters)} adapters are loaded (--max-adapters "
+                                   f"{self.max_adapters}) and every one has requests running; retry later",
+                                   code="adapter_limit")
+                await self.drop(victim)
+                log.info("evicted LoRA adapter %r (least recently used) for %r", victim, name)
+            self.adapters[name], self.used[name] = path, time.monotonic()
+            log.info("loaded LoRA adapter %r from %s", name, path)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def unload_adapter(self, body: UnloadAdapterRequest):
+        """POST /v1/unload_lora_adapter: refused (409) while the adapter has requests queued or running."""
+        from fastapi.responses import PlainTextResponse
+        self.changing = self.changing or asyncio.Lock()
+        async with self.changing:
+            name = body.lora_name
+            if name not in self.adapters:
+                why = "is the base model" if name == self.model_name else (
+                    "is merged into the weights" if name in self.aliases else "is not loaded")
+                raise APIError(404 if why == "is not loaded" else 400, f"lora_name: the adapter {name!r} {why}",
+                               param="lora_name", code="model_not_found" if why == "is not loaded" else "invalid_value")
+            busy = self.in_use(name)
+            if busy:
+                raise APIError(409, f"the adapter {name!r} has {busy} request(s) queued or running; retry when they "
+                               "are done", param="lora_name", code="adapter_in_use")
+            await self.drop(name)
+            log.info("unloaded LoRA adapter %r", name)
+            return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def drop(self, name: str) -> None:
+        """Stop serving tune `name` (new requests get 404 at once), then take it out of the bank."""
+        del self.adapters[name]
+        self.used.pop(name, None)
+        self.requests.pop(name, None)
+        await self.bank_op(self.bank.remove, name)
 
 
 def _include_usage(body) -> bool:
@@ -325,14 +497,26 @@ def create_app(service: Service, *, api_key: str | None = None):
 
     async def handle(endpoint, schema, request):
         """The body is read as JSON whatever the Content-Type says (curl -d sends form-urlencoded)."""
-        try:
-            body = schema.model_validate_json(await request.body())
-        except ValidationError as e:
-            raise validation_error(e.errors()) from None
+        body = parse(schema, await request.body())
         try:
             return await endpoint(body, request)
         except ClientGone:
             return JSONResponse({}, status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    if service.runtime:  # vLLM's endpoints; without --allow-runtime-adapters they do not exist (404)
+        @app.post("/v1/load_lora_adapter")
+        async def load_adapter(request: HTTPRequest):
+            return await service.load_adapter(parse(LoadAdapterRequest, await request.body()))
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_adapter(request: HTTPRequest):
+            return await service.unload_adapter(parse(UnloadAdapterRequest, await request.body()))
+
+    def parse(schema, raw: bytes):
+        try:
+            return schema.model_validate_json(raw)
+        except ValidationError as e:
+            raise validation_error(e.errors()) from None
 
     app.get("/v1/models")(service.models)
     app.get("/health")(service.health)

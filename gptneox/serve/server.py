@@ -7,7 +7,12 @@ Endpoints (OpenAI's shapes): GET /v1/models, POST /v1/completions, POST /v1/chat
 "stream": true as server-sent events), GET /health. Concurrent requests decode together in one batch
 (gptneox/generation/batching.py); beyond --max-batch-size they wait in a queue of --max-queue, and past that get 503
 at once. With a Dolly checkpoint the chat endpoint wraps the conversation in Dolly's instruction template and the
-answer ends at "### End"; a base model gets a plain "User: / Assistant:" transcript (gptneox/prompts/chat.py). The
+answer ends at "### End"; a base model gets a plain "User: / Assistant:" transcript (gptneox/prompts/chat.py).
+
+LoRA adapters (vLLM's flags and endpoints): --adapter NAME=DIR, repeated, serves each tune under its NAME beside the
+base (a request's "model" picks it; /v1/models lists each with "parent": the base), one AdapterBank running every
+request on its own tune in the same batch; a lone --adapter without --allow-runtime-adapters is merged into float
+weights at load instead. --allow-runtime-adapters adds POST /v1/load_lora_adapter and /v1/unload_lora_adapter. The
 endpoints are app.py's; this file is the command line. Needs the serve extra: pip install -e ".[serve]". Exit status:
 0 after Ctrl-C, 2 a usage error, 1 a runtime error. Guide: docs/serving.md.
 """
@@ -17,15 +22,17 @@ import logging
 import os
 import socket
 
+import re
+from pathlib import Path
+
 from .. import cli
-from ..generation.batching import Engine
 from ..loading import LoadPlan, plan
 from ..loading import load as gptneox_load
-from ..lora import merge_lora
+from ..lora import AdapterBank, merge_lora
 from ..quant import describe, settings_of
 
 try:  # the serve extra (fastapi brings pydantic): main() says how to install it
-    from .app import Service, create_app
+    from .app import Engine, Service, adapter_rank, create_app
 except ImportError as e:
     MISSING = e.name
 else:
@@ -73,23 +80,60 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def load(p: LoadPlan):
+def load(p: LoadPlan, bank: dict | None = None):
     """The model and tokenizer of a checked --ckpt (gptneox.load: quantized while it loads with --quantize, the LoRA
     --adapter attached, the adapter's tokenizer.json winning when it has one), the adapter then merged into the
     weights when the base is float, so that serving costs what the base costs (on a quantized base it stays beside
-    it: QLoRA)."""
+    it: QLoRA). bank {name: directory}: those tunes in an AdapterBank on the model instead (model.adapter_bank)."""
     model, tokenizer = gptneox_load(p)
     quantized = settings_of(model)
     if p.adapter is not None and quantized is None:
         merge_lora(model)
     how = f", LoRA adapter {p.adapter} {'beside the quantized weights' if quantized else 'merged'}" if p.adapter else ""
+    if bank is not None:
+        tunes = AdapterBank(model)
+        for name, path in bank.items():
+            try:
+                tunes.add(name, path)
+            except ValueError as e:  # AdapterError: a tensor that does not fit the base
+                raise cli.UsageError(f"--adapter {name}={path}: {e}") from None
+        how = f", LoRA adapters {', '.join(bank) or '(none yet)'} in an AdapterBank"
     log.info("loaded %s on %s: %s weights%s", p.path, p.device, describe(quantized, p.dtype), how)
     return model, tokenizer
 
 
+NAME = re.compile(r"[^=/\\\s]+")  # NAME of NAME=DIR: no '=', no path separator, no space
+
+
+def adapter_specs(specs, *, max_adapters=None, max_rank=None, reserved=()) -> dict[str, Path]:
+    """{name: directory} of the --adapter flags (NAME=DIR, or a bare DIR named after its folder), every one checked
+    (its name unique and not a served model's, its adapter_config.json there, its rank within max_rank, at most
+    max_adapters of them) with one line naming the flag: a UsageError."""
+    out = {}
+    for spec in specs or ():
+        name, sep, where = spec.partition("=")
+        if not sep or not NAME.fullmatch(name):  # a bare DIR (a path may hold '=': then NAME would hold a '/')
+            name, where = Path(spec).name, spec
+        if not where or not name:
+            raise cli.UsageError(f"--adapter {spec}: give NAME=DIR (or DIR, named after its folder)")
+        if name in out or name in reserved:
+            raise cli.UsageError(f"--adapter {spec}: the name {name!r} is already taken (give NAME=DIR to name it)")
+        try:
+            rank = adapter_rank(where)
+        except ValueError as e:
+            raise cli.UsageError(f"--adapter {spec}: {e}") from None
+        if max_rank is not None and rank > max_rank:
+            raise cli.UsageError(f"--adapter {spec}: rank {rank} is over --max-adapter-rank {max_rank}")
+        out[name] = Path(where)
+    if max_adapters is not None and len(out) > max_adapters:
+        raise cli.UsageError(f"--max-adapters {max_adapters}: {len(out)} --adapter flags given")
+    return out
+
+
 def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
          max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
-         template="auto", log_level="info", threads=None) -> int:
+         template="auto", log_level="info", threads=None, max_adapters=None, max_adapter_rank=None,
+         allow_runtime_adapters=False) -> int:
     missing = MISSING
     try:
         import uvicorn
@@ -101,17 +145,26 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
     cli.set_threads(threads)
     dev = cli.pick_device(device)
     group_size = cli.quantize_flags(quantize, group_size)
-    checked = plan(ckpt, adapter=adapter, quantize=quantize, group_size=group_size, dtype=cli.pick_dtype(dtype, dev),
-                   device=dev, names=FLAGS)
+    if isinstance(adapter, (str, Path)):
+        adapter = [str(adapter)]
+    served = model_name or Path(ckpt).name
+    adapters = adapter_specs(adapter, max_adapters=max_adapters, max_rank=max_adapter_rank, reserved=(served,))
+    merged = len(adapters) == 1 and not allow_runtime_adapters  # today's default: the one adapter merged at load
+    checked = plan(ckpt, adapter=next(iter(adapters.values())) if merged else None, quantize=quantize,
+                   group_size=group_size, dtype=cli.pick_dtype(dtype, dev), device=dev, names=FLAGS)
     path, window = checked.path, checked.config.max_position_embeddings
+    if model_name is None and path.name != served and path.name in adapters:
+        raise cli.UsageError(f"--adapter: the name {path.name!r} is the base's served name (give NAME=DIR)")
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
                              f"got {max_model_len}")
     sock = bind(host, port)  # every check before the model loads
-    model, tokenizer = load(checked)
+    model, tokenizer = load(checked, None if merged or not (adapters or allow_runtime_adapters) else adapters)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len)
     template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
-    service = Service(engine, tokenizer, model_name=model_name or path.name, template=template)
+    service = Service(engine, tokenizer, model_name=model_name or path.name, template=template,
+                      adapters=None if merged else adapters, aliases=adapters if merged else None,
+                      runtime=allow_runtime_adapters, max_adapters=max_adapters, max_rank=max_adapter_rank)
     server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), log_level=log_level,
                                            timeout_graceful_shutdown=GRACE_S))
     bound_host, bound_port = sock.getsockname()[:2]
@@ -127,8 +180,19 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(__doc__, prog="python -m gptneox.serve")
     p.add_argument("--ckpt", required=True, help="checkpoint directory or model name, as sample.py --ckpt takes it "
                    "(dolly-v2-3b, EleutherAI/pythia-1.4b, a training run's output directory)")
-    p.add_argument("--adapter", help="a LoRA adapter directory (train.py --lora-r's output, or PEFT's) to serve on "
-                   "--ckpt as its base, merged into the weights at load; its tokenizer.json is used when present")
+    p.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                   help="a LoRA adapter directory (train.py --lora-r's output, or PEFT's) served on --ckpt as its "
+                   "base under the model name NAME (a bare DIR: named after its folder); repeat for more, each "
+                   "request picking one by its \"model\" (the base's own name: no adapter). A lone --adapter without "
+                   "--allow-runtime-adapters is merged into the weights at load (its tokenizer.json used when present)")
+    p.add_argument("--max-adapters", type=cli.positive_int, metavar="N", help="at most N adapters at once (default: no limit); "
+                   "a runtime load past it evicts the least recently used idle one")
+    p.add_argument("--max-adapter-rank", type=cli.positive_int, metavar="R",
+                   help="refuse an adapter of LoRA rank over R (adapter_config.json's r / rank_pattern)")
+    p.add_argument("--allow-runtime-adapters", action="store_true",
+                   help="serve POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter "
+                   "{lora_name} (behind --api-key when set); off by default: anyone who can reach the server could "
+                   "then make it read any directory")
     p.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization while the checkpoint loads "
                    "(docs/quantization.md); a quantized checkpoint directory needs no flag")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
