@@ -27,7 +27,8 @@ from gptneox.generation.batching import Engine  # noqa: E402
 from gptneox.prompts.chat import PLAIN_STOP, dolly_prompt, plain_prompt  # noqa: E402
 from gptneox.generation.generator import generate
 from gptneox.generation.run import stop_ids  # noqa: E402
-from gptneox.serve.app import Service, create_app  # noqa: E402
+from gptneox.serve.app import Service  # noqa: E402
+from gptneox.serve.http import create_app  # noqa: E402
 from gptneox.generation.streaming import completion_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

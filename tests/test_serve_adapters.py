@@ -25,7 +25,8 @@ from gptneox.generation.run import stop_ids  # noqa: E402
 from gptneox.generation.streaming import completion_text  # noqa: E402
 from gptneox.lora import AdapterBank  # noqa: E402
 from gptneox.prompts.chat import PLAIN_STOP, plain_prompt  # noqa: E402
-from gptneox.serve.app import Engine, Service, create_app  # noqa: E402
+from gptneox.serve.app import Engine, Service  # noqa: E402
+from gptneox.serve.http import create_app  # noqa: E402
 
 BASE = "tiny-pythia"
 PROMPT = "Name three colors."

@@ -32,7 +32,8 @@ from ..lora import AdapterBank, merge_lora
 from ..quant import describe, settings_of
 
 try:  # the serve extra (fastapi brings pydantic): main() says how to install it
-    from .app import Engine, Service, adapter_rank, create_app
+    from .app import Engine, Service, adapter_rank
+    from .http import create_app
 except ImportError as e:
     MISSING = e.name
 else:
@@ -185,8 +186,8 @@ def build_parser() -> cli.ArgumentParser:
                    "base under the model name NAME (a bare DIR: named after its folder); repeat for more, each "
                    "request picking one by its \"model\" (the base's own name: no adapter). A lone --adapter without "
                    "--allow-runtime-adapters is merged into the weights at load (its tokenizer.json used when present)")
-    p.add_argument("--max-adapters", type=cli.positive_int, metavar="N", help="at most N adapters at once (default: no limit); "
-                   "a runtime load past it evicts the least recently used idle one")
+    p.add_argument("--max-adapters", type=cli.positive_int, metavar="N", help="at most N adapters at once (default: no "
+                   "limit); a runtime load past it evicts the least recently used idle one")
     p.add_argument("--max-adapter-rank", type=cli.positive_int, metavar="R",
                    help="refuse an adapter of LoRA rank over R (adapter_config.json's r / rank_pattern)")
     p.add_argument("--allow-runtime-adapters", action="store_true",
