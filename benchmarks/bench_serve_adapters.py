@@ -139,15 +139,29 @@ def rss(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
+async def warm_up(url, models, clients, requests, prompts, new_tokens):
+    """`requests` completions cycling over models, `clients` at a time (the same load whatever the models)."""
+    import httpx
+    seq = [models[i % len(models)] for i in range(requests)]
+    async with httpx.AsyncClient(base_url=url, timeout=None) as http:
+        async def client(i):
+            for k, model in enumerate(seq[i::clients]):
+                await one_request(http, model, prompts[(i + k * clients) % len(prompts)], new_tokens)
+        await asyncio.gather(*(client(i) for i in range(clients)))
+
+
 def memory_point(ckpt, adapters, args, prompts, tmp, runtime):
-    """The server's VmRSS after one request to the base and one to each adapter."""
+    """The server's VmRSS after the same warm-up whatever the adapters: --memory-adapters + 1 requests rounded up
+    to a multiple of --clients, --clients at a time, cycling over the base and every adapter (each used at least
+    once). The same request count matters: batched decoding grows the heap's high-water mark."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    requests = -(-(args.memory_adapters + 1) // args.clients) * args.clients
     with open(Path(tmp) / f"server-mem{len(adapters)}.log", "w") as log:
         proc, _ = serve(ckpt, adapters, args, port, log, runtime=runtime)
         try:
             wait_healthy(url, proc)
-            asyncio.run(run_case(url, [BASE_NAME, *adapters], prompts, args.new_tokens, 1))
+            asyncio.run(warm_up(url, [BASE_NAME, *adapters], args.clients, requests, prompts, args.new_tokens))
             time.sleep(1)
             return rss(proc.pid)
         finally:
