@@ -50,9 +50,9 @@ def percentile(xs, q):
     return xs[min(len(xs) - 1, round(q / 100 * (len(xs) - 1)))]
 
 
-async def one_request(http, prompt, new_tokens):
-    """(ttft_s, latency_s, completion_tokens) of one streamed completion."""
-    body = {"model": "bench", "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+async def one_request(http, prompt, new_tokens, model: str = "bench"):
+    """(ttft_s, latency_s, completion_tokens) of one streamed completion of `model` (an adapter's name, or the base)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
     t0, ttft, tokens = time.perf_counter(), None, 0
     async with http.stream("POST", "/v1/completions", json=body) as r:

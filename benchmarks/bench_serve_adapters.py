@@ -23,7 +23,6 @@ mixed 0.85-0.95x base; 32 adapters about 31 x 4.1 MB more RSS than 1.
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import subprocess
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serve import build, free_port, percentile, wait_healthy  # noqa: E402
+from bench_serve import build, free_port, one_request, percentile, wait_healthy  # noqa: E402
 
 from gptneox import GPTNeoX, LoRAConfig, add_lora, save_adapter  # noqa: E402
 from gptneox.lora import AdapterBank  # noqa: E402
@@ -78,26 +77,6 @@ def file_bytes(adapter: Path) -> int:
         return sum(f.get_tensor(k).nbytes for k in f.keys())
 
 
-async def one_request(http, model, prompt, new_tokens):
-    """(ttft_s, latency_s, completion_tokens) of one streamed completion of `model` (the base or an adapter)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    t0, ttft, tokens = time.perf_counter(), None, 0
-    async with http.stream("POST", "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        async for line in r.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            if ttft is None:
-                ttft = time.perf_counter() - t0
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return ttft, time.perf_counter() - t0, tokens
-
-
 async def run_case(url, models, prompts, new_tokens, per_client):
     """len(models) clients, client i asking models[i], each sending per_client requests back to back."""
     import httpx
@@ -105,8 +84,8 @@ async def run_case(url, models, prompts, new_tokens, per_client):
 
     async def client(i, http):
         for k in range(per_client):
-            results.append(await one_request(http, models[i], prompts[(i * per_client + k) % len(prompts)],
-                                             new_tokens))
+            results.append(await one_request(http, prompts[(i * per_client + k) % len(prompts)], new_tokens,
+                                             model=models[i]))
     limits = httpx.Limits(max_connections=len(models) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as http:
         t0 = time.perf_counter()
@@ -146,7 +125,7 @@ async def warm_up(url, models, clients, requests, prompts, new_tokens):
     async with httpx.AsyncClient(base_url=url, timeout=None) as http:
         async def client(i):
             for k, model in enumerate(seq[i::clients]):
-                await one_request(http, model, prompts[(i + k * clients) % len(prompts)], new_tokens)
+                await one_request(http, prompts[(i + k * clients) % len(prompts)], new_tokens, model=model)
         await asyncio.gather(*(client(i) for i in range(clients)))
 
 
