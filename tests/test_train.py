@@ -228,6 +228,7 @@ def kill_resume_and_compare(ckpt, data, tmp_path, args: dict, kill_at: int, outp
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
 
 
+@pytest.mark.slow  # a killed process and a resumed one (CI runs the slow tier); in-process resume: the failed-save test
 def test_train_resume_after_kill_is_bit_exact(ckpt, data, tmp_path):
     args = dict(init=ckpt, data=data, max_steps=40, batch_size=4, micro_batch_size=2, lr=3e-3, warmup_steps=3,
                 val_size=2, save_every=4, eval_every=5, sample_every=0, seed=3)
