@@ -153,6 +153,7 @@ def test_sample_interactive_answers_each_line_and_exits_on_eof(ckpts, capsys, mo
     assert capsys.readouterr().out == "".join(a.strip() + "\n" for a in answers)
 
 
+@pytest.mark.slow  # a real SIGINT to a sample.py process
 def test_sample_interactive_exits_cleanly_on_ctrl_c(ckpts):
     proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpts[0]), "--interactive"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)

@@ -634,6 +634,7 @@ def test_train_threads_flag_sets_torchs_threads(ckpt, data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow  # a real SIGINT to a training process; the message itself: test_train_stop_message_* below
 def test_train_ctrl_c_says_where_it_stopped_and_the_command_that_resumes(ckpt, data, tmp_path):
     """SIGINT to train.py mid-run (started from another directory, default progress bar): exit 130, one line with
     the step, the last saved state and the exact command plus --resume, which then finishes the run."""

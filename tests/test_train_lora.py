@@ -59,6 +59,7 @@ def test_train_lora_lowers_the_loss_and_leaves_the_base_bit_for_bit(ckpt, data, 
     assert json.loads((out / "run.json").read_text())["lora_targets"] == "query,key,value"
 
 
+@pytest.mark.slow  # two trainings and transformers; the merge itself: tests/test_lora.py
 def test_train_lora_export_merged_loads_in_transformers_and_sample_py_applies_the_adapter(ckpt, data, tmp_path):
     import subprocess
     import sys
