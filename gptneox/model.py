@@ -129,9 +129,11 @@ class GPTNeoX(nn.Module):
 
         position_ids [B, T] or [T]: rotary positions (default: input_pos, else 0..T-1).
         attention_mask [B, S]: 1 for real tokens, 0 for padding, over the keys attention sees (the T inputs, or the
-            cache's max_len slots when a cache is given).
+            cache's max_len slots when a cache is given). Or an ops.Ragged: packed sequences, each at its own cache
+            row and columns (the serving engine's steps; gptneox/ops/ragged.py).
         cache, input_pos: a list of KVCache from new_cache() and the slots [T] that these tokens fill.
-        logits_to_keep: if > 0, logits of the last that many positions only (a prefill needs just the last).
+        logits_to_keep: if > 0, logits of the last that many positions only (a prefill needs just the last); a 1-D
+            tensor: logits of those positions only (as transformers' logits_to_keep).
         return_attentions: also return the fp32 attention probabilities of every layer, [B, nh, T, S] each (their
             hook points: blocks.{i}.attn.hook_pattern).
         """
@@ -151,7 +153,9 @@ class GPTNeoX(nn.Module):
         for i, block in enumerate(self.gpt_neox.layers):
             args = (x, rope, mask, cache[i] if cache else None, input_pos)
             x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            x = x[:, logits_to_keep]  # [B, K, C]
+        elif logits_to_keep:
             x = x[:, -logits_to_keep:]  # [B, logits_to_keep, C]
         return self.unembed(x)  # [B, T, vocab_size]
 

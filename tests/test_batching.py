@@ -186,18 +186,19 @@ def test_engine_failure_fails_the_batch_it_touched_and_recovers(dolly, monkeypat
     try:
         calls, real = [], model.forward
 
-        def flaky(input_ids, **kwargs):  # the 3rd forward (a decode step of both rows) raises
+        def flaky(input_ids, **kwargs):  # the 3rd forward (a decode step of both rows, packed) raises
             calls.append(input_ids.shape)
             if len(calls) == 3:
                 raise RuntimeError("injected failure")
             return real(input_ids, **kwargs)
         monkeypatch.setattr(model, "forward", flaky)
-        with engine._cond:  # both requests are admitted in one iteration: two prefills, then the failing step
+        with engine._cond:  # both requests are admitted in one iteration: one packed prefill of both prompts
             runs = [submit(engine, tok.encode(p), max_new_tokens=10, temperature=0) for p in PROMPTS[:2]]
         for request, waiter in runs:
             assert waiter.wait().events[-1].kind == "error" and "injected failure" in waiter.events[-1].message
             assert request.finish_reason == "error"
-        assert calls[2][0] == 2 and engine.busy == 0 and engine.stats["failed"] == 2
+        prompts = sum(len(tok.encode(p)) for p in PROMPTS[:2])
+        assert calls[0] == (1, prompts) and calls[2] == (1, 2) and engine.busy == 0 and engine.stats["failed"] == 2
         monkeypatch.setattr(model, "forward", real)
         ids = tok.encode(PROMPTS[0])
         request, waiter = submit(engine, ids, max_new_tokens=10, temperature=0)

@@ -220,9 +220,10 @@ def test_engine_request_whose_adapter_leaves_the_bank_fails_alone(adapters):
     requests = [Request(PROMPTS[0], GenerationConfig(max_new_tokens=8, temperature=0), events[a].append, adapter=a)
                 for a in events]
     for r in requests:
-        engine._start(r)
+        engine._admit(r)
+    engine._step()  # both prompts prefilled: a first token each
     bank.remove("qv")
-    engine._decode()
+    engine._step()
     assert events["qv"][-1].kind == "error" and "'qv' was removed from the bank" in events["qv"][-1].message
     assert [e.kind for e in events["all"]] == ["token", "token"] and engine.rows == [None, requests[1]]
 

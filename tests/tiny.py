@@ -114,7 +114,7 @@ def _save_old(model, path):
 
 class Scripted(GPTNeoX):
     """A model that writes `script` whatever it is fed: its logits at a token of position p (position_ids when
-    given, else input_pos) put script[p] first, at every position of a chunk, in every row."""
+    given, else input_pos) put script[p] first, at every position of a chunk, in every row (logits_to_keep honoured)."""
 
     def __init__(self, script, vocab_size=50304, max_position_embeddings=256):
         super().__init__(Config(vocab_size=vocab_size, hidden_size=8, num_hidden_layers=1, num_attention_heads=1,
@@ -128,4 +128,5 @@ class Scripted(GPTNeoX):
         for b in range(B):
             for t in range(T):
                 logits[b, t, self.script[min(int(pos[b, t]), len(self.script) - 1)]] = 100.0
-        return logits
+        keep = kwargs.get("logits_to_keep", 0)  # as GPTNeoX.forward: positions, or the last that many
+        return logits[:, keep] if isinstance(keep, torch.Tensor) else logits[:, -keep:] if keep else logits

@@ -1,4 +1,5 @@
-"""Sampling: the logits processors, in HF's order (repetition penalty, temperature, top-k, top-p), and the draw.
+"""Sampling: the logits processors, in HF's order (repetition penalty, temperature, top-k, top-p), and the draw;
+OpenAI's presence / frequency penalties (the server applies them, with logit_bias, before these).
 
 Each function takes fp32 logits [B, V] (B rows, V vocabulary) and is written from its paper's definition; the tests
 check them against those definitions and greedy generation against transformers' generate.
@@ -14,6 +15,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     are divided by penalty when positive and multiplied by it when negative."""
     penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalized, logits)
+
+
+def apply_openai_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: float = 0.0,
+                           frequency: float = 0.0) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties: logits [B, V] minus counts * frequency + (counts > 0) * presence,
+    counts [B, V] how often each token was generated so far (the prompt not counted, as vLLM counts)."""
+    return logits - counts * frequency - (counts > 0).to(logits.dtype) * presence
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

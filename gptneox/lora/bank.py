@@ -28,6 +28,7 @@ adapters on a resized vocabulary (Dolly's added tokens) and whole embedding matr
 (PEFT saves lm_head's when it is a target). Call add / remove between forwards, not during one.
 """
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from .adapter import (ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_WEIGHTS, EMBEDDING_KE
 from .layers import TARGETS, _device, _float_tensor, target_paths
 
 BASE = -1  # the index of a row that runs the base alone
+_LOADS = itertools.count(1)  # every add() of every bank gets its own serial
 
 
 def grouped_lora(y: torch.Tensor, x: torch.Tensor, groups) -> torch.Tensor:
@@ -100,7 +102,9 @@ class BankLinear(nn.Module):
         selection = self.active.selection
         if selection is None or not self.tunes:
             return y
-        batch, groups = selection
+        batch, groups, per_token = selection
+        if per_token:  # a packed forward: the rows are its tokens
+            return self._flat(x, y, selection).view(y.shape)
         if x.shape[0] != batch:
             raise ValueError(f"the adapter rows name {batch} rows, the forward has a batch of {x.shape[0]}")
         if not any(slot in self.tunes for slot, _ in groups):
@@ -108,6 +112,21 @@ class BankLinear(nn.Module):
         if use_kernel(x, y):
             return self._kernel_forward(y, x, selection)
         return grouped_lora(y, x, [(rows, *self.tunes[slot]) for slot, rows in groups if slot in self.tunes])
+
+    def _flat(self, x, y, selection):
+        """forward for a selection over tokens: x [..., in] as [tokens, in], y as [tokens, out]. A layer after
+        logits_to_keep (embed_out) sees the kept tokens only: the selection's second part names theirs."""
+        x, y = x.reshape(-1, self.in_features), y.reshape(-1, self.out_features)
+        kept = selection[2]
+        if x.shape[0] != selection[0] and isinstance(kept, tuple) and x.shape[0] == kept[0]:
+            selection = kept
+        if x.shape[0] != selection[0]:
+            raise ValueError(f"the adapter rows name {selection[0]} tokens, the forward has {x.shape[0]}")
+        if not any(slot in self.tunes for slot, _ in selection[1]):
+            return y
+        if use_kernel(x, y):
+            return self._kernel_forward(y, x, selection)
+        return grouped_lora(y, x, [(rows, *self.tunes[slot]) for slot, rows in selection[1] if slot in self.tunes])
 
     def _stacked(self):
         """(A [T, R, in], B [T, out, R], {slot: index}): the tunes zero-padded to the largest rank, rebuilt only
@@ -131,7 +150,7 @@ class BankLinear(nn.Module):
         """grouped_lora's sum by the Triton kernel: every token of batch row b takes its tune's index (-1: none on
         this layer), and the kernel adds into y, the base layer's fresh output, in place."""
         A, B, index = self._stacked()
-        batch, groups = selection
+        batch, groups, _ = selection
         tokens = x[0].numel() // self.in_features if batch else 0  # tokens per batch row
         if self._idx is None or self._idx[0] is not selection or self._idx[1] != tokens:
             idx = torch.full((batch,), BASE, dtype=torch.int32, device=x.device)
@@ -146,15 +165,17 @@ class BankLinear(nn.Module):
 
 
 class Rows:
-    """A reusable context manager: while inside, every forward of the bank's model gives row b tune slots[b]."""
+    """A reusable context manager: while inside, every forward of the bank's model gives row b tune slots[b]
+    (per_token: token b of a packed forward, whatever its shape; a Rows for the tokens whose logits are kept, when
+    it is one, names those of the layers that see only them)."""
 
-    def __init__(self, bank: "AdapterBank", slots: list[int], device):
+    def __init__(self, bank: "AdapterBank", slots: list[int], device, per_token=False):
         self.bank, self.slots, self._outer = bank, slots, []
         groups = []
         for slot in sorted(set(slots) - {BASE}):
             rows = [b for b, s in enumerate(slots) if s == slot]
             groups.append((slot, None if len(rows) == len(slots) else torch.tensor(rows, device=device)))
-        self.selection = (len(slots), groups)
+        self.selection = (len(slots), groups, per_token.selection if isinstance(per_token, Rows) else per_token)
 
     def __enter__(self):
         self._outer.append(self.bank.active.selection)
@@ -174,6 +195,7 @@ class AdapterBank:
             raise ValueError("the model already has an AdapterBank (model.adapter_bank): add tunes to that one")
         self.model, self.dtype, self.active = model, dtype, _Active()
         self._slots: dict[str, int] = {}  # name -> slot, in the order added
+        self._serials: dict[str, int] = {}  # name -> the serial of the add that loaded it
         self.layers: dict[str, BankLinear] = {}
         for path in target_paths(model, TARGETS):
             parent, _, leaf = path.rpartition(".")
@@ -193,6 +215,12 @@ class AdapterBank:
             known = ", ".join(map(repr, self._slots)) or "none"
             raise ValueError(f"no adapter named {name!r} in the bank (it holds {known}); bank.add(name, path) first")
         return self._slots[name]
+
+    def serial(self, name: str) -> int:
+        """A number naming this load of tune `name`: the same tune loaded again (or another under its name) gets
+        another, so that what was computed with the old weights (a prefix cache's blocks) is never reused."""
+        self.index(name)
+        return self._serials[name]
 
     def add(self, name: str, path) -> int:
         """Load the adapter in directory path as tune `name`; returns its slot. Every tensor is checked before the
@@ -222,7 +250,7 @@ class AdapterBank:
         slot = min(set(range(len(self._slots) + 1)) - set(self._slots.values()))
         for p, AB in weights.items():
             self.layers[p].tunes[slot] = AB
-        self._slots[name] = slot
+        self._slots[name], self._serials[name] = slot, next(_LOADS)
         return slot
 
     def _fused(self, layer: BankLinear, parts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +279,7 @@ class AdapterBank:
         for layer in self.layers.values():
             layer.tunes.pop(slot, None)
         del self._slots[name]
+        del self._serials[name]
 
     def slots(self, adapters: Sequence) -> list[int]:
         """Slots of a row list: names, None (the base), or slots as ints (-1: the base)."""
@@ -267,19 +296,24 @@ class AdapterBank:
                                  f"bank.index(name) (-1: the base)")
         return out
 
-    def rows(self, adapters: Sequence) -> Rows:
+    def rows(self, adapters: Sequence, *, per_token: bool = False, kept: Sequence | None = None) -> Rows:
         """A context manager (reusable) under which row b of every forward uses adapters[b]: a name, None or -1
-        for the base, or a slot (bank.index). A tensor of slots [B] works too."""
+        for the base, or a slot (bank.index). A tensor of slots [B] works too. per_token: adapters[i] is for token
+        i of the forward (its tokens in order, whatever its shape: a packed forward's [1, N]); kept: then those of
+        the positions logits_to_keep keeps, for the layers after it (embed_out)."""
         if isinstance(adapters, torch.Tensor):
             adapters = adapters.tolist()
-        return Rows(self, self.slots(adapters), _device(self.model))
+        device = _device(self.model)
+        if per_token and kept is not None:
+            per_token = Rows(self, self.slots(kept), device, True)
+        return Rows(self, self.slots(adapters), device, per_token)
 
     def close(self) -> None:
         """Put the plain layers back and detach the bank from the model."""
         for path, layer in self.layers.items():
             parent, _, leaf = path.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, leaf, layer.base_layer)
-        self.layers, self._slots = {}, {}
+        self.layers, self._slots, self._serials = {}, {}, {}
         self.model.adapter_bank = None
 
 

@@ -12,7 +12,8 @@ Shapes: B batch, nh heads, T queries, S keys, hs head size. Facts: docs/architec
 
 import torch
 
-from . import custom, reference
+from . import custom, ragged, reference
+from .ragged import Ragged
 from .runtime import compiling, direct, kernels
 
 DECODE_MAX_T = 16  # triton: at most this many queries with no grad use the split-over-cache decode kernel
@@ -82,9 +83,19 @@ class Mask:
     `dense`, bool [B or 1, 1, T, S] (None: plain causal, T == S, no padding: SDPA's is_causal fast path); for the
     kernels it becomes `spans`, the two [B] vectors they take: q_offset (the slot of query 0) and k_start (the
     first real key), which can express left padding (0...0 1...1) and consecutive slots only.
+
+    attention_mask may instead be a Ragged (ragged.py): packed sequences, each at its own cache row and columns,
+    which attention() runs on the torch path whatever the backend.
     """
 
-    def __init__(self, input_pos: torch.Tensor, attention_mask: torch.Tensor | None, B: int, S: int, backend: str):
+    def __init__(self, input_pos: torch.Tensor, attention_mask, B: int, S: int, backend: str):
+        self.ragged = attention_mask if isinstance(attention_mask, Ragged) else None
+        if self.ragged is not None:
+            if backend == "triton":
+                raise ValueError("a ragged forward runs the torch path: use backend='sdpa' or 'eager'")
+            self.input_pos, self.attention_mask, self.B, self.S, self.backend = input_pos, None, B, S, backend
+            self.fused, self.spans, self._dense = False, None, None
+            return
         if attention_mask is not None and attention_mask.shape[-1] != S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} keys, attention sees {S}")
         self.input_pos, self.attention_mask, self.B, self.S = input_pos, attention_mask, B, S
@@ -146,6 +157,10 @@ def attention(q, k, v, mask: Mask, *, dropout_p: float = 0.0, return_probs: bool
     if not isinstance(mask, Mask):
         raise TypeError(f"attention takes an ops.Mask (the forward's mask description), got {type(mask).__name__}; "
                         "the torch references with a dense mask are eager_attention and sdpa_attention")
+    if mask.ragged is not None:
+        if dropout_p or return_probs or (hook is not None and any(name in hook for name in ATTENTION_POINTS)):
+            raise ValueError("a ragged forward (serving) has no attention dropout, probabilities or pattern hooks")
+        return ragged.attention(q, k, v, mask.ragged)
     if hook is not None and any(name in hook for name in ATTENTION_POINTS):
         return reference.eager_attention(q, k, v, mask.dense, dropout_p, return_probs, hook)
     if return_probs and mask.backend != "eager":
