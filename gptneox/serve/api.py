@@ -1,8 +1,10 @@
 """OpenAI's API shapes for gptneox.serve: the request bodies (pydantic, strict types), their checks, the error body,
 and the response objects and stream chunks of /v1/completions and /v1/chat/completions.
 
-Only what the server needs from OpenAI's reference (docs/serving.md, "Endpoints"): a field the engine cannot honour
-(n > 1, penalties, logit_bias, best_of, suffix, tools) is refused with a 400 naming it, never silently ignored.
+Only what the server needs from OpenAI's reference (docs/serving.md, "Endpoints"), with OpenAI's limits: n in
+1..128, logit_bias {token id: bias in [-100, 100]}, presence / frequency penalties in [-2, 2], several prompts in one
+completions request. A field the engine cannot honour (best_of, suffix, tools) is refused with a 400 naming it, never
+silently ignored. A response holds one choice per prompt and sample, `index` = prompt index x n + sample.
 """
 
 import time
@@ -14,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_LOGPROBS = 5  # completions: logprobs in 0..5 (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20  # chat: top_logprobs in 0..20 (OpenAI's limit)
+MAX_N = 128  # n in 1..128 (OpenAI's limit)
+MAX_BIAS = 100  # logit_bias values in [-100, 100] (OpenAI's)
+MAX_PENALTY = 2  # presence_penalty, frequency_penalty in [-2, 2] (OpenAI's)
 Number = Annotated[float, Field(strict=True)]  # an int or a float, never a string or a bool
 
 
@@ -54,23 +59,32 @@ class _Common(BaseModel):
     max_tokens: Annotated[StrictInt, Field(gt=0)] | None = None
     temperature: Annotated[Number, Field(ge=0, le=2)] | None = None
     top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
-    n: StrictInt | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    logit_bias: dict | None = None
+    presence_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-MAX_PENALTY, le=MAX_PENALTY)] | None = None
+    logit_bias: dict[StrictStr, Number] | None = None
 
     def unsupported(self) -> list[str]:
         """The fields set to something the engine does not do."""
-        bad = [name for name in ("presence_penalty", "frequency_penalty") if getattr(self, name) not in (None, 0)]
-        if self.n not in (None, 1):
-            bad.append("n")
-        if self.logit_bias:
-            bad.append("logit_bias")
-        return bad
+        return []
+
+    def biases(self, vocab: int) -> dict[int, float] | None:
+        """logit_bias as {token id: bias}; a key that is not a token id below vocab, or a bias outside [-100, 100],
+        is a 400 naming it."""
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit() and len(key) <= 9 and int(key) < vocab):
+                raise APIError(400, f"logit_bias: the key {key[:20]!r} is not a token id in [0, {vocab})",
+                               param="logit_bias", code="invalid_value")
+            if not -MAX_BIAS <= bias <= MAX_BIAS:
+                raise APIError(400, f"logit_bias: the bias of token {key} must lie in [-{MAX_BIAS}, {MAX_BIAS}], got "
+                               f"{bias}", param="logit_bias", code="invalid_value")
+            out[int(key)] = float(bias)
+        return out or None
 
     def stops(self) -> tuple[str, ...]:
         stops = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -93,17 +107,15 @@ class CompletionRequest(_Common):
         return super().unsupported() + (["best_of"] if self.best_of not in (None, 1) else []) + (
             ["suffix"] if self.suffix else [])
 
-    def one_prompt(self) -> str | list[int]:
-        """The prompt: a string or token ids (a list holding one of them is the same); several prompts are refused."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or token ids: one, or a list of them; an empty one is refused."""
         p = self.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, f"prompt: one prompt per request, got {len(p)}", param="prompt",
-                               code="invalid_value")
-            p = p[0]
-        if len(p) == 0:
-            raise APIError(400, "prompt: the prompt is empty", param="prompt", code="invalid_value")
-        return p
+        prompts = p if isinstance(p, list) and p and isinstance(p[0], (str, list)) else [p]
+        for i, one in enumerate(prompts):
+            if len(one) == 0:
+                which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+                raise APIError(400, f"prompt: {which} is empty", param="prompt", code="invalid_value")
+        return prompts
 
 
 class TextPart(BaseModel):
@@ -166,21 +178,30 @@ def chat_logprobs(tokenizer, ids, scores) -> dict:
                         for t, (lp, top) in zip(ids, scores)]}
 
 
-def completion_body(rid, model, text, finish_reason, use, logprobs=None, created=None) -> dict:
+def completion_choice(index, text, finish_reason=None, logprobs=None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_body(rid, model, choices: list[dict], use, created=None) -> dict:
+    """A text_completion (or one chunk of a stream: one choice, usage None)."""
     return {"id": rid, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-            **({"usage": use} if use is not None else {})}
+            "choices": choices, **({"usage": use} if use is not None else {})}
 
 
-def chat_body(rid, model, text, finish_reason, use, logprobs=None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                         "finish_reason": finish_reason}], "usage": use}
+def chat_choice(index, text, finish_reason, logprobs=None) -> dict:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
 
 
-def chat_chunk(rid, model, created, delta: dict | None, finish_reason=None, logprobs=None, use=None) -> dict:
-    """One chunk of a streamed chat completion; delta None: the usage chunk (no choices)."""
-    choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": logprobs,
+def chat_body(rid, model, choices: list[dict], use) -> dict:
+    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model, "choices": choices,
+            "usage": use}
+
+
+def chat_chunk(rid, model, created, index: int, delta: dict | None, finish_reason=None, logprobs=None,
+               use=None) -> dict:
+    """One chunk of a streamed chat completion, of choice `index`; delta None: the usage chunk (no choices)."""
+    choices = [] if delta is None else [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": finish_reason}]
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": choices,
             **({"usage": use} if use is not None else {})}

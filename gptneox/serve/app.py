@@ -5,9 +5,11 @@ them on FastAPI).
     app = create_app(service, api_key=None)       # http.py: a FastAPI app; its lifespan starts and stops the engine
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
-Each HTTP request becomes one engine Request (a Call); the engine's events come back through an asyncio queue and
-leave as one JSON response or as server-sent events. The request bodies, errors and response shapes are
-api.py's; the chat templates gptneox/prompts/chat.py's. Guide: docs/serving.md.
+Each HTTP request becomes one engine Request per choice (prompts x n), submitted together (a Call); the engine's
+events come back through one asyncio queue and leave as one JSON response or as server-sent events, the choices'
+chunks interleaved as they come. Every limit is checked before anything is submitted; prompts are tokenized on a
+small thread pool, never on the event loop. The request bodies, errors and response shapes are api.py's; the chat
+templates gptneox/prompts/chat.py's. Guide: docs/serving.md.
 """
 
 import asyncio
@@ -15,6 +17,8 @@ import json
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from ..generation import batching
@@ -23,12 +27,14 @@ from ..generation.config import GenerationConfig
 from ..lora.adapter import ADAPTER_CONFIG
 from ..prompts.chat import PLAIN_STOP, Stripped, dolly_prompt, plain_prompt
 from .api import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, UnloadAdapterRequest, chat_body,
-                  chat_chunk, chat_logprobs, completion_body, completion_logprobs, new_id, usage)
+                  chat_choice, chat_chunk, chat_logprobs, completion_body, completion_choice, completion_logprobs,
+                  new_id, usage)
 
 log = logging.getLogger("gptneox.serve")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DOLLY_CHAT = dict(top_p=0.92, max_tokens=256)  # Dolly's pipeline defaults (docs/architecture.md, "Dolly v2")
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
+NFC_SHRINK = 4  # NFC composes at most 4 code points into one (U+1F82): a text's characters shrink at most 4-fold
 
 
 class ClientGone(Exception):
@@ -81,50 +87,94 @@ class Engine(batching.Engine):
 
 
 # ------------------------------------------------------------------------------------------------- one call
-class Call:
-    """One engine request seen from the event loop: its events arrive in an asyncio queue, from the engine's
-    thread; a client that goes away cancels it (checked every POLL_S while waiting), and so does close()."""
+def submit_all(engine: Engine, requests: list[Request]) -> bool:
+    """Queue every request or none (False: the wait queue has no room for them all). Under the engine's lock, so it
+    admits none of them before all are queued: twins (n > 1) are prefilled together."""
+    with engine._cond:  # a re-entrant lock: submit takes it again
+        if len(engine.waiting) + len(requests) > engine.max_queue:
+            engine.stats["rejected"] += len(requests)
+            return False
+        queued = []
+        try:
+            for r in requests:
+                if not engine.submit(r):
+                    break
+                queued.append(r)
+        finally:
+            if len(queued) < len(requests):  # none of them runs when one cannot
+                for r in queued:
+                    engine.cancel(r)
+        return len(queued) == len(requests)
 
-    def __init__(self, engine: Engine, http, prompt: list[int], config: GenerationConfig, **options):
+
+class Call:
+    """The engine requests of one HTTP request (its choices) seen from the event loop: their events arrive in one
+    asyncio queue as (choice index, Event), from the engine's thread. They are queued all together or not at all
+    (503); an error in one, a client that goes away (checked every POLL_S while waiting) or close() cancels them
+    all. choices: the keyword arguments of each choice's Request."""
+
+    def __init__(self, engine: Engine, http, choices: list[dict]):
         loop, self.events = asyncio.get_running_loop(), asyncio.Queue()
 
-        def emit(event: Event):
-            try:
-                loop.call_soon_threadsafe(self.events.put_nowait, event)
-            except RuntimeError:  # the event loop has closed: the server is stopping
-                pass
-        self.engine, self.http, self.request, self._get = engine, http, Request(prompt, config, emit, **options), None
-        if not engine.submit(self.request):
+        def emitter(i: int):
+            def emit(event: Event):
+                try:
+                    loop.call_soon_threadsafe(self.events.put_nowait, (i, event))
+                except RuntimeError:  # the event loop has closed: the server is stopping
+                    pass
+            return emit
+        self.engine, self.http, self._get = engine, http, None
+        self.requests = [Request(emit=emitter(i), **kw) for i, kw in enumerate(choices)]
+        self.running = len(self.requests)  # choices not done yet
+        if not submit_all(engine, self.requests):
             raise APIError(503, f"the server is at capacity ({engine.max_batch_size} running, {engine.max_queue} "
                            "waiting); retry later", code="server_busy")
 
-    async def next(self) -> Event:
-        """The next event; "error" raises a 500 APIError."""
+    @property
+    def finished(self) -> bool:
+        return self.running == 0
+
+    async def next(self) -> tuple[int, Event]:
+        """The next (choice index, event) of any choice; "error" raises a 500 APIError."""
         if self._get is None:
             self._get = asyncio.ensure_future(self.events.get())
         while True:
             done, _ = await asyncio.wait({self._get}, timeout=POLL_S)
             if done:
-                event, self._get = self._get.result(), None
+                (i, event), self._get = self._get.result(), None
                 if event.kind == "error":
                     raise APIError(500, event.message, code="model_error")
-                return event
+                self.running -= event.kind == "done"
+                return i, event
             if await self.http.is_disconnected():
                 raise ClientGone
 
-    async def first(self) -> Event:
-        """The first event (the request admitted and prefilled); on any failure the request is cancelled."""
+    async def first(self) -> tuple[int, Event]:
+        """The first event of any choice (one admitted and prefilled); on any failure every choice is cancelled."""
         try:
             return await self.next()
         except BaseException:
             self.close()
             raise
 
+    async def texts(self, first: tuple[int, Event], feed=None) -> list[str]:
+        """Every choice's whole text (each piece through feed(i, text) when given), once all are done."""
+        texts, (i, event) = [""] * len(self.requests), first
+        try:
+            while True:
+                texts[i] += feed(i, event.text) if feed else event.text
+                if self.finished:
+                    return texts
+                i, event = await self.next()
+        finally:
+            self.close()
+
     def close(self) -> None:
         if self._get is not None:
             self._get.cancel()
-        if self.request.finish_reason is None:
-            self.engine.cancel(self.request)
+        for r in self.requests:
+            if r.finish_reason is None:
+                self.engine.cancel(r)
 
 
 def sse(obj) -> str:
@@ -148,6 +198,9 @@ class Service:
             raise ValueError(f"template must be 'dolly' or 'plain', got {template!r}")
         self.engine, self.tokenizer, self.model_name, self.template = engine, tokenizer, model_name, template
         self.window, self.vocab = engine.max_len, engine.model.config.vocab_size
+        vocab = tokenizer.backend.get_vocab(with_added_tokens=True)  # byte-level: one character per byte
+        self.token_chars = max(map(len, vocab))  # the most characters one token covers
+        self.encoder = ThreadPoolExecutor(2, thread_name_prefix="gptneox-tokenize")  # never on the event loop
         self.created = int(time.time())
         self.bank = getattr(engine.model, "adapter_bank", None)
         if (adapters or runtime) and self.bank is None:
@@ -172,18 +225,35 @@ class Service:
         raise APIError(404, f"The model {model!r} does not exist; this server serves {served}", param="model",
                        code="model_not_found")
 
-    def check(self, body) -> str | None:
-        """The request's adapter (adapter_of), once its unsupported fields are refused."""
+    def check(self, body, prompts: int = 1) -> str | None:
+        """The request's adapter (adapter_of), once its unsupported fields and logit_bias are checked and its
+        choices (prompts x n) found to fit the wait queue: they are queued together."""
         adapter = self.adapter_of(body.model)
         bad = body.unsupported()
         if bad:
             raise APIError(400, f"{bad[0]}: not supported by this server", param=bad[0], code="unsupported")
+        n, most = body.n or 1, self.engine.max_queue
+        if prompts * n > most:
+            asked = f"{prompts} prompts x n {n} = {prompts * n} completions" if prompts > 1 else (
+                f"n {n} completions" if n > 1 else "1 completion")
+            raise APIError(400, f"{'n' if n > 1 else 'prompt'}: {asked} in one request, more than this server "
+                           f"queues at once ({most}, its --max-queue)", param="n" if n > 1 else "prompt",
+                           code="invalid_value")
+        body.biases(self.vocab)
         return adapter
 
-    def call(self, http, ids, config, adapter, **options) -> Call:
-        call = Call(self.engine, http, ids, config, adapter=adapter, **options)
+    def call(self, http, body, rid: str, prompts: list[list[int]], configs: list[GenerationConfig], adapter,
+             **options) -> Call:
+        """The request's choices, prompt by prompt then n samples each (index = prompt index x n + sample), sample
+        j seeded seed + j, queued together."""
+        n, seed, bias = body.n or 1, body.seed, body.biases(self.vocab)
+        choices = [dict(prompt=ids, config=config if seed is None else replace(config, seed=seed + j), id=rid,
+                        adapter=adapter, logit_bias=bias, presence_penalty=body.presence_penalty or 0.0,
+                        frequency_penalty=body.frequency_penalty or 0.0, **options)
+                   for ids, config in zip(prompts, configs) for j in range(n)]
+        call = Call(self.engine, http, choices)
         if adapter is not None:
-            self.requests.setdefault(adapter, []).append(call.request)
+            self.requests.setdefault(adapter, []).extend(call.requests)
         return call
 
     def in_use(self, name: str) -> int:
@@ -192,77 +262,105 @@ class Service:
         self.requests[name] = live
         return len(live)
 
-    def ids(self, prompt: str | list[int], param: str) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise APIError(400, f"{param}: the prompt encodes to no tokens", param=param, code="invalid_value")
-        if not all(0 <= i < self.vocab for i in ids):
-            raise APIError(400, f"{param}: token ids must lie in [0, {self.vocab})", param=param, code="invalid_value")
-        return ids
+    async def ids(self, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+        """The prompts' token ids, tokenized on the thread pool. A prompt sure to overflow the context is refused
+        first, untokenized: a text by its length (a token covers at most token_chars characters), ids by their
+        count."""
+        for i, prompt in enumerate(prompts):
+            least = (len(prompt) if isinstance(prompt, list) else
+                     -(-len(prompt) // (self.token_chars * (1 if prompt.isascii() else NFC_SHRINK))))
+            if least >= self.window:
+                self.too_long(param, least, None, i if len(prompts) > 1 else None, isinstance(prompt, str))
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(await asyncio.get_running_loop().run_in_executor(
+            self.encoder, lambda: [self.tokenizer.encode(t) for t in texts]) if texts else ())
+        out = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+        for i, ids in enumerate(out):
+            which = f"prompt {i}" if len(out) > 1 else "the prompt"
+            if not ids:
+                raise APIError(400, f"{param}: {which} encodes to no tokens", param=param, code="invalid_value")
+            if not all(0 <= t < self.vocab for t in ids):
+                raise APIError(400, f"{param}: token ids must lie in [0, {self.vocab})" +
+                               (f" ({which})" if len(out) > 1 else ""), param=param, code="invalid_value")
+        return out
 
-    def config(self, body, prompt_len: int, max_tokens: int | None, top_p: float | None, stops) -> GenerationConfig:
+    def too_long(self, param: str, prompt_len: int, asked: int | None, index: int | None = None, at_least=False):
+        """OpenAI's context_length_exceeded: the context, the prompt's tokens and those asked for."""
+        room = self.window - prompt_len
+        which = "the prompt" if index is None else f"prompt {index}"
+        has = f"has at least {prompt_len} tokens" if at_least else f"has {prompt_len}"
+        raise APIError(400, f"this model's context is {self.window} tokens; {which} {has}" +
+                       (f" and {asked} more were asked for" if asked is not None else "") +
+                       (f" (at most {room} fit)" if room > 0 else ""), param=param, code="context_length_exceeded")
+
+    def config(self, body, prompt_len: int, max_tokens: int | None, top_p: float | None, stops,
+               index: int | None = None) -> GenerationConfig:
         """The request's GenerationConfig; max_tokens None: what the context leaves. A prompt that leaves no room,
-        or asks for more than the context holds, is OpenAI's context_length_exceeded."""
+        or asks for more than the context holds, is OpenAI's context_length_exceeded (index: which prompt)."""
         room = self.window - prompt_len
         asked = room if max_tokens is None else max_tokens
         if room < 1 or asked > room:
-            raise APIError(400, f"this model's context is {self.window} tokens; the prompt has {prompt_len} and "
-                           f"{asked} more were asked for" + (f" (at most {room} fit)" if room > 0 else ""),
-                           param="messages" if isinstance(body, ChatRequest) else "prompt",
-                           code="context_length_exceeded")
+            self.too_long("messages" if isinstance(body, ChatRequest) else "prompt", prompt_len, asked, index)
         temperature = 1.0 if body.temperature is None else body.temperature
         return GenerationConfig(max_new_tokens=asked, temperature=temperature, top_p=top_p, seed=body.seed,
                                 stop_strings=stops)
 
     # ----------------------------------------------------------------------------------------- completions
     async def completions(self, body: CompletionRequest, http):
-        adapter = self.check(body)
-        prompt = body.one_prompt()
-        ids, stops = self.ids(prompt, "prompt"), body.stops()
-        config = self.config(body, len(ids), body.max_tokens or COMPLETION_MAX_TOKENS, body.top_p, stops)
-        echo = self.tokenizer.decode(ids) if body.echo else ""
-        call = self.call(http, ids, config, adapter, top_logprobs=body.logprobs,
-                         prompt_logprobs=body.echo and body.logprobs is not None)
+        prompts = body.prompts()
+        adapter, stops, n = self.check(body, len(prompts)), body.stops(), body.n or 1
+        ids = await self.ids(prompts, "prompt")
+        many = len(ids) > 1
+        configs = [self.config(body, len(x), body.max_tokens or COMPLETION_MAX_TOKENS, body.top_p, stops,
+                               i if many else None) for i, x in enumerate(ids)]
+        echoes = [self.tokenizer.decode(x) if body.echo else "" for x in ids for _ in range(n)]  # per choice
         rid, created = new_id("cmpl"), int(time.time())
+        call = self.call(http, body, rid, ids, configs, adapter, top_logprobs=body.logprobs,
+                         prompt_logprobs=body.echo and body.logprobs is not None)
         first = await call.first()
+        prompt_tokens = sum(map(len, ids))  # once per prompt, as OpenAI counts them
         if body.stream:
-            return self.stream(self.completion_chunks(call, first, body, rid, created, echo, len(ids)), call)
-        try:
-            text, event = echo + first.text, first
-            while event.kind != "done":
-                event = await call.next()
-                text += event.text
-        finally:
-            call.close()
-        r = call.request
-        logprobs = None if body.logprobs is None else self.completion_scores(r, body.echo, 0)
-        return completion_body(rid, body.model, text, r.finish_reason, usage(len(ids), len(r.tokens)), logprobs,
-                               created)
+            return self.stream(self.completion_chunks(call, first, body, rid, created, echoes, prompt_tokens), call)
+        texts = await call.texts(first)
+        choices = [completion_choice(i, echo + text, r.finish_reason,
+                                     None if body.logprobs is None else self.completion_scores(r, body.echo, 0))
+                   for i, (r, echo, text) in enumerate(zip(call.requests, echoes, texts))]
+        return completion_body(rid, body.model, choices, self.total_usage(call, prompt_tokens), created)
+
+    @staticmethod
+    def total_usage(call: Call, prompt_tokens: int) -> dict:
+        return usage(prompt_tokens, sum(len(r.tokens) for r in call.requests))
 
     def completion_scores(self, r: Request, echo: bool, offset: int, start: int = 0, end: int | None = None):
         ids = (list(r.prompt) if echo else []) + r.tokens[start:end]
         scores = (r.prompt_scores if echo else []) + r.logprobs[start:end]
         return completion_logprobs(self.tokenizer, ids, scores, offset)
 
-    async def completion_chunks(self, call: Call, event: Event, body, rid, created, echo: str, prompt_len: int):
-        r, sent, n = call.request, len(echo), 0
-        if echo:
-            logprobs = self.completion_scores(r, True, 0, 0, 0) if body.logprobs is not None else None
-            yield sse(completion_body(rid, body.model, echo, None, None, logprobs, created))
+    async def completion_chunks(self, call: Call, first, body, rid, created, echoes: list[str], prompt_tokens: int):
+        """The choices' pieces as they come (each choice's echo before its first token, once its prompt is scored),
+        each choice's finish chunk when it ends; the last one carries the usage when asked."""
+        def chunk(i, text, reason=None, logprobs=None, use=None):
+            return sse(completion_body(rid, body.model, [completion_choice(i, text, reason, logprobs)], use, created))
+        reqs, sent, count = call.requests, [len(e) for e in echoes], [0] * len(echoes)
+        i, event = first
         while True:
+            r = reqs[i]
+            if echoes[i] and count[i] == 0 and event.kind == "token":
+                yield chunk(i, echoes[i], logprobs=self.completion_scores(r, True, 0, 0, 0)
+                            if body.logprobs is not None else None)
             if event.kind == "token":
-                n += 1
+                count[i] += 1
                 logprobs = (None if body.logprobs is None
-                            else self.completion_scores(r, False, sent, n - 1, n))
+                            else self.completion_scores(r, False, sent[i], count[i] - 1, count[i]))
                 if event.text or logprobs:
-                    yield sse(completion_body(rid, body.model, event.text, None, None, logprobs, created))
-                sent += len(event.text)
+                    yield chunk(i, event.text, logprobs=logprobs)
+                sent[i] += len(event.text)
             else:
-                use = usage(prompt_len, len(r.tokens))
-                yield sse(completion_body(rid, body.model, "", r.finish_reason,
-                                          use if _include_usage(body) else None, None, created))
+                last = call.finished and _include_usage(body)
+                yield chunk(i, event.text, r.finish_reason, use=self.total_usage(call, prompt_tokens) if last else None)
+            if call.finished:
                 return
-            event = await call.next()
+            i, event = await call.next()
 
     # ------------------------------------------------------------------------------------------------ chat
     async def chat(self, body: ChatRequest, http):
@@ -272,7 +370,7 @@ class Service:
             prompt = dolly_prompt(messages) if self.template == "dolly" else plain_prompt(messages)
         except ValueError as e:
             raise APIError(400, f"messages: {e}", param="messages", code="invalid_value") from None
-        ids = self.ids(prompt, "messages")
+        [ids] = await self.ids([prompt], "messages")
         stops = body.stops() + (PLAIN_STOP if self.template == "plain" else ())
         max_tokens = body.max_completion_tokens or body.max_tokens
         top_p = body.top_p
@@ -280,36 +378,42 @@ class Service:
             top_p = DOLLY_CHAT["top_p"] if top_p is None else top_p
             max_tokens = max_tokens or min(DOLLY_CHAT["max_tokens"], self.window - len(ids))
         top = (body.top_logprobs or 0) if body.logprobs else None
-        call = self.call(http, ids, self.config(body, len(ids), max_tokens, top_p, stops), adapter, top_logprobs=top)
         rid, created = new_id("chatcmpl"), int(time.time())
+        call = self.call(http, body, rid, [ids], [self.config(body, len(ids), max_tokens, top_p, stops)], adapter,
+                         top_logprobs=top)
         first = await call.first()
         if body.stream:
             return self.stream(self.chat_chunks(call, first, body, rid, created, len(ids)), call)
-        answer, event = Stripped(), first
-        try:
-            text = answer.feed(first.text)
-            while event.kind != "done":
-                event = await call.next()
-                text += answer.feed(event.text)
-        finally:
-            call.close()
-        r = call.request
-        logprobs = chat_logprobs(self.tokenizer, r.tokens, r.logprobs) if body.logprobs else None
-        return chat_body(rid, body.model, text, r.finish_reason, usage(len(ids), len(r.tokens)), logprobs)
+        answers = [Stripped() for _ in call.requests]
+        texts = await call.texts(first, lambda i, piece: answers[i].feed(piece))
+        choices = [chat_choice(i, text, r.finish_reason,
+                               chat_logprobs(self.tokenizer, r.tokens, r.logprobs) if body.logprobs else None)
+                   for i, (r, text) in enumerate(zip(call.requests, texts))]
+        return chat_body(rid, body.model, choices, self.total_usage(call, len(ids)))
 
-    async def chat_chunks(self, call: Call, event: Event, body, rid, created, prompt_len: int):
-        r, answer, n = call.request, Stripped(), 0
-        yield sse(chat_chunk(rid, body.model, created, {"role": "assistant", "content": ""}))
-        while event.kind == "token":
-            n += 1
-            piece = answer.feed(event.text)
-            logprobs = chat_logprobs(self.tokenizer, r.tokens[n - 1:n], r.logprobs[n - 1:n]) if body.logprobs else None
-            if piece or logprobs:
-                yield sse(chat_chunk(rid, body.model, created, {"content": piece}, logprobs=logprobs))
-            event = await call.next()
-        yield sse(chat_chunk(rid, body.model, created, {}, r.finish_reason))
+    async def chat_chunks(self, call: Call, first, body, rid, created, prompt_tokens: int):
+        """Each choice's role chunk, then the choices' pieces as they come, each choice's finish chunk when it ends,
+        then the usage chunk when asked."""
+        reqs, answers, count = call.requests, [Stripped() for _ in call.requests], [0] * len(call.requests)
+        for i in range(len(reqs)):
+            yield sse(chat_chunk(rid, body.model, created, i, {"role": "assistant", "content": ""}))
+        i, event = first
+        while True:
+            r, piece = reqs[i], answers[i].feed(event.text)
+            if event.kind == "token":
+                count[i] += 1
+                logprobs = (chat_logprobs(self.tokenizer, r.tokens[count[i] - 1:count[i]],
+                                          r.logprobs[count[i] - 1:count[i]]) if body.logprobs else None)
+                if piece or logprobs:
+                    yield sse(chat_chunk(rid, body.model, created, i, {"content": piece}, logprobs=logprobs))
+            else:
+                yield sse(chat_chunk(rid, body.model, created, i, {"content": piece} if piece else {},
+                                     r.finish_reason))
+            if call.finished:
+                break
+            i, event = await call.next()
         if _include_usage(body):
-            yield sse(chat_chunk(rid, body.model, created, None, use=usage(prompt_len, len(r.tokens))))
+            yield sse(chat_chunk(rid, body.model, created, 0, None, use=self.total_usage(call, prompt_tokens)))
 
     # ------------------------------------------------------------------------------------------- streaming
     def stream(self, chunks, call: Call):
