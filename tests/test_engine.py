@@ -273,3 +273,35 @@ def test_request_timeout_fails_the_request_and_on_end_sees_every_request(dolly):
     assert slow.finish_reason == "error" and engine.stats["timed_out"] == 1
     assert quick.finish_reason == "length" and len(quick.token_times) == 2 and quick.arrival > 0
     assert ended == [slow, quick]
+
+
+def test_onednn_linears_compute_what_f_linear_computes(dolly):
+    from gptneox.ops.onednn import available, onednn_linears
+    if not available():
+        pytest.skip("this torch has no oneDNN")  # every CPU build of torch this project installs has it
+    model, tok = dolly
+    fresh = GPTNeoX(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    ids = torch.tensor([tok.encode(PROMPTS[3])] * 2)
+    with torch.no_grad():
+        want = fresh(ids)
+        assert onednn_linears(fresh) == 4 * model.config.num_hidden_layers + 1
+        got = fresh(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, model.config.hidden_size, requires_grad=True)  # training keeps F.linear (and its gradient)
+    fresh.embed_out(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_submit_all_queues_every_request_or_none(dolly):
+    model, tok = dolly
+    engine = Engine(model, tok, max_batch_size=1, max_queue=4)  # not started: nothing leaves the queue
+
+    def req(ids=(1, 2), **kw):
+        return Request(list(ids), GenerationConfig(max_new_tokens=2), Waiter(), **kw)
+    assert engine.submit_all([req(), req()])
+    assert not engine.submit_all([req(), req(), req()]) and len(engine.waiting) == 2
+    assert engine.stats["rejected"] == 3
+    with pytest.raises(ValueError, match="logit_bias"):  # a request it cannot run: none of them is queued
+        engine.submit_all([req(), req(logit_bias={10 ** 6: 1.0})])
+    assert len(engine.waiting) == 2 and engine.submit_all([req(), req()]) and len(engine.waiting) == 4

@@ -175,7 +175,7 @@ BAD = [
     ({"model": "tiny-dolly", "prompt": "hi", "max_tokens": 2048}, "context_length_exceeded", "prompt"),
     ({"model": "tiny-dolly", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "invalid_value", "stop"),
     ({"model": "tiny-dolly", "prompt": [1, 99999]}, "invalid_value", "prompt"),
-    ({"model": "tiny-dolly", "prompt": "hi", "n": 2}, "unsupported", "n"),
+    ({"model": "tiny-dolly", "prompt": "hi", "best_of": 2}, "unsupported", "best_of"),
 ]
 
 

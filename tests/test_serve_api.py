@@ -322,14 +322,17 @@ def test_a_client_that_leaves_cancels_every_choice(server):
 
 # ------------------------------------------------------------------------------------ the service alone
 class FakeEngine:
-    """What Call needs of an engine: the lock, the queue and submit / cancel, no model."""
+    """What Call needs of an engine: submit_all (all or none, as Engine.submit_all) and cancel, no model."""
 
     def __init__(self, max_queue=8):
-        self._cond, self.waiting, self.max_queue, self.max_batch_size = threading.Condition(), [], max_queue, 1
+        self.waiting, self.max_queue, self.max_batch_size = [], max_queue, 1
         self.stats, self.cancelled = {"rejected": 0}, []
 
-    def submit(self, r):
-        self.waiting.append(r)
+    def submit_all(self, requests):
+        if len(self.waiting) + len(requests) > self.max_queue:
+            self.stats["rejected"] += len(requests)
+            return False
+        self.waiting.extend(requests)
         return True
 
     def cancel(self, r):

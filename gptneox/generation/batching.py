@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..lora.bank import bank_rows
+from ..ops.onednn import onednn_linears
 from ..ops.ragged import Ragged
 from .config import GenerationConfig
 from .prefix import BLOCK, PrefixCache
@@ -161,7 +162,8 @@ class Engine:
     slots' worth); request_timeout: seconds a request may take from submit (None: no limit). Thread-safe: submit
     and cancel from any thread; the model runs on the engine's own thread (start / stop); between_forwards runs
     code (an AdapterBank change) between two steps. stats counts requests by outcome and tokens; decode_steps[n]
-    the steps that carried n decoding requests; on_end(request), when set, is called once as each request ends."""
+    the steps that carried n decoding requests; on_end(request), when set, is called once as each request ends.
+    On the CPU the model's nn.Linear layers are switched to oneDNN's products (ops/onednn.py)."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int | None = None,
                  max_len: int | None = None, max_prefill_tokens: int = 512, prefix_cache: bool = True,
@@ -182,6 +184,8 @@ class Engine:
         self.max_queue = 4 * max_batch_size if max_queue is None else max_queue
         self.max_prefill_tokens, self.request_timeout = max_prefill_tokens, request_timeout
         self.device = model.gpt_neox.embed_in.weight.device
+        if self.device.type == "cpu":  # several tokens a step: oneDNN's products are much faster there than BLAS's
+            onednn_linears(model)
         self.cache = model.new_cache(max_batch_size, self.max_len + 1)  # per layer [slots, nh, max_len + 1, hs]
         self.prefix = None
         if prefix_cache:
@@ -214,6 +218,27 @@ class Engine:
 
     def submit(self, request: Request) -> bool:
         """Queue a request; False (nothing queued) when the wait queue already holds max_queue requests."""
+        return self.submit_all([request])
+
+    def submit_all(self, requests: Sequence[Request]) -> bool:
+        """Queue every request or none: False when the wait queue has no room for them all; a ValueError (nothing
+        queued) for a request the engine cannot run. Queued together, identical prompts share one prefill."""
+        for request in requests:
+            self._check(request)
+        now = time.monotonic()
+        for request in requests:
+            request.arrival = now
+            if request.deadline is None and self.request_timeout is not None:
+                request.deadline = now + self.request_timeout
+        with self._cond:
+            if len(self.waiting) + len(requests) > self.max_queue:
+                self.stats["rejected"] += len(requests)
+                return False
+            self.waiting.extend(requests)
+            self._cond.notify()
+        return True
+
+    def _check(self, request: Request) -> None:
         P = len(request.prompt)
         if not 1 <= P < self.max_len:
             raise ValueError(f"the prompt has {P} tokens; a slot holds {self.max_len} (prompt + new tokens)")
@@ -222,16 +247,6 @@ class Engine:
         V = self.model.config.vocab_size
         if any(not 0 <= int(t) < V for t in (request.logit_bias or {})):
             raise ValueError(f"logit_bias: token ids must lie in [0, {V})")
-        request.arrival = time.monotonic()
-        if request.deadline is None and self.request_timeout is not None:
-            request.deadline = request.arrival + self.request_timeout
-        with self._cond:
-            if len(self.waiting) >= self.max_queue:
-                self.stats["rejected"] += 1
-                return False
-            self.waiting.append(request)
-            self._cond.notify()
-        return True
 
     def cancel(self, request: Request) -> None:
         """Drop a request (its client left): out of the queue and out of its slot at the next step."""

@@ -15,7 +15,6 @@ templates gptneox/prompts/chat.py's. Guide: docs/serving.md.
 import asyncio
 import json
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -59,54 +58,10 @@ def adapter_rank(path) -> int:
     return max(ranks)
 
 
-class Engine(batching.Engine):
-    """The batching engine, each forward (a prefill, a decode step) under forward_lock, so that the AdapterBank
-    changes between forwards, never during one (Service.bank_op). A bank operation first takes the gate, which the
-    engine passes before each forward: a waiting operation runs after the forward in progress, not after many."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.forward_lock, self.gate = threading.Lock(), threading.Lock()
-
-    def _start(self, r: Request) -> None:
-        with self.gate:
-            pass
-        with self.forward_lock:
-            super()._start(r)
-
-    def _decode(self) -> None:
-        with self.gate:
-            pass
-        with self.forward_lock:
-            super()._decode()
-
-    def between_forwards(self, op, *args):
-        """op(*args) on the calling thread while no forward runs."""
-        with self.gate, self.forward_lock:
-            return op(*args)
+Engine = batching.Engine  # each step under its forward_lock: the AdapterBank changes between steps (bank_op)
 
 
 # ------------------------------------------------------------------------------------------------- one call
-def submit_all(engine: Engine, requests: list[Request]) -> bool:
-    """Queue every request or none (False: the wait queue has no room for them all). Under the engine's lock, so it
-    admits none of them before all are queued: twins (n > 1) are prefilled together."""
-    with engine._cond:  # a re-entrant lock: submit takes it again
-        if len(engine.waiting) + len(requests) > engine.max_queue:
-            engine.stats["rejected"] += len(requests)
-            return False
-        queued = []
-        try:
-            for r in requests:
-                if not engine.submit(r):
-                    break
-                queued.append(r)
-        finally:
-            if len(queued) < len(requests):  # none of them runs when one cannot
-                for r in queued:
-                    engine.cancel(r)
-        return len(queued) == len(requests)
-
-
 class Call:
     """The engine requests of one HTTP request (its choices) seen from the event loop: their events arrive in one
     asyncio queue as (choice index, Event), from the engine's thread. They are queued all together or not at all
@@ -126,7 +81,7 @@ class Call:
         self.engine, self.http, self._get = engine, http, None
         self.requests = [Request(emit=emitter(i), **kw) for i, kw in enumerate(choices)]
         self.running = len(self.requests)  # choices not done yet
-        if not submit_all(engine, self.requests):
+        if not engine.submit_all(self.requests):
             raise APIError(503, f"the server is at capacity ({engine.max_batch_size} running, {engine.max_queue} "
                            "waiting); retry later", code="server_busy")
 

@@ -1,0 +1,42 @@
+"""oneDNN's matrix products for CPU inference: a model's nn.Linear layers computed by torch.ops.mkldnn._linear_pointwise
+(the operator torch.compile's CPU backend emits) instead of the BLAS that F.linear calls.
+
+    onednn_linears(model)     # every nn.Linear of the model, from now on; returns how many
+
+On the CPUs measured (docs/benchmarks.md, "oneDNN's linear on the CPU") it reads the weights as fast at one token and
+runs several tokens at once much faster than F.linear's BLAS path, which is what a serving step of many requests is.
+The layer stays an nn.Linear with its own weight (state dicts, adapters and hooks see nothing new); its forward falls
+back to F.linear whenever the fast path does not apply: a tensor that needs a gradient, a device other than the
+CPU, a dtype other than fp32 / bf16, or a torch without the operator. Results differ from F.linear's by rounding
+alone (about 1e-7 relative in fp32).
+"""
+
+import types
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    w = self.weight
+    if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype not in DTYPES or w.dtype != x.dtype
+            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+        return F.linear(x, w, self.bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.bias, "none", [], "")
+
+
+def onednn_linears(model: nn.Module) -> int:
+    """Route every nn.Linear of model through oneDNN (see the module docstring); 0 when this torch has no oneDNN."""
+    if not available():
+        return 0
+    layers = [m for m in model.modules() if type(m) is nn.Linear]
+    for m in layers:
+        m.forward = types.MethodType(_forward, m)
+    return len(layers)
