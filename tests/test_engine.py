@@ -11,7 +11,7 @@ from test_batching import PROMPTS, Waiter, min_margin, reference, submit
 from tiny import checkpoint_with_tokenizer
 
 from gptneox import GPTNeoX, Tokenizer
-from gptneox.generation.batching import Engine, PackedView, Request
+from gptneox.generation.batching import Engine, Request
 from gptneox.generation.config import GenerationConfig
 from gptneox.generation.prefix import BLOCK, PrefixCache
 from gptneox.ops import Ragged
@@ -53,12 +53,12 @@ def test_ragged_forward_gives_each_sequence_its_logits_alone(dolly):
         for row, ids in ((0, seqs[0][:5]), (2, seqs[1][:-1])):  # what earlier steps left in the cache
             r = Ragged([(row, 0, len(ids))], "cpu")
             model(torch.tensor([ids]), position_ids=r.position_ids, attention_mask=r,
-                  cache=[PackedView(layer, r) for layer in cache], input_pos=torch.arange(len(ids)))
+                  cache=r.views(cache), input_pos=torch.arange(len(ids)))
         plan = [(0, 5, seqs[0][5:]), (2, len(seqs[1]) - 1, seqs[1][-1:]), (3, 0, seqs[2])]
         r = Ragged([(row, start, len(ids)) for row, start, ids in plan], "cpu")
         packed = [t for _, _, ids in plan for t in ids]
         logits = model(torch.tensor([packed]), position_ids=r.position_ids, attention_mask=r,
-                       cache=[PackedView(layer, r) for layer in cache], input_pos=torch.arange(len(packed)))[0]
+                       cache=r.views(cache), input_pos=torch.arange(len(packed)))[0]
         alone = [model(torch.tensor([s]))[0] for s in (seqs[0], seqs[1], seqs[2])]
     expect = torch.cat([alone[0][5:], alone[1][-1:], alone[2]])
     torch.testing.assert_close(logits, expect, rtol=1e-5, atol=1e-5)

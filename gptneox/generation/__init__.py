@@ -7,7 +7,9 @@ transformers' GenerationMixin knows no architecture; GPTNeoX.generate calls in h
     run.py          Run: one call as a loop (prefill a static KV cache, decode token by token)
     speculative.py  SpeculativeRun: the same loop with a draft model
     generator.py    Generator (caches and compiled step across calls, picks the Run), generate, stream
-    batching.py     Engine: continuous batching for the server
+    requests.py     Request, Event: what the serving engine takes and reports
+    prefix.py       PrefixCache: computed prompt prefixes, kept by blocks
+    batching.py     Engine: continuous batching for the server (one packed forward per step)
 """
 
 from .config import GenerationConfig

@@ -36,84 +36,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 
 import torch
 
 from ..lora.bank import bank_rows
 from ..ops.onednn import onednn_linears
 from ..ops.ragged import Ragged
-from .config import GenerationConfig
 from .prefix import BLOCK, PrefixCache
+from .requests import Event, Request, Row
 from .run import stop_ids
-from .sampling import apply_openai_penalties, process_logits, sample
-from .streaming import TextStream
+from .sampling import logprob_scores, process_logits, sample
 
 log = logging.getLogger(__name__)
 PREFILL_SHARE = 0.5  # while requests decode, a step's prompt tokens cost at most this share of a decode step
-
-
-# --------------------------------------------------------------------------------------------------- requests
-@dataclass
-class Event:
-    """What the engine reports about one request. kind "token": one new token (its id, log-probability and top
-    alternatives when asked) and the text it completes (may be "": held back inside a multi-byte character or a
-    possible stop string); "done": the rest of the text and finish_reason ("stop" or "length"); "error": message."""
-
-    kind: str
-    text: str = ""
-    token: int | None = None
-    logprob: float | None = None
-    top: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
-    message: str | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    """One completion. prompt: token ids; config: its settings (max_new_tokens, temperature, top_k, top_p, seed,
-    eos_token_id = the stop ids, stop_strings); emit(Event) is called from the engine's thread. top_logprobs: also
-    report the log-probability of each chosen token (under the model's raw logits) and that many alternatives (None:
-    neither); prompt_logprobs: also compute each prompt token's (OpenAI's echo with logprobs). adapter: the name of a
-    LoRA tune in the model's AdapterBank (lora/bank.py), None for the base. id: the caller's name for it (logs).
-    logit_bias {token id: bias} is added to the logits, and presence_penalty / frequency_penalty applied as OpenAI
-    defines them, before the sampling settings. deadline: time.monotonic() past which it fails ("timed out")."""
-
-    prompt: Sequence[int]
-    config: GenerationConfig
-    emit: Callable[[Event], None]
-    top_logprobs: int | None = None
-    prompt_logprobs: bool = False
-    adapter: str | None = None
-    id: str | None = None
-    logit_bias: dict[int, float] | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    deadline: float | None = None
-    # filled by the engine
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
-    prompt_scores: list[tuple[float, list[tuple[int, float]]] | None] = field(default_factory=list)
-    finish_reason: str | None = None
-    cancelled: bool = False
-    arrival: float = 0.0  # time.monotonic() at submit
-    token_times: list[float] = field(default_factory=list)  # time.monotonic() of each token
-    cached_tokens: int = 0  # prompt tokens taken from the prefix cache
-
-
-@dataclass(eq=False)
-class _Row:
-    """The engine's side of a running request: its slot, how much of its prompt is in the cache, the identical
-    request whose prefill it waits to copy (its leader), its stop ids, seeded RNG, logit adjustments and text."""
-
-    slot: int
-    ends: set[int]
-    generator: torch.Generator | None
-    text: TextStream
-    bias: torch.Tensor | None  # [V] logit_bias as a dense row
-    counts: torch.Tensor | None  # [V] generated tokens, counted (penalties only)
-    filled: int = 0
-    leader: Request | None = None
 
 
 class StepClock:
@@ -136,22 +71,6 @@ class StepClock:
         if self.decode_s is None or not self.token_s:
             return None
         return max(BLOCK, int(PREFILL_SHARE * self.decode_s / self.token_s))
-
-
-# ----------------------------------------------------------------------------------------------- cache views
-class PackedView:
-    """A view of one layer's engine cache that the model's forward uses as its KVCache in a ragged step: packed token
-    i writes its key and value at (rows[i], columns[i]); attention gets the whole cache."""
-
-    def __init__(self, layer, ragged: Ragged):
-        self.k_cache, self.v_cache, self.ragged = layer.k_cache, layer.v_cache, ragged
-        self.max_len = layer.k_cache.shape[2]
-
-    def update(self, input_pos, k, v):  # k, v [1, nh, N, hs]; the packed tokens' places are the Ragged's
-        rows, columns = self.ragged.rows, self.ragged.columns
-        self.k_cache[rows, :, columns] = k[0].transpose(0, 1).to(self.k_cache.dtype)  # indexed as [N, nh, hs]
-        self.v_cache[rows, :, columns] = v[0].transpose(0, 1).to(self.v_cache.dtype)
-        return self.k_cache, self.v_cache
 
 
 # ----------------------------------------------------------------------------------------------------- engine
@@ -199,7 +118,7 @@ class Engine:
         self.decode_steps = [0] * (max_batch_size + 1)  # steps by how many decoding requests they carried
         self.on_end: Callable[[Request], None] | None = None
         self.clock = StepClock()
-        self._state: dict[int, _Row] = {}  # id(request) -> what the engine keeps for it while it runs
+        self._state: dict[int, Row] = {}  # id(request) -> what the engine keeps for it while it runs
         self._cond = threading.Condition()
         self.forward_lock, self.gate = threading.Lock(), threading.Lock()
         self._stopping = False
@@ -308,7 +227,8 @@ class Engine:
         slot = self.rows.index(None)
         self.rows[slot] = r
         try:
-            row = self._state[id(r)] = self._row(r, slot)
+            ends = stop_ids(self.model, r.config.eos_token_id, self.tokenizer)
+            row = self._state[id(r)] = Row.of(r, slot, ends, self.tokenizer, self.model.config.vocab_size, self.device)
             self.stats["prompt_tokens"] += len(r.prompt)
             row.leader = next((o for o in self.rows if o is not None and o is not r and self._twins(o, r)), None)
             if row.leader is None and self.prefix is not None and not r.prompt_logprobs:
@@ -318,18 +238,6 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the request it touched fails, the loop goes on
             log.exception("admission failed")
             self._fail(r, f"the model failed on this request: {type(e).__name__}: {e}")
-
-    def _row(self, r: Request, slot: int) -> _Row:
-        V, c = self.model.config.vocab_size, r.config
-        bias = None
-        if r.logit_bias:
-            bias = torch.zeros(V, device=self.device)
-            bias[torch.tensor([int(t) for t in r.logit_bias], device=self.device)] = torch.tensor(
-                [float(b) for b in r.logit_bias.values()], device=self.device)
-        counts = torch.zeros(V, device=self.device) if r.presence_penalty or r.frequency_penalty else None
-        ends = set(stop_ids(self.model, c.eos_token_id, self.tokenizer))
-        generator = None if c.seed is None else torch.Generator(self.device).manual_seed(c.seed)
-        return _Row(slot, ends, generator, TextStream(self.tokenizer, ends, c.stop_strings), bias, counts)
 
     def _twins(self, leader: Request, r: Request) -> bool:
         """Whether r may copy leader's prefill: the same prompt and tune, leader still prefilling it, no prompt
@@ -394,7 +302,7 @@ class Engine:
             kept = [r.adapter for (r, _, _), w in zip(seqs, wanted) if w is not None for _ in range(w[1])]
             with self._adapters([r.adapter for r, _, n in seqs for _ in range(n)], kept):
                 logits = self.model(torch.tensor([ids], device=self.device), position_ids=ragged.position_ids,
-                                    attention_mask=ragged, cache=[PackedView(layer, ragged) for layer in self.cache],
+                                    attention_mask=ragged, cache=ragged.views(self.cache),
                                     input_pos=torch.arange(len(ids), device=self.device),
                                     logits_to_keep=torch.tensor(keep, device=self.device))[0].float()  # [K, V]
         except Exception as e:  # noqa: BLE001 - every request of the step fails, the loop goes on
@@ -437,7 +345,7 @@ class Engine:
         k = max(r.top_logprobs or 0, 1)
         for i in range(logits.shape[0]):
             if start + i + 1 < len(r.prompt):
-                r.prompt_scores.append(self._scores(logits[i:i + 1], r.prompt[start + i + 1], k))
+                r.prompt_scores.append(logprob_scores(logits[i:i + 1], r.prompt[start + i + 1], k))
 
     def _prefilled(self, r: Request, logits: torch.Tensor) -> None:
         """r's prompt is in its slot: keep its blocks, and give each twin waiting on it a copy and its first token."""
@@ -470,22 +378,17 @@ class Engine:
         """Choose r's next token from its fp32 logits [1, V] (token: the raw argmax, used when r is greedy with no
         logit adjustments), report it, and release r if it stopped."""
         c, row = r.config, self._state[id(r)]
-        raw = logits
-        if row.bias is not None:
-            logits = logits + row.bias
-        if row.counts is not None:
-            logits = apply_openai_penalties(logits, row.counts, r.presence_penalty, r.frequency_penalty)
+        raw, logits = logits, row.adjust(r, logits)
         if token is None or c.temperature != 0 or logits is not raw:
             scores = process_logits(logits, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
             token = int(sample(scores, c.temperature, row.generator)[0])
         r.tokens.append(token)
         r.token_times.append(time.monotonic())
         self.stats["generated_tokens"] += 1
-        if row.counts is not None:
-            row.counts[token] += 1
+        row.count(token)
         event = Event("token", token=token)
         if r.top_logprobs is not None:
-            r.logprobs.append(self._scores(raw, token, r.top_logprobs))
+            r.logprobs.append(logprob_scores(raw, token, r.top_logprobs))
             event.logprob, event.top = r.logprobs[-1]
         reason = self._stop_reason(r, token, row.ends)
         event.text = row.text.update(r.tokens, final=reason is not None)
@@ -504,14 +407,6 @@ class Engine:
         if len(r.tokens) >= c.max_new_tokens or len(r.prompt) + len(r.tokens) >= self.max_len:
             return "length"
         return None
-
-    @staticmethod
-    def _scores(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
-        """log-probability of token under the raw logits [1, V] (before any processing, as generate's logprobs),
-        and the k most likely tokens with theirs."""
-        logp = logits[0].log_softmax(-1)  # [V]
-        top = torch.topk(logp, k) if k else None
-        return float(logp[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))
 
     def _release(self, r: Request, reason: str) -> None:
         """r leaves its slot: "stop" / "length" end it normally (a "done" event; the blocks it wrote are kept in

@@ -81,3 +81,11 @@ def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator 
     probs = logits.softmax(dim=-1)
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def logprob_scores(logits: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of token under logits [1, V] (raw: before any processing, as generate's logprobs), and
+    the k most likely tokens with theirs."""
+    logp = logits[0].log_softmax(-1)  # [V]
+    top = torch.topk(logp, k) if k else None
+    return float(logp[token]), ([] if top is None else list(zip(top.indices.tolist(), top.values.tolist())))

@@ -4,10 +4,10 @@ forward, which reads the weights once).
 
     ragged = Ragged([(row, start, n), ...], device)     # in packed order: n tokens of cache row `row`, at its
                                                         # columns start..start+n-1 (also their rotary positions)
-    logits = model(ids [1, N], position_ids=ragged.position_ids, attention_mask=ragged, cache=views,
-                   logits_to_keep=positions)
+    logits = model(ids [1, N], position_ids=ragged.position_ids, attention_mask=ragged,
+                   cache=ragged.views(cache), logits_to_keep=positions)    # cache: per layer [rows, nh, L, hs]
 
-Each layer's cache view writes packed token i's key and value at (ragged.rows[i], ragged.columns[i]) and returns the
+Each layer's cache view (RaggedView) writes packed token i's key and value at (ragged.rows[i], ragged.columns[i]) and returns the
 whole cache, [rows, nh, L, hs]; attention() then computes for each sequence what a forward of that sequence alone
 computes: its queries against its own row's columns 0..start+n-1, causally. One-token sequences (decode steps) run
 together in one call over the cache rows lo..hi-1 they span (a row between them without a token gets a dummy query
@@ -40,6 +40,11 @@ class Ragged:
         self.position_ids = self.columns[None]  # [1, N]
         self.decode = self._decode(decode, device) if decode else None
 
+    def views(self, cache) -> list["RaggedView"]:
+        """The model's cache argument for this forward: one RaggedView per layer of cache (KVCaches, [rows, nh, L,
+        hs] each)."""
+        return [RaggedView(layer, self) for layer in cache]
+
     @staticmethod
     def _decode(decode, device):
         """(lo, hi, W, offsets [m], present [hi - lo], mask [hi - lo, 1, 1, W]) of the one-token sequences."""
@@ -52,6 +57,21 @@ class Ragged:
         offsets = torch.tensor([o for o, _, _ in sorted(decode, key=lambda d: d[1])], device=device)
         mask = (torch.arange(W)[None] <= last[:, None])[:, None, None].to(device)  # [R, 1, 1, W]
         return lo, hi, W, offsets, present.to(device), mask
+
+
+class RaggedView:
+    """One layer's cache as the model's forward uses it in a ragged forward: packed token i writes its key and value
+    at (rows[i], columns[i]); attention gets the whole cache."""
+
+    def __init__(self, layer, ragged: Ragged):
+        self.k_cache, self.v_cache, self.ragged = layer.k_cache, layer.v_cache, ragged
+        self.max_len = layer.k_cache.shape[2]
+
+    def update(self, input_pos, k, v):  # k, v [1, nh, N, hs]; the packed tokens' places are the Ragged's
+        rows, columns = self.ragged.rows, self.ragged.columns
+        self.k_cache[rows, :, columns] = k[0].transpose(0, 1).to(self.k_cache.dtype)  # indexed as [N, nh, hs]
+        self.v_cache[rows, :, columns] = v[0].transpose(0, 1).to(self.v_cache.dtype)
+        return self.k_cache, self.v_cache
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ragged: Ragged) -> torch.Tensor:
