@@ -305,3 +305,35 @@ def test_submit_all_queues_every_request_or_none(dolly):
     with pytest.raises(ValueError, match="logit_bias"):  # a request it cannot run: none of them is queued
         engine.submit_all([req(), req(logit_bias={10 ** 6: 1.0})])
     assert len(engine.waiting) == 2 and engine.submit_all([req(), req()]) and len(engine.waiting) == 4
+
+
+def test_soak_with_random_cancels_leaks_no_slot_and_no_state(dolly):
+    """60 requests of random lengths, n-style twins and shared prefixes among them, a third cancelled at random
+    moments: afterwards no slot, queue entry or row state is left, and every request ended exactly once."""
+    model, tok = dolly
+    g = torch.Generator().manual_seed(0)
+    base = tok.encode(LONG)
+    engine = Engine(model, tok, max_batch_size=4, max_queue=100, max_prefill_tokens=24, prefix_cache_tokens=64)
+    ended = []
+    engine.on_end = ended.append
+    engine.start()
+    try:
+        runs = []
+        for i in range(60):
+            cut = int(torch.randint(1, len(base), (1,), generator=g))
+            ids = base[:cut] if i % 3 else base[:cut] + [int(torch.randint(5, 500, (1,), generator=g))]
+            runs.append(submit(engine, ids, max_new_tokens=int(torch.randint(1, 12, (1,), generator=g)),
+                               temperature=0))
+            if i % 3 == 0:
+                threading.Timer(float(torch.rand((), generator=g)) * 0.2, engine.cancel, (runs[-1][0],)).start()
+        waited = 0.0
+        while len(ended) < 60 and waited < 120:  # a cancelled request ends silently: on_end counts them all
+            threading.Event().wait(0.05)
+            waited += 0.05
+    finally:
+        engine.stop()
+    assert sorted(map(id, ended)) == sorted(id(r) for r, _ in runs)  # each ended once
+    assert engine.busy == 0 and not engine.waiting and not engine._state
+    assert engine.stats["completed"] + engine.stats["cancelled"] == 60 and engine.stats["failed"] == 0
+    assert all(w.events[-1].kind == "done" for r, w in runs if r.finish_reason != "cancelled")
+    assert len(engine.prefix) <= engine.prefix.capacity == 4
