@@ -94,6 +94,9 @@ class Engine:
             raise ValueError(f"max_len must be in [2, {window}] (the context window), got {max_len}")
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be at least 1, got {max_prefill_tokens}")
+        if prefix_cache_tokens is not None and prefix_cache_tokens < BLOCK:
+            raise ValueError(f"prefix_cache_tokens must be at least {BLOCK} (one block), got {prefix_cache_tokens}; "
+                             "prefix_cache=False turns the cache off")
         if request_timeout is not None and request_timeout <= 0:
             raise ValueError(f"request_timeout must be positive seconds, got {request_timeout}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -109,7 +112,7 @@ class Engine:
         self.prefix = None
         if prefix_cache:
             tokens = 2 * self.max_len if prefix_cache_tokens is None else prefix_cache_tokens
-            self.prefix = PrefixCache(model.config, max(1, tokens // BLOCK), dtype=self.cache[0].k_cache.dtype,
+            self.prefix = PrefixCache(model.config, tokens // BLOCK, dtype=self.cache[0].k_cache.dtype,
                                       device=self.device)
         self.rows: list[Request | None] = [None] * max_batch_size
         self.waiting: deque[Request] = deque()
