@@ -13,16 +13,22 @@ LoRA adapters (vLLM's flags and endpoints): --adapter NAME=DIR, repeated, serves
 base (a request's "model" picks it; /v1/models lists each with "parent": the base), one AdapterBank running every
 request on its own tune in the same batch; a lone --adapter without --allow-runtime-adapters is merged into float
 weights at load instead. --allow-runtime-adapters adds POST /v1/load_lora_adapter and /v1/unload_lora_adapter. The
-endpoints are app.py's; this file is the command line. Needs the serve extra: pip install -e ".[serve]". Exit status:
-0 after Ctrl-C, 2 a usage error, 1 a runtime error. Guide: docs/serving.md.
+endpoints are app.py's; this file is the command line. Needs the serve extra: pip install -e ".[serve]".
+
+Operations: GET /metrics (Prometheus), an access log line per request, --request-timeout, --max-request-bytes (413
+past it). SIGTERM or Ctrl-C drains: new requests get 503, those running finish within --shutdown-timeout or end
+with an error event (docs/serving.md, "Stopping the server" and "Limits and timeouts"; the metrics' names:
+docs/serving.md, "Metrics"). Exit status: 0 after SIGTERM or Ctrl-C, 2 a usage error, 1 a runtime error.
 """
 
+import asyncio
 import errno
 import logging
 import os
-import socket
-
 import re
+import signal
+import socket
+import time
 from pathlib import Path
 
 from .. import cli
@@ -31,15 +37,16 @@ from ..loading import load as gptneox_load
 from ..lora import AdapterBank, merge_lora
 from ..quant import describe, settings_of
 
-try:  # the serve extra (fastapi brings pydantic): main() says how to install it
+try:  # the serve extra (uvicorn, fastapi, pydantic, prometheus_client): main() says how to install it
+    import uvicorn
     from .app import Engine, Service, adapter_rank
     from .http import create_app
 except ImportError as e:
-    MISSING = e.name
+    MISSING, UvicornServer = e.name, object  # no Server is made then
 else:
-    MISSING = None
+    MISSING, UvicornServer = None, uvicorn.Server
 
-GRACE_S = 5  # at Ctrl-C, how long open streams may run on before the server closes them
+FLUSH_S = 2  # after the drain, how long the last responses (the error events of requests ended) may take to send
 log = logging.getLogger("gptneox.serve")
 FLAGS = {"ckpt": "--ckpt", "adapter": "--adapter", "quantize": "--quantize", "group_size": "--group-size",
          "dtype": "--dtype", "device": "--device"}  # how gptneox.load's errors name them
@@ -51,6 +58,55 @@ def port_arg(text: str) -> int:
     if port > 65535:
         raise cli.argparse.ArgumentTypeError(f"must be a TCP port, 0 to 65535 (0: any free port), got {port}")
     return port
+
+
+def seconds_arg(text: str) -> float:
+    """An argparse type for a duration in seconds: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise cli.argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise cli.argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def positive_seconds_arg(text: str) -> float:
+    value = seconds_arg(text)
+    if value == 0:
+        raise cli.argparse.ArgumentTypeError("must be more than 0 seconds, got 0")
+    return value
+
+
+class Server(UvicornServer):
+    """uvicorn's server with a graceful stop. The first SIGTERM or SIGINT starts the app's Drain: new /v1 requests
+    get 503 while those running go on. The server stops once none is left or `timeout` seconds after the signal,
+    when engine.stop() ends those still running with an error event; a second signal ends the drain at once. Then
+    uvicorn closes the socket and the connections (FLUSH_S for the last responses), and run() returns: exit status
+    0 (uvicorn itself would raise the signal again, and its second Ctrl-C would skip stopping the engine)."""
+
+    def __init__(self, config, *, drain, engine, timeout: float):
+        super().__init__(config)
+        self.drain, self.engine, self.timeout, self.deadline = drain, engine, timeout, None
+
+    def handle_exit(self, sig, frame) -> None:
+        name = signal.Signals(sig).name
+        if self.deadline is None:
+            log.info("%s: draining: new requests get 503; the %d in flight may finish within %g s "
+                     "(--shutdown-timeout)", name, self.drain.in_flight, self.timeout)
+            self.drain.start()
+            self.deadline = time.monotonic() + self.timeout
+        else:
+            log.info("%s again: ending the drain now", name)
+            self.deadline = 0.0
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.deadline is not None and not self.should_exit:
+            if self.drain.in_flight and time.monotonic() >= self.deadline:
+                log.warning("ending %d requests still running (the server is shutting down)", self.drain.in_flight)
+                await asyncio.to_thread(self.engine.stop)
+            self.should_exit = not self.drain.in_flight or time.monotonic() >= self.deadline
+        return await super().on_tick(counter)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -134,14 +190,9 @@ def adapter_specs(specs, *, max_adapters=None, max_rank=None, reserved=()) -> di
 def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
          max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
          template="auto", log_level="info", threads=None, max_adapters=None, max_adapter_rank=None,
-         allow_runtime_adapters=False) -> int:
-    missing = MISSING
-    try:
-        import uvicorn
-    except ImportError as e:
-        missing = missing or e.name
-    if missing is not None:
-        raise RuntimeError(f"the server needs the serve extra ({missing} is missing): pip install -e \".[serve]\"")
+         allow_runtime_adapters=False, shutdown_timeout=30.0, request_timeout=None, max_request_bytes=None) -> int:
+    if MISSING is not None:
+        raise RuntimeError(f"the server needs the serve extra ({MISSING} is missing): pip install -e \".[serve]\"")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     cli.set_threads(threads)
     dev = cli.pick_device(device)
@@ -161,15 +212,17 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
                              f"got {max_model_len}")
     sock = bind(host, port)  # every check before the model loads
     model, tokenizer = load(checked, None if merged or not (adapters or allow_runtime_adapters) else adapters)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len,
+                    request_timeout=request_timeout)
     template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
     service = Service(engine, tokenizer, model_name=model_name or path.name, template=template,
                       adapters=None if merged else adapters, aliases=adapters if merged else None,
                       runtime=allow_runtime_adapters, max_adapters=max_adapters, max_rank=max_adapter_rank)
-    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), log_level=log_level,
-                                           timeout_graceful_shutdown=GRACE_S))
+    app = create_app(service, api_key=api_key, max_request_bytes=max_request_bytes)
+    server = Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=FLUSH_S),
+                    drain=app.state.drain, engine=engine, timeout=shutdown_timeout)
     bound_host, bound_port = sock.getsockname()[:2]
-    log.info("serving %s as model %r on http://%s:%d/v1 (Ctrl-C to stop)", path, service.model_name,
+    log.info("serving %s as model %r on http://%s:%d/v1 (Ctrl-C or SIGTERM to stop)", path, service.model_name,
              f"[{bound_host}]" if ":" in bound_host else bound_host, bound_port)
     server.run(sockets=[sock])
     if not server.started:
@@ -221,8 +274,19 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--template", default="auto", choices=["auto", "dolly", "plain"],
                    help="chat template: dolly (Dolly's instruction prompt, answers end at '### End'), plain "
                    "('User: / Assistant:' transcript); auto (default): dolly when the tokenizer has Dolly's tokens")
+    p.add_argument("--shutdown-timeout", type=seconds_arg, default=30.0, metavar="SECONDS",
+                   help="at SIGTERM or Ctrl-C, how long requests already running may take to finish while new ones "
+                   "get 503 (default 30, Kubernetes' grace period); those still running then end with an error "
+                   "event, and the server exits 0. A second signal ends the wait at once")
+    p.add_argument("--request-timeout", type=positive_seconds_arg, metavar="SECONDS",
+                   help="end a request that has not finished this long after it arrived, queueing included, with an "
+                   "error (a 500, or an error event in a stream that has started); default: no limit")
+    p.add_argument("--max-request-bytes", type=cli.positive_int, metavar="N",
+                   help="refuse a request body over N bytes with 413 before reading it (default: room for a prompt "
+                   "of --max-model-len tokens however it is written; docs/serving.md, \"Limits and timeouts\")")
     cli.add_threads_flag(p)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                   help="server log level (default info: one line per request)")
+                   help="server log level (default info: uvicorn's line per HTTP request, and an access line per "
+                   "finished request from gptneox.serve.access: its id, tokens, time to first token and finish reason)")
     return p
 
