@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+import types
 
 import pytest
 import torch
@@ -320,7 +321,11 @@ def test_main_serves_the_adapters_as_the_flags_say(base_dir, tunes, monkeypatch,
     from gptneox import cli
     from gptneox.serve import server as serve
     made = {}
-    monkeypatch.setattr(serve, "create_app", lambda service, api_key=None: made.setdefault("service", service))
+
+    def create_app(service, **kw):  # the app server.main hands to uvicorn: only its drain is read
+        made["service"] = service
+        return types.SimpleNamespace(state=types.SimpleNamespace(drain=None))
+    monkeypatch.setattr(serve, "create_app", create_app)
 
     def run(self, sockets):
         self.started = True

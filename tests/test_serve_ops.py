@@ -291,14 +291,15 @@ def test_30mb_body_is_refused_at_once_while_streams_go_on_and_memory_stays_flat(
 
 # ------------------------------------------------------------------------------------- request timeout
 def test_request_past_its_timeout_ends_with_an_error(dolly):
-    """Engine(request_timeout=) as --request-timeout makes it: a 500 before the first token is out, an error event
+    """Engine(request_timeout=) as --request-timeout makes it: a 504 before the first token is out, an error event
     in a stream that has started; counted in gptneox:request_timeouts_total."""
     model, tok = dolly
     engine = Engine(model, tok, max_batch_size=2, request_timeout=1.0)
     with in_process(create_app(Service(engine, tok, model_name=MODEL, template="dolly"))) as url:
         c, t0 = client(url), time.monotonic()
-        with pytest.raises(openai.InternalServerError, match="timed out"):
+        with pytest.raises(openai.InternalServerError, match="timed out") as e:
             c.completions.create(model=MODEL, prompt="Tell me a long story", max_tokens=2000, temperature=0)
+        assert e.value.status_code == 504 and e.value.body["code"] == "request_timeout"
         got = []
         with pytest.raises(openai.APIError, match="timed out"):
             for chunk in c.completions.create(model=MODEL, prompt="Tell me a long story", max_tokens=2000,

@@ -192,7 +192,7 @@ class Engine:
             left = [*self.waiting, *filter(None, self.rows)]
             self.waiting.clear()
         for r in left:
-            self._fail(r, "the server is shutting down")
+            self._fail(r, "the server is shutting down", "shutdown")
 
     def between_forwards(self, op, *args):
         """op(*args) on the calling thread while no step runs (it waits for the step in progress, not for many)."""
@@ -432,14 +432,14 @@ class Engine:
     def _timeout(self, r: Request) -> None:
         self.stats["timed_out"] += 1
         waited = time.monotonic() - r.arrival
-        self._fail(r, f"the request timed out after {waited:.1f} s (the server's request timeout)")
+        self._fail(r, f"the request timed out after {waited:.1f} s (the server's request timeout)", "timeout")
 
-    def _fail(self, r: Request, message: str) -> None:
+    def _fail(self, r: Request, message: str, code: str | None = None) -> None:
         self._forget(r)
         r.finish_reason = "error"
         self.stats["failed"] += 1
         try:
-            r.emit(Event("error", message=message))
+            r.emit(Event("error", message=message, code=code))
         except Exception:  # noqa: BLE001 - a closed consumer must not stop the loop
             log.exception("could not report a failure")
         self._ended(r)

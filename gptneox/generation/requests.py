@@ -16,7 +16,8 @@ from .streaming import TextStream
 class Event:
     """What the engine reports about one request. kind "token": one new token (its id, log-probability and top
     alternatives when asked) and the text it completes (may be "": held back inside a multi-byte character or a
-    possible stop string); "done": the rest of the text and finish_reason ("stop" or "length"); "error": message."""
+    possible stop string); "done": the rest of the text and finish_reason ("stop" or "length"); "error": message,
+    and code: "timeout" (past its deadline), "shutdown" (the engine stopped) or None (the model or sampling failed)."""
 
     kind: str
     text: str = ""
@@ -25,6 +26,7 @@ class Event:
     top: list[tuple[int, float]] | None = None
     finish_reason: str | None = None
     message: str | None = None
+    code: str | None = None
 
 
 @dataclass(eq=False)

@@ -32,6 +32,7 @@ from .api import (APIError, ChatRequest, CompletionRequest, LoadAdapterRequest, 
 log = logging.getLogger("gptneox.serve")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 DOLLY_CHAT = dict(top_p=0.92, max_tokens=256)  # Dolly's pipeline defaults (docs/architecture.md, "Dolly v2")
+ENGINE_ERRORS = {"timeout": (504, "request_timeout"), "shutdown": (503, "server_shutting_down")}  # else 500
 POLL_S = 0.25  # how often a waiting request checks that its client is still there
 NFC_SHRINK = 4  # NFC composes at most 4 code points into one (U+1F82): a text's characters shrink at most 4-fold
 
@@ -90,7 +91,8 @@ class Call:
         return self.running == 0
 
     async def next(self) -> tuple[int, Event]:
-        """The next (choice index, event) of any choice; "error" raises a 500 APIError."""
+        """The next (choice index, event) of any choice; "error" raises an APIError: 504 request_timeout past the
+        server's --request-timeout, 503 server_shutting_down when the server stops, else 500 model_error."""
         if self._get is None:
             self._get = asyncio.ensure_future(self.events.get())
         while True:
@@ -98,7 +100,8 @@ class Call:
             if done:
                 (i, event), self._get = self._get.result(), None
                 if event.kind == "error":
-                    raise APIError(500, event.message, code="model_error")
+                    status, code = ENGINE_ERRORS.get(event.code, (500, "model_error"))
+                    raise APIError(status, event.message, code=code)
                 self.running -= event.kind == "done"
                 return i, event
             if await self.http.is_disconnected():

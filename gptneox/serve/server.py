@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from .. import cli
+from ..generation.prefix import BLOCK
 from ..loading import LoadPlan, plan
 from ..loading import load as gptneox_load
 from ..lora import AdapterBank, merge_lora
@@ -190,7 +191,8 @@ def adapter_specs(specs, *, max_adapters=None, max_rank=None, reserved=()) -> di
 def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1", port=8000, max_batch_size=8,
          max_queue=None, max_model_len=None, device="auto", dtype="auto", api_key=None, model_name=None,
          template="auto", log_level="info", threads=None, max_adapters=None, max_adapter_rank=None,
-         allow_runtime_adapters=False, shutdown_timeout=30.0, request_timeout=None, max_request_bytes=None) -> int:
+         allow_runtime_adapters=False, shutdown_timeout=30.0, request_timeout=None, max_request_bytes=None,
+         max_prefill_tokens=512, prefix_cache=True, prefix_cache_tokens=None) -> int:
     if MISSING is not None:
         raise RuntimeError(f"the server needs the serve extra ({MISSING} is missing): pip install -e \".[serve]\"")
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
@@ -207,13 +209,18 @@ def main(*, ckpt, adapter=None, quantize=None, group_size=None, host="127.0.0.1"
     path, window = checked.path, checked.config.max_position_embeddings
     if model_name is None and path.name != served and path.name in adapters:
         raise cli.UsageError(f"--adapter: the name {path.name!r} is the base's served name (give NAME=DIR)")
+    if prefix_cache_tokens is not None and (prefix_cache_tokens < BLOCK or not prefix_cache):
+        raise cli.UsageError(f"--prefix-cache-tokens {prefix_cache_tokens}: " + (
+            f"the cache holds blocks of {BLOCK} tokens: give at least {BLOCK}" if prefix_cache
+            else "given with --no-prefix-cache, which turns the cache off"))
     if max_model_len is not None and not 2 <= max_model_len <= window:
         raise cli.UsageError(f"--max-model-len must be in [2, {window}] (the model's context window), "
                              f"got {max_model_len}")
     sock = bind(host, port)  # every check before the model loads
     model, tokenizer = load(checked, None if merged or not (adapters or allow_runtime_adapters) else adapters)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_queue=max_queue, max_len=max_model_len,
-                    request_timeout=request_timeout)
+                    max_prefill_tokens=max_prefill_tokens, prefix_cache=prefix_cache,
+                    prefix_cache_tokens=prefix_cache_tokens, request_timeout=request_timeout)
     template = ("dolly" if tokenizer.is_dolly else "plain") if template == "auto" else template
     service = Service(engine, tokenizer, model_name=model_name or path.name, template=template,
                       adapters=None if merged else adapters, aliases=adapters if merged else None,
@@ -262,6 +269,16 @@ def build_parser() -> cli.ArgumentParser:
                    "--max-batch-size)")
     p.add_argument("--max-model-len", type=cli.positive_int, help="tokens per slot, prompt + completion (default: "
                    "the model's context window); a shorter one shrinks the KV cache")
+    p.add_argument("--max-prefill-tokens", type=cli.positive_int, default=512, metavar="N",
+                   help="prompt tokens one step may carry beside the running requests' next tokens (default 512); a "
+                   "longer prompt is prefilled in chunks over several steps. While requests decode, a step's prompt "
+                   "tokens are also held to about half a decode step's cost (measured), so streams keep their pace")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="compute every prompt in full (default: prompt prefixes already computed, such as Dolly's "
+                   "preamble or a shared system prompt, are reused in blocks of 16 tokens)")
+    p.add_argument("--prefix-cache-tokens", type=cli.positive_int, metavar="N",
+                   help="memory of the prefix cache, in tokens (at least 16; default 2 x --max-model-len); the least "
+                   "recently used blocks are evicted past it")
     p.add_argument("--device", type=cli.device_arg, default="auto",
                    help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", type=cli.dtype_arg(extra=("auto",), quantize_flag="--quantize"), default="auto",
