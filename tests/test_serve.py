@@ -153,6 +153,26 @@ def test_serve_chat_uses_dollys_template_streamed_and_not(server, dolly):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_serve_shared_prompt_prefix_is_computed_once_and_answers_as_alone(server, dolly):
+    """Requests sharing a long system block before their question: the later ones read its blocks from the prefix
+    cache (the server's metrics count the hits), and every answer is the greedy answer computed alone."""
+    from prometheus_client.parser import text_string_to_metric_families
+    model, tok = dolly
+
+    def hits():
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                    if s.name == "gptneox:prefix_cache_hits_total")
+    system = "You are a careful assistant for a library. " * 8
+    questions = ["Where are the maps?", "When do you open on Sunday?", "Can I renew a book twice?"]
+    c, before = client(server), hits()
+    for q in questions:
+        r = c.completions.create(model="tiny-dolly", prompt=system + q, max_tokens=8, temperature=0)
+        assert r.choices[0].text == greedy(model, tok, system + q, 8)[0]
+    shared = len(tok.encode(system)) - 1  # its last token may merge with the question's first
+    assert hits() - before >= 2 * (shared // 16) * 16  # the second and third reused the shared blocks
+
+
 def test_serve_seeded_sampling_is_reproducible(server):
     c = client(server)
     ask = dict(model="tiny-dolly", prompt="Once upon a time", max_tokens=8, temperature=0.8, top_p=0.95)
