@@ -28,7 +28,7 @@ setup(
         # triton's interpreter (TRITON_INTERPRET=1) runs the kernels' tests on the CPU
         "test": ["pytest", "hypothesis", "triton; platform_system == 'Linux'", "transformers>=4.40", "tqdm",
                  "matplotlib", "pyyaml", "transformer-lens", "lm_eval", "peft", "fastapi>=0.110", "uvicorn>=0.29",
-                 "openai>=1.0", "httpx", "import-linter>=2.1", "prometheus_client>=0.20"],
+                 "openai>=1.0", "httpx", "import-linter>=2.1", "prometheus_client>=0.20", "pytest-xdist>=3.5"],
         "eval": ["lm_eval>=0.4.13"],  # gptneox.eval: the lm-evaluation-harness model "gptneox"
         # python -m gptneox.serve: the OpenAI-compatible server (docs/serving.md)
         "serve": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20"],  # /metrics

@@ -5,6 +5,13 @@ import os
 import pytest
 import torch
 
+# Under pytest-xdist each worker takes its share of the cores, it and the processes its tests start (servers, the
+# scripts): more threads than cores would make every torch operator wait for threads that are not running.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    torch.set_num_threads(_share)
+
 # @triton.jit reads TRITON_INTERPRET when it decorates, so this must run before anything imports the kernels.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
