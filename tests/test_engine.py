@@ -2,15 +2,13 @@
 and chunked prefill, prefix caching, shared prefills, logit_bias and OpenAI's penalties, timeouts, on_end. The
 reference is always what the model computes for one sequence alone."""
 
-import os
 import threading
 
 import pytest
 import torch
-from test_batching import PROMPTS, Waiter, min_margin, reference, submit
-from tiny import checkpoint_with_tokenizer
+from test_batching import PROMPTS, Waiter, dolly, min_margin, reference, submit  # noqa: F401 (the fixture)
 
-from gptneox import GPTNeoX, Tokenizer
+from gptneox import GPTNeoX
 from gptneox.generation.batching import Engine, Request
 from gptneox.generation.config import GenerationConfig
 from gptneox.generation.prefix import BLOCK, PrefixCache
@@ -18,14 +16,6 @@ from gptneox.ops import Ragged
 
 LONG = ("Below is an instruction that describes a task. Write a response that appropriately completes the request. "
         "### Instruction: Name three primary colors and say why they are called primary, in one sentence each.")
-
-
-@pytest.fixture(scope="module")
-def dolly(tmp_path_factory, shared_data):
-    path = checkpoint_with_tokenizer(tmp_path_factory.mktemp("dolly") / "dolly",
-                                     os.path.join(shared_data, "dolly-tokenizer.json"), vocab_size=50280,
-                                     max_position_embeddings=256)
-    return GPTNeoX.from_pretrained(path, dtype=torch.float32), Tokenizer.from_pretrained(path)
 
 
 class Counting:
