@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -70,15 +71,15 @@ def dolly(dolly_dir):
     return GPTNeoX.from_pretrained(dolly_dir, dtype=torch.float32), Tokenizer.from_pretrained(dolly_dir)
 
 
-@pytest.fixture(scope="module")
-def server(dolly_dir):
-    """The base URL of `python -m gptneox.serve` on the tiny Dolly checkpoint; killed at teardown. Its log goes to a
-    file (a pipe nobody reads would fill and block the server)."""
-    port, log = free_port(), open(dolly_dir.parent / "server.log", "w+")
+@contextmanager
+def serving(ckpt, *flags):
+    """The base URL of `python -m gptneox.serve --ckpt ckpt --device cpu FLAGS` on a free port; killed at exit. Its
+    log goes to a file (a pipe nobody reads would fill and block the server)."""
+    port = free_port()
+    log = open(Path(ckpt).parent / f"server-{port}.log", "w+")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptneox.serve", "--ckpt", str(dolly_dir), "--port", str(port),
-                             "--device", "cpu", "--max-batch-size", str(SLOTS), "--max-queue", str(QUEUE),
-                             "--api-key", KEY, "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "gptneox.serve", "--ckpt", str(ckpt), "--port", str(port),
+                             "--device", "cpu", "--log-level", "warning", *flags],
                             env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -88,6 +89,13 @@ def server(dolly_dir):
         proc.kill()
         proc.wait(timeout=30)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(dolly_dir):
+    """The tiny Dolly checkpoint served with an API key, 4 slots and a queue of 8."""
+    with serving(dolly_dir, "--max-batch-size", str(SLOTS), "--max-queue", str(QUEUE), "--api-key", KEY) as url:
+        yield url
 
 
 def client(url, **kw):

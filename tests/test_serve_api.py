@@ -6,15 +6,12 @@ by their length before tokenizing, and tokenized off the event loop."""
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
-from test_serve import ROOT, dolly, dolly_dir, free_port, greedy, wait_healthy  # noqa: F401 - fixtures
+from test_serve import dolly, dolly_dir, greedy, serving  # noqa: F401 - fixtures
 
 openai = pytest.importorskip("openai", reason="the test extra installs openai")
 httpx = pytest.importorskip("httpx")
@@ -32,21 +29,9 @@ NAME = "tiny-dolly"
 
 @pytest.fixture(scope="module")
 def server(dolly_dir):  # noqa: F811
-    """`python -m gptneox.serve` on the tiny Dolly checkpoint, 4 slots and a queue of 8; killed at teardown."""
-    port, log = free_port(), open(dolly_dir.parent / "server-api.log", "w+")
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "gptneox.serve", "--ckpt", str(dolly_dir), "--port", str(port),
-                             "--device", "cpu", "--max-batch-size", str(SLOTS), "--max-queue", str(QUEUE),
-                             "--log-level", "warning"],
-                            env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, log)
+    """`python -m gptneox.serve` on the tiny Dolly checkpoint, 4 slots and a queue of 8, no API key."""
+    with serving(dolly_dir, "--max-batch-size", str(SLOTS), "--max-queue", str(QUEUE)) as url:
         yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def client(url):
