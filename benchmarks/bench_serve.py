@@ -205,18 +205,23 @@ def pinned(args) -> bool:
     return args.device == "cpu" and not args.no_pin and shutil.which("taskset") is not None
 
 
-def wait_healthy(url, proc, timeout=600):
+def wait_healthy(url, proc, timeout=600, log: Path | None = None):
+    """Until GET /health answers 200 (ours and vLLM's have it); on failure, SystemExit with the log's tail if given."""
     import httpx
+
+    def tail():
+        return f":\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the server exited with status {proc.returncode}")
+            raise SystemExit(f"the server exited with status {proc.returncode}" + tail())
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
-            time.sleep(0.5)
-    raise SystemExit(f"the server did not come up within {timeout} s")
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not come up within {timeout} s" + tail())
 
 
 class Server:

@@ -51,23 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_serve import build, free_port, git_head, percentile, stream_request  # noqa: E402
-
-
-def wait_up(url, proc, log: Path, timeout: float):
-    """Until GET /health answers 200 (both servers have it); the log's tail on failure."""
-    import httpx
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with status {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"the server did not come up within {timeout} s:\n{log.read_text()[-4000:]}")
+from bench_serve import build, free_port, git_head, percentile, stream_request, wait_healthy  # noqa: E402
 
 
 def start(kind: str, ckpt: Path, args, tmp: Path, round_: int):
@@ -173,7 +157,7 @@ def main():
                 print(f"round {i + 1}, {kind}: {cmd}", flush=True)
                 try:
                     t0 = time.monotonic()
-                    wait_up(url, proc, log, args.startup_timeout)
+                    wait_healthy(url, proc, args.startup_timeout, log)
                     print(f"  up after {time.monotonic() - t0:.0f} s", flush=True)
                     r = asyncio.run(measure(url, prompts[:args.prompts], prompts[args.prompts:], args.new_tokens,
                                             warm))
