@@ -244,8 +244,14 @@ def test_logit_bias_token_outside_the_vocabulary_is_refused(dolly):
 
 
 # --------------------------------------------------------------------------------------------- timeouts, on_end
-def test_request_timeout_fails_the_request_and_on_end_sees_every_request(dolly):
+def test_request_timeout_fails_the_request_and_on_end_sees_every_request(dolly, monkeypatch):
     model, tok = dolly
+    real = model.forward
+
+    def slow_forward(*args, **kwargs):  # 20 ms a step: 240 tokens take seconds on any machine, past the 0.3 s limit
+        threading.Event().wait(0.02)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(model, "forward", slow_forward)
     ended = []
     engine = Engine(model, tok, max_batch_size=1, request_timeout=0.3)
     engine.on_end = ended.append
