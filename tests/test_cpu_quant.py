@@ -12,11 +12,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tolerances import assert_within_2x
 
+from gptneox.ops import native
 from gptneox.quant import cpu as cpu_quant
 from gptneox.quant.linear import QuantizedLinear
 from gptneox.quant.schemes import GROUP_SIZES, dequantize_weight, quantize_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+VARIANTS = list(native.ISAS)[:list(native.ISAS).index(native.cpu_isa()) + 1]  # every variant this CPU runs
 
 
 def dense(t, K, mode, g, dtype):
@@ -48,14 +50,22 @@ def lib():
     return built
 
 
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant(request):
+    """cpu_quant.c built for each instruction-set variant this CPU runs (the best is what library() loads)."""
+    built = cpu_quant.library(request.param)
+    assert built is not None and built.gptneox_isa() == list(native.ISAS).index(request.param)
+    return built
+
+
 # ------------------------------------------------------------------------------------------------ numerics
 @settings(max_examples=60, deadline=None)
 @given(M=st.integers(1, 20), N=st.integers(1, 40), K=st.integers(1, 300), dtype=st.sampled_from(DTYPES),
        with_bias=st.booleans())
 @example(M=1, N=8, K=32, dtype=torch.float32, with_bias=False)      # one whole vector block
 @example(M=9, N=17, K=41, dtype=torch.bfloat16, with_bias=True)     # 8 + 1 rows, vector + 8-wide + scalar tail
-def test_cpu_quant_int8_matches_dequantized_matmul(lib, M, N, K, dtype, with_bias):
-    check(lib, M, N, K, "int8", None, dtype, with_bias)
+def test_cpu_quant_int8_matches_dequantized_matmul(variant, M, N, K, dtype, with_bias):
+    check(variant, M, N, K, "int8", None, dtype, with_bias)
 
 
 @settings(max_examples=60, deadline=None)
@@ -64,8 +74,8 @@ def test_cpu_quant_int8_matches_dequantized_matmul(lib, M, N, K, dtype, with_bia
 @example(M=1, N=8, K=256, g=128, dtype=torch.float32, with_bias=False)   # whole groups only
 @example(M=8, N=5, K=75, g=32, dtype=torch.float16, with_bias=True)      # odd K: a short last group, half a byte
 @example(M=17, N=3, K=130, g=64, dtype=torch.bfloat16, with_bias=False)  # K % g = 2, three blocks of rows
-def test_cpu_quant_int4_matches_dequantized_matmul(lib, M, N, K, g, dtype, with_bias):
-    check(lib, M, N, K, "int4", g, dtype, with_bias)
+def test_cpu_quant_int4_matches_dequantized_matmul(variant, M, N, K, g, dtype, with_bias):
+    check(variant, M, N, K, "int4", g, dtype, with_bias)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -83,12 +93,10 @@ def test_cpu_quant_half_activations_come_back_in_their_dtype(lib, mode, g, x_dty
 
 
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 32)])
-def test_cpu_quant_plain_c_build_matches_too(mode, g):
-    """The loops without AVX2 (what a non-x86 CPU compiles) give the same numbers."""
-    plain = cpu_quant.library(())
-    assert plain is not None
-    for M, N, K in [(1, 7, 64), (9, 13, 75), (3, 5, 300), (cpu_quant.PROMPT_ROWS + 1, 9, 70)]:
-        check(plain, M, N, K, mode, g, torch.float32, True)
+def test_cpu_quant_every_variant_takes_both_paths_and_long_rows(variant, mode, g):
+    """Each variant's vector loops, tails and 8-row blocks, and the prompt path, on sizes the draws rarely reach."""
+    for M, N, K in [(1, 7, 64), (9, 13, 75), (3, 5, 300), (8, 3, 1056), (cpu_quant.PROMPT_ROWS + 1, 9, 70)]:
+        check(variant, M, N, K, mode, g, torch.float32, True)
 
 
 @pytest.mark.parametrize("mode,g", [("int8", None), ("int4", 128)])
@@ -244,7 +252,7 @@ def fresh_build(monkeypatch, tmp_path):
         cached.cache_clear()
 
 
-@pytest.mark.parametrize("env,says", [({"CC": "/nonexistent/cc"}, "building the quantized CPU matmul failed"),
+@pytest.mark.parametrize("env,says", [({"CC": "/nonexistent/cc"}, "building cpu_quant.c failed"),
                                       ({"CC": "false"}, "failed"),
                                       ({"PATH": "", "CC": ""}, "no C compiler found"),
                                       ({"GPTNEOX_CPU_KERNEL": "0"}, None)])

@@ -40,7 +40,7 @@ from contextlib import nullcontext
 import torch
 
 from ..lora.bank import bank_rows
-from ..ops.onednn import onednn_linears
+from ..ops.cpu_linear import cpu_linears
 from ..ops.ragged import Ragged
 from .prefix import BLOCK, PrefixCache
 from .requests import Event, Request, Row
@@ -82,7 +82,7 @@ class Engine:
     and cancel from any thread; the model runs on the engine's own thread (start / stop); between_forwards runs
     code (an AdapterBank change) between two steps. stats counts requests by outcome and tokens; decode_steps[n]
     the steps that carried n decoding requests; on_end(request), when set, is called once as each request ends.
-    On the CPU the model's nn.Linear layers are switched to oneDNN's products (ops/onednn.py)."""
+    On the CPU the model's nn.Linear layers are switched to ops/cpu_linear.py's products."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 8, max_queue: int | None = None,
                  max_len: int | None = None, max_prefill_tokens: int = 512, prefix_cache: bool = True,
@@ -106,8 +106,8 @@ class Engine:
         self.max_queue = 4 * max_batch_size if max_queue is None else max_queue
         self.max_prefill_tokens, self.request_timeout = max_prefill_tokens, request_timeout
         self.device = model.gpt_neox.embed_in.weight.device
-        if self.device.type == "cpu":  # several tokens a step: oneDNN's products are much faster there than BLAS's
-            onednn_linears(model)
+        if self.device.type == "cpu":  # a step's few rows read each weight once (ops/cpu_linear.py)
+            cpu_linears(model)
         self.cache = model.new_cache(max_batch_size, self.max_len + 1)  # per layer [slots, nh, max_len + 1, hs]
         self.prefix = None
         if prefix_cache:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..ops.cpu_linear import cpu_linears
 from .config import GenerationConfig
 from .run import Generation, Run, decode_step, stop_ids
 from .speculative import SpeculativeRun, check_draft
@@ -31,6 +32,9 @@ class Generator:
         self.model, self.compile, self.draft_model = model, compile, draft_model
         if draft_model is not None:
             check_draft(model, draft_model, compile)
+        for m in (model, draft_model):  # on the CPU a decode step's rows read each weight once (ops/cpu_linear.py)
+            if m is not None and m.gpt_neox.embed_in.weight.device.type == "cpu":
+                cpu_linears(m)
         mode = "reduce-overhead" if model.gpt_neox.embed_in.weight.device.type == "cuda" else "default"
         self.step = torch.compile(decode_step, mode=mode, fullgraph=True) if compile else decode_step
         self.caches = {}  # "target" / "draft" -> (shape key, list[KVCache])

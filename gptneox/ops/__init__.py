@@ -3,7 +3,9 @@
     runtime.py    which backend, and the Triton kernels' loader (kernels(), imported on first use)
     reference.py  the torch path, written as the equations: the reference every kernel is tested against
     custom.py     the kernels as torch.library custom ops (torch.ops.gptneox.*) for torch.compile and CUDA graphs
-    onednn.py     oneDNN's matrix products for CPU inference (the serving engine's linears)
+    native.py     C kernels built on the user's machine: the compiler, the instruction-set variants, the cache
+    onednn.py     oneDNN's matrix products for CPU inference
+    cpu_linear.py the model's linears for CPU inference: few rows by cpu_linear.c, more by oneDNN
     ragged.py     packed sequences at their own cache rows and columns (the serving engine's forwards)
     dispatch.py   Rotary, Mask, qkv_rotary and attention: the backend table the model calls
 """

@@ -1,7 +1,5 @@
-"""oneDNN's matrix products for CPU inference: a model's nn.Linear layers computed by torch.ops.mkldnn._linear_pointwise
-(the operator torch.compile's CPU backend emits) instead of the BLAS that F.linear calls.
-
-    onednn_linears(model)     # every nn.Linear of the model, from now on; returns how many
+"""oneDNN's matrix products for CPU inference: torch.ops.mkldnn._linear_pointwise (the operator torch.compile's CPU
+backend emits) instead of the BLAS that F.linear calls; cpu_linear.py routes the model's layers to it.
 
 On the CPUs measured (docs/benchmarks.md, "oneDNN's linear on the CPU") it reads the weights as fast at one token and
 runs several tokens at once much faster than F.linear's BLAS path, which is what a serving step of many requests is.
@@ -22,21 +20,3 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 def available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    w = self.weight
-    if (x.device.type != "cpu" or w.device.type != "cpu" or x.dtype not in DTYPES or w.dtype != x.dtype
-            or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
-        return F.linear(x, w, self.bias)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, self.bias, "none", [], "")
-
-
-def onednn_linears(model: nn.Module) -> int:
-    """Route every nn.Linear of model through oneDNN (see the module docstring); 0 when this torch has no oneDNN."""
-    if not available():
-        return 0
-    layers = [m for m in model.modules() if type(m) is nn.Linear]
-    for m in layers:
-        m.forward = types.MethodType(_forward, m)
-    return len(layers)

@@ -12,18 +12,13 @@ of the two runs is decided once per process, by a small check against dequantize
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from ..ops import native
+from ..ops.native import compiler  # noqa: F401  (the tests' name for it)
 from .schemes import SCHEMES, dequantize_weight, quantize_weight
 
 SOURCE = Path(__file__).with_name("cpu_quant.c")
@@ -33,80 +28,29 @@ GROUPS_MAX = 1024  # cpu_quant.c's GMAX: int4 groups per row (K <= 32768 at g = 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the scales' dtype, cpu_quant.c's enum
 
 
-def cache_dir() -> Path:
-    xdg = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return Path(os.environ.get("GPTNEOX_CACHE") or xdg / "gptneox")
-
-
-def compiler() -> str | None:
-    return os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
-
-
-def arch_flags() -> list[str]:
-    """AVX2 + FMA where torch's dispatcher found them (the same test torch uses for its own kernels), else none:
-    the plain C loops are right everywhere."""
-    capability = torch.backends.cpu.get_cpu_capability() if platform.machine().lower() in ("x86_64", "amd64") else ""
-    return ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
-
-
 def _build(cc: str, flags: list[str]) -> Path:
-    """Compile SOURCE with these flags into the cache (once per source, compiler and flags); the library's path."""
-    command = shlex.split(cc)  # CC may carry a wrapper or flags ("ccache gcc")
-    version = subprocess.run([*command, "--version"], check=False, capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, *flags]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"cpu_quant-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([*command, *flags, str(SOURCE), "-o", tmp], check=False, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"{cc} {' '.join(flags)} {SOURCE} failed:\n{done.stderr.strip()}")
-        os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache from loading it
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return native.build(SOURCE, cc, flags)
 
 
-def _bind(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    signatures = {  # name: (argument types, return type), as in cpu_quant.c
-        "gptneox_int8_matmul": ([p, i64, i64, p, p, p, i32, p, i64, i32], None),
-        "gptneox_int4_matmul": ([p, i64, i64, p, p, p, p, i32, i64, i64, p, i64, i32], i32),
-        "gptneox_int8_dequant": ([p, i64, p, i32, i64, i64, p, i32], None),
-        "gptneox_int4_dequant": ([p, i64, p, p, i32, i64, i64, i64, i64, p, i32], None),
-    }
-    for name, (args, result) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, result
-    return lib
+SIGNATURES = {  # name: (argument types, return type), as in cpu_quant.c
+    "gptneox_int8_matmul": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], None),
+    "gptneox_int4_matmul": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int),
+    "gptneox_int8_dequant": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64,
+                              ctypes.c_int64, ctypes.c_void_p, ctypes.c_int], None),
+    "gptneox_int4_dequant": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                              ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                              ctypes.c_int], None),
+}
 
 
 @functools.cache
-def library(arch: tuple[str, ...] | None = None) -> ctypes.CDLL | None:
-    """The built library (arch: override arch_flags(), e.g. () for the plain C loops), or None with a warning."""
-    if os.environ.get("GPTNEOX_CPU_KERNEL", "1") == "0":
-        return None
-    cc = compiler()
-    if cc is None:
-        warnings.warn("no C compiler found (set CC): quantized CPU layers use torch's slower operators")
-        return None
-    base = ["-O3", "-shared", "-fPIC", *(arch_flags() if arch is None else arch)]
-    try:
-        try:
-            return _bind(_build(cc, base + ["-fopenmp"]))
-        except (OSError, RuntimeError):  # no OpenMP (Apple's clang), or its runtime missing: one thread
-            lib = _bind(_build(cc, base))
-            warnings.warn(f"{cc} has no OpenMP: the quantized CPU matmul runs on one thread")
-            return lib
-    except (OSError, RuntimeError) as e:
-        warnings.warn(f"building the quantized CPU matmul failed, using torch's slower operators: {e}")
-        return None
+def library(isa: str | None = None) -> ctypes.CDLL | None:
+    """cpu_quant.c built for this instruction-set variant (a key of ops.native.ISAS; None: the best this CPU runs),
+    or None with a warning (ops/native.py's load)."""
+    return native.load(SOURCE, isa, SIGNATURES, "quantized CPU layers use torch's slower operators")
 
 
 def supports(mode: str, K: int, group_size: int | None, scales_dtype: torch.dtype) -> bool:
