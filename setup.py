@@ -15,7 +15,7 @@ setup(
     # it never shadows the PyPI distribution `kernels`, even from the repository root (README, "Install")
     packages=[*find_packages(include=["gptneox", "gptneox.*"]), "gptneox.kernels"],
     package_dir={"gptneox": "gptneox", "gptneox.kernels": "kernels"},
-    package_data={"gptneox.quant": ["cpu_quant.c"], "gptneox.ops": ["cpu_linear.c"]},  # C kernels, built on first use
+    package_data={"gptneox.quant": ["cpu_quant.c"], "gptneox.ops": ["cpu_linear.c", "cpu_attention.c"]},  # C kernels, built on first use
     install_requires=[
         "torch>=2.1",
         "numpy",

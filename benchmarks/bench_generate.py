@@ -52,6 +52,15 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+def streaming_read(device=None) -> float:
+    """Bytes/s of a plain streaming read at torch's current thread count: a sum over a 1 GiB fp32 tensor, far larger
+    than any cache. The honest ceiling of a decode step on the CPU (issue 29): it does not depend on how well any
+    matrix-vector kernel streams."""
+    x = torch.ones(2**28)
+    seconds = statistics.median(timed(lambda: x.sum(), torch.device("cpu")) for _ in range(7))
+    return x.numel() * 4 / seconds
+
+
 def measured_bandwidth(device) -> float:
     """Bytes/s that streaming weights can reach here, measured now: on GPU a 1 GiB device copy (read + write, as
     docs/performance.md counts it), on CPU an fp32 matrix-vector product over 512 MB (what a decode step does)."""

@@ -8,8 +8,9 @@ with torchao's int8 weight-only where `torchao` imports (torchao 0.18.0 declares
 `pip install --no-deps torchao==0.18.0` leaves torch as it is; on a CPU-only torch it warns that its CUDA extensions
 do not load, and its int8 weight-only still runs). Every model holds the same random weights of a real shape
 (numerics do not change speed). Decoding reads every weight except the input embedding once per token, so
-tokens/s <= bandwidth / bytes_per_token; the bandwidth is measured in the same run (bench_generate.py's
-measured_bandwidth) and each row is set against its own ceiling. Weight bytes are also given for bf16 weights
+tokens/s <= bandwidth / bytes_per_token; on the CPU the bandwidth is a plain streaming read measured in the same run at
+the same thread count (bench_generate.py's streaming_read; torch's GEMV rate is printed beside it), and each row is
+set against its own ceiling. --step-rows times a decode step of several rows against one of one row. Weight bytes are also given for bf16 weights
 (what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Two rates per row, medians of --repeats:
 end to end (the whole generate, its prefill of --prompt-len tokens included) and decode (the tokens after the first,
 timed as generate(n) - generate(1): the per-token phase that bandwidth bounds and the targets are about).
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import DTYPES, build, measured_bandwidth, timed  # noqa: E402
+from bench_generate import DTYPES, build, measured_bandwidth, streaming_read, timed  # noqa: E402
 
 from gptneox import GPTNeoX, quantize  # noqa: E402
 from gptneox.generation.config import GenerationConfig
@@ -75,7 +76,7 @@ def rows(hf, ours, group_size, skip_hf=False):
     return out
 
 
-def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, threads, skip_hf):
+def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, threads, skip_hf, step_rows):
     dev, dt = torch.device(device), DTYPES[dtype]
     if threads:
         torch.set_num_threads(threads)
@@ -93,10 +94,13 @@ def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, t
         for name, fn, _ in table:
             if fn is not None:
                 times[name].append((timed(lambda: fn(ids, new_tokens), dev), timed(lambda: fn(ids, 1), dev)))
-    bw = measured_bandwidth(dev)
+    bw = streaming_read() if dev.type == "cpu" else measured_bandwidth(dev)
+    gemv = measured_bandwidth(dev) if dev.type == "cpu" else bw
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{model} {dtype} batch 1, prompt {prompt_len} + {new_tokens} new tokens on {where}, torch "
-          f"{torch.__version__}, median of {repeats}; measured bandwidth {bw / 1e9:.1f} GB/s")
+          f"{torch.__version__}, median of {repeats}; ceiling: " + (f"a streaming read (sum over 1 GiB) {bw / 1e9:.1f} "
+          f"GB/s (torch's fp32 GEMV over 512 MB: {gemv / 1e9:.1f} GB/s)" if dev.type == "cpu" else
+          f"measured bandwidth {bw / 1e9:.1f} GB/s"))
     print("  end to end: new tokens / time of the whole generate (prefill included); decode: the new tokens after the "
           "first / (that time - the time of generating 1 token), the rate bandwidth bounds")
 
@@ -114,6 +118,17 @@ def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, t
         share = f", {decode / ceiling:4.0%} of its ceiling {ceiling:7.1f}" if nbytes else ""
         print(f"  {name:30s} end to end {e2e:7.1f} tokens/s {e2e / base[0]:5.2f}x | decode {decode:7.1f} tokens/s "
               f"{decode / base[1]:5.2f}x ours fp{share}" + (f"  ({nbytes / 1e6:.0f} MB/token)" if nbytes else ""))
+    if step_rows > 1:  # one decode step of step_rows rows against one of 1 row (batched serving, speculative verify)
+        wide = ids.repeat(step_rows, 1)  # [R, prompt]
+        for name, fn, _ in table:
+            if fn is None or not name.startswith("ours"):
+                continue
+            steps = {}
+            for rows_, x in ((1, ids), (step_rows, wide)):
+                spans = [timed(lambda: fn(x, new_tokens), dev) - timed(lambda: fn(x, 1), dev) for _ in range(repeats)]
+                steps[rows_] = statistics.median(spans) / (new_tokens - 1)
+            print(f"  {name:30s} decode step: 1 row {steps[1] * 1e3:6.2f} ms, {step_rows} rows "
+                  f"{steps[step_rows] * 1e3:6.2f} ms = {steps[step_rows] / steps[1]:4.2f}x")
     config = ours.config
     bf16 = bf16_bytes(config, None, None)
     for mode in ("int8", "int4"):
@@ -132,4 +147,7 @@ if __name__ == "__main__":
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     p.add_argument("--skip-hf", action="store_true", help="only our rows (the GPU shapes of 6.9b / 12b: less memory)")
+    p.add_argument("--step-rows", type=int, default=8,
+                   help="also time one decode step of this many rows against one of 1 row, for our rows (1: skip; "
+                        "default 8)")
     main(**vars(p.parse_args()))

@@ -23,6 +23,8 @@ from .lora.adapter import load_adapter
 class KVCache(nn.Module):
     """A layer's static cache of keys (after rotary) and values, [B, nh, max_len, hs], written at input_pos."""
 
+    in_place = True  # update() writes k_cache[:, :, input_pos] = k: ops may write there directly (ops/dispatch.py)
+
     def __init__(self, B, nh, max_len, hs, dtype=None, device=None):
         super().__init__()
         self.register_buffer("k_cache", torch.zeros(B, nh, max_len, hs, dtype=dtype, device=device), persistent=False)

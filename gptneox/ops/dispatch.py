@@ -6,13 +6,14 @@
 
 A forward describes its tokens once, in a Rotary and a Mask, which every layer shares; the backend it names picks
 the implementation from ATTENTION, a table: the torch path (reference.py) for "eager" and "sdpa", our Triton kernels
-for "triton" (eager: their launchers; under torch.compile: the custom ops of custom.py, which CUDA graphs keep).
+for "triton" (eager: their launchers; under torch.compile: the custom ops of custom.py, which CUDA graphs keep). On the
+CPU, "sdpa"'s decode steps in fp32 run cpu_attention.c (cpu_attention.py says when).
 Shapes: B batch, nh heads, T queries, S keys, hs head size. Facts: docs/architecture.md, "Forward pass".
 """
 
 import torch
 
-from . import custom, ragged, reference
+from . import cpu_attention, custom, ragged, reference
 from .ragged import Ragged
 from .runtime import compiling, direct, kernels
 
@@ -46,6 +47,9 @@ def qkv_rotary(qkv: torch.Tensor, num_heads: int, rope: Rotary, cache=None, inpu
     if rope.fused and not hooked:
         return _fused_qkv_rotary(qkv, num_heads, rope, cache, input_pos)
     B, T, _ = qkv.shape
+    if (not hooked and not rope.fused and getattr(cache, "in_place", False)  # a KVCache (model.py)
+            and cache.k_cache.shape[0] == B and cache.k_cache.dtype == torch.float32 and cpu_attention.applies(qkv, T)):
+        return cpu_attention.qkv_rotary_cache(qkv, num_heads, rope.cos, rope.sin, cache, input_pos)
     q, k, v = qkv.view(B, T, num_heads, -1).transpose(1, 2).chunk(3, dim=-1)  # each [B, nh, T, hs]
     if hooked:
         q, k, v = hook("hook_q", q), hook("hook_k", k), hook("hook_v", v)
@@ -173,7 +177,11 @@ def _eager(q, k, v, mask, dropout_p, return_probs):
 
 
 def _sdpa(q, k, v, mask, dropout_p, return_probs):
-    return reference.sdpa_attention(q, k, v, mask.dense, dropout_p)
+    dense = mask.dense
+    if (dropout_p == 0.0 and dense is not None and k.shape[-2] == dense.shape[-1] and k.is_contiguous()
+            and v.is_contiguous() and k.dtype == v.dtype == torch.float32 and cpu_attention.applies(q, q.shape[-2])):
+        return cpu_attention.attention(q, k, v, dense)  # a CPU decode step against its cache
+    return reference.sdpa_attention(q, k, v, dense, dropout_p)
 
 
 def _triton(q, k, v, mask, dropout_p, return_probs):

@@ -80,9 +80,9 @@ def build(source: Path, cc: str, flags: list[str]) -> Path:
     return target
 
 
-def load(source: Path, isa: str | None, signatures: dict, fallback: str) -> ctypes.CDLL | None:
+def load(source: Path, isa: str | None, signatures: dict, fallback: str, extra: tuple = ()) -> ctypes.CDLL | None:
     """source built for this variant (None: cpu_isa()) and bound: signatures maps each function's name to (argument
-    types, return type). None, with one warning ending in fallback (what runs instead), where GPTNEOX_CPU_KERNEL=0,
+    types, return type); extra: more compiler flags. None, with one warning ending in fallback (what runs instead), where GPTNEOX_CPU_KERNEL=0,
     no compiler, or a failed build; without OpenMP (Apple's clang) it is built for one thread, with a warning."""
     if os.environ.get("GPTNEOX_CPU_KERNEL", "1") == "0":
         return None
@@ -91,7 +91,7 @@ def load(source: Path, isa: str | None, signatures: dict, fallback: str) -> ctyp
     if cc is None:
         warnings.warn(f"no C compiler found (set CC): {fallback}")
         return None
-    base = ["-O3", "-shared", "-fPIC", *ISAS[isa]]
+    base = ["-O3", "-shared", "-fPIC", *ISAS[isa], *extra]
     try:
         try:
             lib = ctypes.CDLL(str(build(source, cc, base + ["-fopenmp"])))
