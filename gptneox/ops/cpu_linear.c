@@ -91,9 +91,36 @@ void dot2(const float *x, int64_t K, const int mb, const float *w0, const float 
 #endif
 }
 
+#if ISA == 2
+/* One row of x (a decode step): one weight row at a time in four sums over 64 columns, the plainest stream. Measured
+ * on the 2-core machine: about 30 GB/s at one thread where dot2's pairs read 21 (docs/benchmarks.md). */
+static float dot1(const float *x, int64_t K, const float *w) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k), _mm512_loadu_ps(x + k), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+    }
+    for (; k < K; k += 16) {
+        const __mmask16 t = K - k >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (K - k)) - 1);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, w + k), _mm512_maskz_loadu_ps(t, x + k), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+#endif
+
 /* y [M, N] = x [M, K] W^T + bias (bias [N] or NULL); x, W, y contiguous fp32. */
 void gptneox_f32_linear(const float *x, int64_t M, int64_t K, const float *w, const float *bias, float *y, int64_t N,
                         int nthreads) {
+#if ISA == 2
+    if (M == 1) {
+        #pragma omp parallel for schedule(static) num_threads(nthreads)
+        for (int64_t n = 0; n < N; n++) y[n] = dot1(x, K, w + n * K) + (bias ? bias[n] : 0.0f);
+        return;
+    }
+#endif
     #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (int64_t n0 = 0; n0 < N; n0 += NB)
         for (int64_t n = n0; n < n0 + NB && n < N; n += 2) {

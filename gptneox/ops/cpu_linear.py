@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from . import native, onednn
 
 SOURCE = Path(__file__).with_name("cpu_linear.c")
-SMALL_M = 16  # rows of x up to which cpu_linear.c runs (measured against oneDNN: docs/benchmarks.md)
+SMALL_M = 2  # rows of x up to which cpu_linear.c runs (measured against oneDNN: docs/benchmarks.md)
 SIGNATURES = {"gptneox_f32_linear": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], None)}
 

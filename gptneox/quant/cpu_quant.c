@@ -183,9 +183,12 @@ void int4_groups(const float *xp, int64_t K, const int mb, const uint8_t *q, int
                  const float *s, float *out) {
 #if ISA == 2
     /* 16 bytes widen to 16 lanes: their low nibbles are the block's 16 even columns, their high ones its odd
-     * columns; vpermps looks each nibble up in a table of q - 8 (it reads an index's low 4 bits, so the low nibble
-     * needs no mask). Per 32 weights: a widening load, a shift, two lookups, two FMAs per row of x. */
-    const __m512 table = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+     * columns. A nibble q becomes the float q - 8 without a conversion: placed in the mantissa of 2^23 (one
+     * vpternlogd: (b & 15) | bits of 2^23), minus 2^23 + 8. */
+#define LOW(b) _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32((b), nibble, magic, 0xEA)), shift)
+#define HIGH(b) _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32((b), 4), magic)), shift)
+    const __m512i magic = _mm512_set1_epi32(0x4B000000), nibble = _mm512_set1_epi32(15);
+    const __m512 shift = _mm512_set1_ps(8388616.0f);  /* 2^23 + 8: (2^23 + q) - (2^23 + 8) = q - 8, exactly */
     __m512 tot[MB];
     for (int m = 0; m < mb; m++) tot[m] = _mm512_setzero_ps();
     for (int64_t j = 0; j < ngroups; j++) {
@@ -197,8 +200,7 @@ void int4_groups(const float *xp, int64_t K, const int mb, const uint8_t *q, int
         for (; k + 64 <= end; k += 64) {
             __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));       /* k .. k+31 */
             __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2 + 16)));  /* .. k+63 */
-            __m512 w[4] = {_mm512_permutexvar_ps(b0, table), _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table),
-                           _mm512_permutexvar_ps(b1, table), _mm512_permutexvar_ps(_mm512_srli_epi32(b1, 4), table)};
+            __m512 w[4] = {LOW(b0), HIGH(b0), LOW(b1), HIGH(b1)};
             for (int m = 0; m < mb; m++)
                 for (int i = 0; i < 4; i++)
                     acc[m][i % NACC(mb)] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(xp + m * K + k + 16 * i),
@@ -206,7 +208,7 @@ void int4_groups(const float *xp, int64_t K, const int mb, const uint8_t *q, int
         }
         if (k < end) {  /* a group of an odd number of 32-column blocks: one more */
             __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
-            __m512 w[2] = {_mm512_permutexvar_ps(b0, table), _mm512_permutexvar_ps(_mm512_srli_epi32(b0, 4), table)};
+            __m512 w[2] = {LOW(b0), HIGH(b0)};
             for (int m = 0; m < mb; m++)
                 for (int i = 0; i < 2; i++)
                     acc[m][i % NACC(mb)] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(xp + m * K + k + 16 * i),
