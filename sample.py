@@ -27,7 +27,7 @@ from gptneox.generation import GenerationConfig, Generator, stop_ids
 from gptneox.generation.streaming import completion_text
 from gptneox.loading import LoadPlan, load, model_bytes, plan
 from gptneox.prompts.dolly import format_prompt
-from gptneox.quant import describe, weight_bytes
+from gptneox.quant import describe, quantize_activations, settings_of, weight_bytes
 
 # Dolly's InstructionTextGenerationPipeline defaults (docs/architecture.md, "Dolly v2")
 DOLLY_DEFAULTS = dict(temperature=1.0, top_k=0, top_p=0.92, max_new_tokens=256)
@@ -211,7 +211,7 @@ def report(model, files, device, load_s, gen_s, new_tokens, batch, stats=None, q
 def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=None, temperature=None, top_k=None,
          top_p=None, repetition_penalty=None, seed=None, num_samples=1, device="auto", dtype="auto",
          template="auto", stop=None, tokenizer=None, compile=False, interactive=False, progress=True, draft=None,
-         draft_tokens=4, adapter=None, quantize=None, group_size=None, threads=None) -> int:
+         draft_tokens=4, adapter=None, quantize=None, group_size=None, threads=None, activations=None) -> int:
     flags = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), num_draft_tokens=draft_tokens)
     # setup
@@ -225,6 +225,12 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
                   tokenizer=tokenizer, names=FLAGS)
     draft_plan = locate_draft(draft, target, quantize, group_size, compile)
     config, tok, quantized = target.config, target.tokenizer, target.quantization
+    if activations and quantized is None:
+        raise UsageError("--activations int8 quantizes a quantized model's activations: give --quantize int8 or int4 "
+                         "(or a quantized checkpoint)")
+    if activations and dev.type != "cpu":
+        raise UsageError(f"--activations int8 runs on the CPU only (the device is {dev}); on a GPU decoding stays "
+                         "weight-only")
     window = config.max_position_embeddings
     template = ("dolly" if tok.is_dolly else "none") if template == "auto" else template
     if context is not None and template != "dolly":
@@ -242,6 +248,9 @@ def main(*, ckpt, prompt=None, prompt_file=None, context=None, max_new_tokens=No
     t0 = time.perf_counter()
     model, _ = load(target, progress=progress)
     draft_model = load(draft_plan, progress=progress)[0] if draft_plan else None
+    for m in (model, draft_model) if activations else ():
+        if m is not None and settings_of(m) is not None:
+            quantize_activations(m, activations)
     load_s, gen = time.perf_counter() - t0, Generator(model, compile=compile, draft_model=draft_model)
     compile_s = warm_up(gen, tok, ids or [[tok.eos_id]]) if compile else None
     if interactive:
@@ -307,6 +316,11 @@ def build_parser() -> cli.ArgumentParser:
                    "checkpoint directory needs no flag (docs/quantization.md)")
     p.add_argument("--group-size", type=int, choices=[32, 64, 128, 256],
                    help="with --quantize int4: input columns per scale and zero (default 128)")
+    p.add_argument("--activations", choices=["int8"], help="CPU only, with a quantized model: also round each "
+                   "decode step's activations to int8 per block of 32 columns and use integer dot products, as "
+                   "llama.cpp's Q8_0 / Q4_0 do; faster where the CPU has AVX-512 VNNI, less exact (the measured cost: "
+                   "docs/quantization.md, \"Quantized activations\"). Default: weight-only, activations in full "
+                   "precision")
     cli.add_threads_flag(p)
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bar while the checkpoint loads")

@@ -47,7 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT.parent / "shared" / "data" / "pythia-tokenizer.json"
 CONVERTERS = "/tmp/llama-src/llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"
-ROWS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}  # ours -> the GGUF type it runs against
+ROWS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0",  # ours -> the GGUF type it runs against
+        "int8-a8": "q8_0", "int4-a8": "q4_0"}  # "-a8": ours with quantize_activations, as llama.cpp computes
 GROUP_SIZE = 32  # our int4 groups as Q4_0's blocks of 32
 
 
@@ -68,8 +69,11 @@ def worker_ours(a):
     import gptneox
     from gptneox.quant.transform import weight_bytes
     torch.set_num_threads(a.threads)
-    mode = None if a.row == "fp32" else a.row
+    mode = None if a.row == "fp32" else a.row.removesuffix("-a8")
     model, _ = gptneox.load(a.path, quantize=mode, group_size=GROUP_SIZE, tokenizer=False)
+    if a.row.endswith("-a8"):
+        from gptneox.quant import quantize_activations
+        quantize_activations(model, "int8")
     gen, ids = gptneox.Generator(model), torch.tensor([prompt_ids(a.prompt_len, a.seed)])
 
     def run(n):
@@ -222,7 +226,8 @@ def main(a):
                 e2e = statistics.median(n / x["total_s"] for x in runs)
                 nbytes = runs[0]["bytes"]
                 share = decode[side] / (ceilings[threads] / nbytes)
-                name = f"{row}" + (f" g{GROUP_SIZE}" if row == "int4" else "") if side == "ours" else ROWS[row].upper()
+                group = f" g{GROUP_SIZE}" if row.startswith("int4") else ""
+                name = row + group if side == "ours" else ROWS[row].upper()
                 ratio = f"{decode['ours'] / decode['llama.cpp']:21.2f}x" if side == "llama.cpp" else ""
                 print(f"{threads:3d} {name:14} {side:9} {decode[side]:12.1f} {e2e:9.1f} {nbytes / 1e6:8.1f} "
                       f"{share:9.0%}{ratio}")
@@ -230,7 +235,7 @@ def main(a):
     for row in a.rows:
         ours, theirs = (results[(a.threads[0], row, s)][0]["tokens"] for s in ("ours", "llama.cpp"))
         same = next((i for i, (x, y) in enumerate(zip(ours, theirs)) if x != y), min(len(ours), len(theirs)))
-        print(f"  {row:5} vs {ROWS[row].upper():5}: first {same} of {n} tokens agree; ours {ours[:8]}, "
+        print(f"  {row:7} vs {ROWS[row].upper():5}: first {same} of {n} tokens agree; ours {ours[:8]}, "
               f"llama.cpp {theirs[:8]}")
 
 
@@ -240,7 +245,7 @@ if __name__ == "__main__":
                    help="preset whose shape the random model has (default pythia-160m)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to measure, each side given the same (default 1 2)")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS),
+    p.add_argument("--rows", nargs="+", default=["fp32", "int8", "int4"], choices=list(ROWS),
                    help="our weight formats to run, each against its GGUF type: fp32-F32, int8-Q8_0, int4-Q4_0 "
                         "(default all)")
     p.add_argument("--repeats", type=int, default=3,

@@ -10,8 +10,8 @@ do not load, and its int8 weight-only still runs). Every model holds the same ra
 (numerics do not change speed). Decoding reads every weight except the input embedding once per token, so
 tokens/s <= bandwidth / bytes_per_token; on the CPU the bandwidth is a plain streaming read measured in the same run at
 the same thread count (bench_generate.py's streaming_read; torch's GEMV rate is printed beside it), and each row is
-set against its own ceiling. --step-rows times a decode step of several rows against one of one row. Weight bytes are also given for bf16 weights
-(what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Two rates per row, medians of --repeats:
+set against its own ceiling. --step-rows times a decode step of several rows against one of one row. Weight bytes
+are also given for bf16 weights (what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Two rates per row, medians of --repeats:
 end to end (the whole generate, its prefill of --prompt-len tokens included) and decode (the tokens after the first,
 timed as generate(n) - generate(1): the per-token phase that bandwidth bounds and the targets are about).
 """
@@ -30,7 +30,7 @@ from bench_generate import DTYPES, build, measured_bandwidth, streaming_read, ti
 from gptneox import GPTNeoX, quantize  # noqa: E402
 from gptneox.generation.config import GenerationConfig
 from gptneox.generation.generator import Generator  # noqa: E402
-from gptneox.quant.transform import weight_bytes  # noqa: E402
+from gptneox.quant.transform import quantize_activations, weight_bytes  # noqa: E402
 
 
 def bf16_bytes(config, mode, group_size) -> int:
@@ -53,7 +53,7 @@ def torchao_int8(hf):
     return model
 
 
-def rows(hf, ours, group_size, skip_hf=False):
+def rows(hf, ours, group_size, skip_hf=False, a8=False):
     """(name, decode function, model bytes per token or None) for each row."""
     def ours_fn(model):
         gen = Generator(model)
@@ -68,6 +68,9 @@ def rows(hf, ours, group_size, skip_hf=False):
     for mode in ("int8", "int4"):
         q = quantize(copy.deepcopy(ours), mode, group_size=group_size)
         out.append((f"ours {mode}" + (f" g{group_size}" if mode == "int4" else ""), ours_fn(q), weight_bytes(q)))
+        if a8:  # the opt-in: activations rounded to int8 too (llama.cpp's Q8_0 / Q4_0 products)
+            q8 = quantize_activations(quantize(copy.deepcopy(ours), mode, group_size=group_size), "int8")
+            out.append((out[-1][0] + " a8", ours_fn(q8), weight_bytes(q8)))
     if skip_hf:
         return out
     out.append(("transformers fp", hf_fn(hf), weight_bytes(ours)))
@@ -76,14 +79,14 @@ def rows(hf, ours, group_size, skip_hf=False):
     return out
 
 
-def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, threads, skip_hf, step_rows):
+def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, threads, skip_hf, step_rows, a8):
     dev, dt = torch.device(device), DTYPES[dtype]
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     hf, ours = build(model, dev, dt)
     ids = torch.randint(0, 50000, (1, prompt_len), device=dev)
-    table = rows(hf, ours, group_size, skip_hf)
+    table = rows(hf, ours, group_size, skip_hf, a8 and dev.type == "cpu")
     if skip_hf:
         del hf
     for name, fn, _ in table:  # warm-up: packing, first-call allocations, kernel compiles
@@ -97,10 +100,10 @@ def main(*, model, prompt_len, new_tokens, repeats, device, dtype, group_size, t
     bw = streaming_read() if dev.type == "cpu" else measured_bandwidth(dev)
     gemv = measured_bandwidth(dev) if dev.type == "cpu" else bw
     where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    ceiling = (f"a streaming read (sum over 1 GiB) {bw / 1e9:.1f} GB/s (torch's fp32 GEMV over 512 MB: "
+               f"{gemv / 1e9:.1f} GB/s)" if dev.type == "cpu" else f"measured bandwidth {bw / 1e9:.1f} GB/s")
     print(f"{model} {dtype} batch 1, prompt {prompt_len} + {new_tokens} new tokens on {where}, torch "
-          f"{torch.__version__}, median of {repeats}; ceiling: " + (f"a streaming read (sum over 1 GiB) {bw / 1e9:.1f} "
-          f"GB/s (torch's fp32 GEMV over 512 MB: {gemv / 1e9:.1f} GB/s)" if dev.type == "cpu" else
-          f"measured bandwidth {bw / 1e9:.1f} GB/s"))
+          f"{torch.__version__}, median of {repeats}; ceiling: {ceiling}")
     print("  end to end: new tokens / time of the whole generate (prefill included); decode: the new tokens after the "
           "first / (that time - the time of generating 1 token), the rate bandwidth bounds")
 
@@ -147,6 +150,8 @@ if __name__ == "__main__":
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     p.add_argument("--skip-hf", action="store_true", help="only our rows (the GPU shapes of 6.9b / 12b: less memory)")
+    p.add_argument("--a8", action="store_true",
+                   help="CPU: also the int8 / int4 rows with quantize_activations (int8 activations, opt-in)")
     p.add_argument("--step-rows", type=int, default=8,
                    help="also time one decode step of this many rows against one of 1 row, for our rows (1: skip; "
                         "default 8)")

@@ -68,7 +68,7 @@ def test_cpu_linears_route_a_model_and_keep_its_logits():
     """Decode (1 row), a batched step (8) and a prompt (40 rows, oneDNN) give F.linear's logits within 1e-5, and
     a gradient still flows (F.linear's path)."""
     config = Config(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=256, max_position_embeddings=128)
+                    intermediate_size=256, max_position_embeddings=128)
     torch.manual_seed(0)
     plain = GPTNeoX(config).eval()
     routed = GPTNeoX(config).eval()

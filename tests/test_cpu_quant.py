@@ -292,3 +292,63 @@ def test_cpu_quant_compiler_without_openmp_still_builds(fresh_build, monkeypatch
         single = cpu_quant.library()
     assert single is not None and any("no OpenMP" in str(w.message) for w in caught)
     check(single, 9, 11, 96, "int4", 32, torch.float32, True)
+
+
+# ------------------------------------------------------------------------------------- int8 activations (opt-in)
+def a8_operands(x, t, K, mode, g):
+    """(x as the a8 kernels see it: blocks of 32 columns rounded to int8 steps of max |x| / 127, the dequantized
+    weight without its zeros, the zeros' part [N, K]) in fp64: the products cpu_quant.c's a8 mode computes."""
+    M, nb = x.shape[0], -(-K // 32)
+    padded = torch.zeros(M, nb * 32)
+    padded[:, :K] = x
+    blocks = padded.view(M, nb, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127  # [M, nb, 1] fp32, as the kernel computes it
+    xq = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), torch.zeros_like(blocks))
+    xd = (xq.double() * d.double()).view(M, -1)[:, :K]
+    zeros = t.get("zeros")
+    w = dequantize_weight(t["weight"], t["scales"].double(), zeros.double() if zeros is not None else None, K, mode, g)
+    wz = zeros.double().repeat_interleave(g, dim=1)[:, :K] if zeros is not None else torch.zeros_like(w)
+    return xd, w - wz, wz
+
+
+@settings(max_examples=40, deadline=None)
+@given(M=st.integers(1, 20), N=st.integers(1, 30), K=st.integers(1, 600), mode_g=st.sampled_from(
+    [("int8", None), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)]), dtype=st.sampled_from(DTYPES))
+@example(M=1, N=5, K=1024, mode_g=("int4", 128), dtype=torch.float32)  # whole 128-column chunks only
+@example(M=3, N=4, K=300, mode_g=("int8", None), dtype=torch.bfloat16)   # chunks, a block tail, a column tail
+def test_cpu_quant_int8_activations_compute_llamacpps_products(variant, M, N, K, mode_g, dtype):
+    """quantize_activations' kernels against the same products in fp64: x rounded per 32 columns to int8, times the
+    weight, zeros against the exact x; within 2x of torch's own fp32 error on those operands (the kernel rule)."""
+    mode, g = mode_g
+    gen = torch.Generator().manual_seed(M * 1000 + K)
+    t = quantize_weight(torch.randn(N, K, generator=gen).to(dtype), mode, g)
+    x = torch.randn(M, K, generator=gen)
+    y = cpu_quant.QuantMatmul(variant, mode, K, t["weight"], t["scales"], t.get("zeros"), None, g, "int8")(x)
+    xd, w, wz = a8_operands(x, t, K, mode, g)
+    ref = xd @ w.t() + x.double() @ wz.t()
+    base = xd.float() @ w.float().t() + x @ wz.float().t()
+    assert_within_2x(y, base, ref, f"a8 {mode} g{g} M {M} N {N} K {K} {dtype}")
+
+
+def test_quantize_activations_is_opt_in_reversible_and_refused_without_quantized_layers():
+    from tolerances import rel_err
+
+    from gptneox import GPTNeoX, quantize
+    from gptneox.config import Config
+    from gptneox.quant import quantize_activations
+    torch.manual_seed(0)
+    model = GPTNeoX(Config(vocab_size=200, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=64)).eval()
+    with pytest.raises(ValueError, match="needs a quantized model"):
+        quantize_activations(model)
+    quantize(model, "int4", group_size=32)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        quantize_activations(model, "int4")
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        weight_only = model(ids)
+        a8 = model(quantize_activations(model, "int8") and ids)
+        assert "activations=int8" in repr(model.embed_out)
+        back = model(quantize_activations(model, None) and ids)
+    assert torch.equal(back, weight_only)  # opting out restores the weight-only numbers exactly
+    assert 0 < rel_err(a8, weight_only) < 0.05  # x really is rounded, by about 8 bits' worth

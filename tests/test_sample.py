@@ -224,6 +224,7 @@ def test_sample_broken_checkpoint_is_one_line_with_status_1(ckpts, tmp_path, cap
     (["--max-new-tokens", "0"], "argument --max-new-tokens: must be positive"),
     (["--dtype", "half"], "invalid dtype 'half'"),
     (["--dtype", "int8"], "int8 is a weight format, not a dtype: use --quantize int8"),
+    (["--activations", "int8"], "--activations int8 quantizes a quantized model's activations: give --quantize"),
     *([(["--device", "cuda"], "--device cuda: CUDA is not available on this machine (try --device cpu)")]
       if not torch.cuda.is_available() else []),
 ])
@@ -293,3 +294,14 @@ def test_sample_report_names_the_adapter_it_applied(ckpts, tmp_path, capsys):
     assert status == 0, err
     report = err.strip().splitlines()[-1]
     assert f"(model.safetensors + LoRA adapter {tmp_path / 'adapter'})" in report and "weights int8:" in report
+
+
+def test_sample_activations_int8_runs_the_a8_kernels_on_a_quantized_model(ckpts, capsys, monkeypatch):
+    from gptneox.quant import transform
+    chosen = []
+    real = transform.quantize_activations
+    monkeypatch.setattr(sample, "quantize_activations", lambda m, a: chosen.append(a) or real(m, a))
+    status, err = cli_status(capsys, "--ckpt", str(ckpts[1]), "--prompt", "Hi", "--max-new-tokens", "3",
+                             "--quantize", "int4", "--group-size", "32", "--activations", "int8", "--no-progress")
+    assert status == 0, err
+    assert chosen == ["int8"] and "| 3 tokens in" in err

@@ -14,7 +14,11 @@
 #include <stdlib.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#ifdef __AVX512VNNI__
+#define ISA 3                         /* the avx512vnni build: the same code here */
+#else
 #define ISA 2
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ISA 1
 #else

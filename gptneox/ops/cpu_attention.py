@@ -48,10 +48,10 @@ def qkv_rotary_cache(qkv, nh: int, cos, sin, cache, input_pos, lib=None):
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     pos = input_pos.to(torch.int64).contiguous()
     q = torch.empty(B, nh, T, hs, dtype=torch.float32)  # [B, nh, T, hs]
-    (lib or library()).gptneox_qkv_rotary_cache(qkv.data_ptr(), B, T, nh, hs, rot, cos.data_ptr(), sin.data_ptr(),
-                                       T * rot if cos.shape[0] > 1 else 0, pos.data_ptr(), q.data_ptr(),
-                                       k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[2],
-                                       torch.get_num_threads())
+    lib = lib or library()
+    lib.gptneox_qkv_rotary_cache(qkv.data_ptr(), B, T, nh, hs, rot, cos.data_ptr(), sin.data_ptr(),
+                                 T * rot if cos.shape[0] > 1 else 0, pos.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+                                 v_cache.data_ptr(), k_cache.shape[2], torch.get_num_threads())
     return q, k_cache, v_cache
 
 

@@ -10,7 +10,11 @@
 #include <stdint.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+#ifdef __AVX512VNNI__
+#define ISA 3                         /* the avx512vnni build: the same code here */
+#else
 #define ISA 2
+#endif
 #define MB 8                          /* 8 x 2 sums (x 2 for short M) + 3 operands fit 32 zmm */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ISA 1
@@ -39,7 +43,7 @@ static inline float hsum(__m256 v) {
 static inline __attribute__((always_inline))
 void dot2(const float *x, int64_t K, const int mb, const float *w0, const float *w1, float *o0, float *o1) {
     int64_t k = 0;
-#if ISA == 2
+#if ISA >= 2
     const int U = mb <= 2 ? 2 : 1;
     __m512 a[MB][2][2];
     for (int m = 0; m < mb; m++)
@@ -91,7 +95,7 @@ void dot2(const float *x, int64_t K, const int mb, const float *w0, const float 
 #endif
 }
 
-#if ISA == 2
+#if ISA >= 2
 /* One row of x (a decode step): one weight row at a time in four sums over 64 columns, the plainest stream. Measured
  * on the 2-core machine: about 30 GB/s at one thread where dot2's pairs read 21 (docs/benchmarks.md). */
 static float dot1(const float *x, int64_t K, const float *w) {
@@ -114,7 +118,7 @@ static float dot1(const float *x, int64_t K, const float *w) {
 /* y [M, N] = x [M, K] W^T + bias (bias [N] or NULL); x, W, y contiguous fp32. */
 void gptneox_f32_linear(const float *x, int64_t M, int64_t K, const float *w, const float *bias, float *y, int64_t N,
                         int nthreads) {
-#if ISA == 2
+#if ISA >= 2
     if (M == 1) {
         #pragma omp parallel for schedule(static) num_threads(nthreads)
         for (int64_t n = 0; n < N; n++) y[n] = dot1(x, K, w + n * K) + (bias ? bias[n] : 0.0f);

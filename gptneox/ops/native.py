@@ -26,6 +26,7 @@ ISAS = {  # the instruction-set variants, lowest first: their compiler flags (a 
     "plain": [],  # plain C loops, right on every CPU (the compiler may still vectorise them for its target)
     "avx2": ["-mavx2", "-mfma"],
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
+    "avx512vnni": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mavx512vnni"],
 }
 
 
@@ -40,11 +41,13 @@ def compiler() -> str | None:
 
 def cpu_isa() -> str:
     """The best variant this CPU runs: what torch's dispatcher found (the test torch uses for its own kernels, so a
-    hypervisor that hides AVX-512 hides it from both), lowered by GPTNEOX_CPU_ISA (plain, avx2, avx512), never raised
-    above what the CPU has."""
+    hypervisor that hides AVX-512 hides it from both), plus VNNI where Linux reports it; lowered by GPTNEOX_CPU_ISA
+    (plain, avx2, avx512, avx512vnni), never raised above what the CPU has."""
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     capability = torch.backends.cpu.get_cpu_capability() if x86 else ""
     best = {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "plain")
+    if best == "avx512" and "avx512_vnni" in cpu_flags():  # torch does not report VNNI; Linux's flags do
+        best = "avx512vnni"
     asked = os.environ.get("GPTNEOX_CPU_ISA", "").strip().lower()
     if not asked:
         return best
@@ -55,6 +58,15 @@ def cpu_isa() -> str:
         warnings.warn(f"GPTNEOX_CPU_ISA={asked}: this CPU runs at most {best}; using {best}")
         return best
     return asked
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
 
 
 def build(source: Path, cc: str, flags: list[str]) -> Path:
@@ -82,8 +94,9 @@ def build(source: Path, cc: str, flags: list[str]) -> Path:
 
 def load(source: Path, isa: str | None, signatures: dict, fallback: str, extra: tuple = ()) -> ctypes.CDLL | None:
     """source built for this variant (None: cpu_isa()) and bound: signatures maps each function's name to (argument
-    types, return type); extra: more compiler flags. None, with one warning ending in fallback (what runs instead), where GPTNEOX_CPU_KERNEL=0,
-    no compiler, or a failed build; without OpenMP (Apple's clang) it is built for one thread, with a warning."""
+    types, return type); extra: more compiler flags. None, with one warning ending in fallback (what runs instead),
+    where GPTNEOX_CPU_KERNEL=0, no compiler, or a failed build; without OpenMP (Apple's clang) it is built for one
+    thread, with a warning."""
     if os.environ.get("GPTNEOX_CPU_KERNEL", "1") == "0":
         return None
     isa = cpu_isa() if isa is None else isa

@@ -1,4 +1,4 @@
-"""quant: weight-only int8 / int4 quantization (docs/quantization.md).
+"""quant: weight-only int8 / int4 quantization, and opt-in int8 activations on the CPU (docs/quantization.md).
 
     schemes.py    the schemes, a registry: float matrix -> integers and back, and torch's CPU operator for each
     cpu.py        our CPU matmul (cpu_quant.c, built on first use) and which CPU kernel a layer runs
@@ -8,8 +8,10 @@
 
 from .linear import LORA_POINTER, QuantizedLinear
 from .schemes import GROUP_SIZES, MODES, SCHEMES, check_settings, dequantize_weight, quantize_weight
-from .transform import config_entries, describe, quantize, refuse_training, settings_of, targets, weight_bytes
+from .transform import (config_entries, describe, quantize, quantize_activations, refuse_training, settings_of,
+                        targets, weight_bytes)
 
 __all__ = ["LORA_POINTER", "QuantizedLinear", "GROUP_SIZES", "MODES", "SCHEMES", "check_settings",
-           "dequantize_weight", "quantize_weight", "config_entries", "describe", "quantize", "refuse_training",
+           "dequantize_weight", "quantize_weight", "config_entries", "describe", "quantize", "quantize_activations",
+           "refuse_training",
            "settings_of", "targets", "weight_bytes"]

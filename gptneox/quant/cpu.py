@@ -43,6 +43,9 @@ SIGNATURES = {  # name: (argument types, return type), as in cpu_quant.c
     "gptneox_int4_dequant": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                               ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                               ctypes.c_int], None),
+    "gptneox_a8_matmul": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int], ctypes.c_int),
 }
 
 
@@ -70,7 +73,8 @@ class QuantMatmul:
     compute-bound, so its weight is dequantized CHUNK_BYTES of fp32 rows at a time and multiplied by torch's GEMM
     (docs/quantization.md)."""
 
-    def __init__(self, lib, mode: str, K: int, weight, scales, zeros=None, bias=None, group_size: int | None = None):
+    def __init__(self, lib, mode: str, K: int, weight, scales, zeros=None, bias=None, group_size: int | None = None,
+                 activations: str | None = None):
         N = weight.shape[0]
         if not supports(mode, K, group_size, scales.dtype):
             raise ValueError(f"cpu_quant: no kernel for {mode} with scales in {scales.dtype}, K {K}, g {group_size}")
@@ -84,13 +88,14 @@ class QuantMatmul:
                 raise ValueError(f"cpu_quant: a {mode} tensor is {t.dtype} {list(t.shape)} on {t.device}, expected "
                                  f"{dtype} {list(shape)} on the CPU (K = {K})")
         self.lib, self.mode, self.N, self.K, self.G, self.g = lib, mode, N, K, G, group_size
+        self.a8 = activations == "int8"  # decode rows with x quantized too (cpu_quant.c's a8; docs/quantization.md)
         self.code = DTYPE_CODES[scales.dtype]
         self.weight, self.scales = weight.contiguous(), scales.contiguous()  # held for the call: the pointers' owners
         self.zeros = zeros.contiguous() if zeros is not None else None
         self.bias = bias.contiguous() if bias is not None else None
         self.fused_bias = bias is not None and bias.dtype == scales.dtype  # the kernel reads it in the scales' dtype
-        self.ptrs = [t.data_ptr() if t is not None else None for t in (self.weight, self.scales, self.zeros,
-                                                                         self.bias if self.fused_bias else None)]
+        held = (self.weight, self.scales, self.zeros, self.bias if self.fused_bias else None)
+        self.ptrs = [t.data_ptr() if t is not None else None for t in held]
 
     def __call__(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:  # x [M, K] -> [M, N] in x's dtype
         if x.dim() != 2 or x.shape[1] != self.K or x.device.type != "cpu":
@@ -133,7 +138,11 @@ class QuantMatmul:
         b = b if bias else None
         y = torch.empty(M, self.N, dtype=torch.float32, device="cpu")  # [M, N]
         threads = torch.get_num_threads()
-        if self.mode == "int8":
+        if self.a8:
+            if self.lib.gptneox_a8_matmul(x32.data_ptr(), M, self.K, q, s, z, b, self.code, self.mode == "int4",
+                                          self.G, self.g or 0, y.data_ptr(), self.N, threads):
+                raise MemoryError(f"cpu_quant: no memory for the a8 scratch of {M} x {self.K}")
+        elif self.mode == "int8":
             self.lib.gptneox_int8_matmul(x32.data_ptr(), M, self.K, q, s, b, self.code, y.data_ptr(), self.N, threads)
         elif self.lib.gptneox_int4_matmul(x32.data_ptr(), M, self.K, q, s, z, b, self.code, self.G, self.g,
                                           y.data_ptr(), self.N, threads):
@@ -194,9 +203,9 @@ def own_cpu_kernels() -> frozenset:
     return frozenset(ok)
 
 
-def cpu_matmul(mode: str, K: int, weight, scales, zeros, bias, group_size) -> "QuantMatmul | None":
+def cpu_matmul(mode: str, K: int, weight, scales, zeros, bias, group_size, activations=None) -> "QuantMatmul | None":
     """cpu_quant.c bound to these tensors, or None where they do not run through it (not on the CPU, a layout the
     kernels do not take, a failed build): QuantizedLinear's and the custom op's one test."""
     if weight.device.type != "cpu" or not supports(mode, K, group_size, scales.dtype) or mode not in own_cpu_kernels():
         return None
-    return QuantMatmul(library(), mode, K, weight, scales, zeros, bias, group_size)
+    return QuantMatmul(library(), mode, K, weight, scales, zeros, bias, group_size, activations)

@@ -16,10 +16,13 @@
  * Scales and zeros are read in their stored dtype (fp32, bf16, fp16); x and y are fp32, rows contiguous.
  * Every loop over m handles up to MB rows of x at once, so each weight is converted once per MB rows.
  */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ISA 3                         /* AVX-512 and VNNI's byte dot products (the a8 kernels below) */
+#elif defined(__AVX512F__) && defined(__AVX512BW__)
 #define ISA 2                         /* AVX-512: 16 fp32 lanes, 32 registers */
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ISA 1                         /* AVX2 + FMA: 8 fp32 lanes, 16 registers */
@@ -33,7 +36,7 @@
 enum { F32 = 0, BF16 = 1, F16 = 2 };  /* codes of the scales' dtype, as cpu.py passes them */
 #define MB 8                          /* rows of x per weight pass: 8 accumulators + 4 weights fit 16 ymm */
 #define NB 8                          /* output rows per OpenMP work item */
-#if ISA == 2
+#if ISA >= 2
 #define BLK 32                        /* int4: columns per nibble block (16 bytes widen to one zmm of 16 lanes) */
 #else
 #define BLK 16                        /* int4: 8 bytes widen to one ymm of 8 lanes */
@@ -94,7 +97,7 @@ static inline __attribute__((always_inline))
 void int8_dot(const float *x, int64_t K, const int mb, const int8_t *q, float *out) {
     int64_t k = 0;
     for (int m = 0; m < mb; m++) out[m] = 0.0f;
-#if ISA == 2
+#if ISA >= 2
     __m512 acc[MB][4];
     for (int m = 0; m < mb; m++)
         for (int i = 0; i < NACC(mb); i++) acc[m][i] = _mm512_setzero_ps();
@@ -181,7 +184,7 @@ void gptneox_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *q, 
 static inline __attribute__((always_inline))
 void int4_groups(const float *xp, int64_t K, const int mb, const uint8_t *q, int64_t ngroups, int64_t g,
                  const float *s, float *out) {
-#if ISA == 2
+#if ISA >= 2
     /* 16 bytes widen to 16 lanes: their low nibbles are the block's 16 even columns, their high ones its odd
      * columns. A nibble q becomes the float q - 8 without a conversion: placed in the mantissa of 2^23 (one
      * vpternlogd: (b & 15) | bits of 2^23), minus 2^23 + 8. */
@@ -375,4 +378,178 @@ void gptneox_int4_dequant(const uint8_t *q, int64_t K, const void *scales, const
             }
         }
     }
+}
+
+
+/* ---------------------------------------------------------------------------------------------- a8: opt-in
+ * Activations quantized too, as llama.cpp's Q8_0 / Q4_0 products do: x in blocks of 32 columns, xq = round(x / d),
+ * d = max |x| / 127 per block, so each block's sum of q xq is an exact integer, scaled in fp32 afterwards:
+ *   int8  y[n] = s[n] sum_b d_b sum_{k in b} q[n, k] xq[k]
+ *   int4  y[n] = sum_b d_b s[n, j(b)] sum_{k in b} (q[n, k] - 8) xq[k]  +  sum_j z[n, j] xsum[j]   (xsum of the exact x)
+ * With AVX-512 VNNI one vpdpbusd multiplies 64 unsigned bytes by 64 signed ones into 16 sums of 4: per 128 int4
+ * weights an and, a shift, an and, two vpdpbusd, a convert and an FMA per row of x. The unsigned operand is the int4
+ * nibble q (its - 8 enters as the accumulator's start, -8 xq summed per lane) or the int8 weight + 128 (its - 128 xq
+ * likewise). Without VNNI the same integer sums run in plain C. */
+#define QB 32                         /* columns per activation block */
+
+typedef struct {                      /* the per-call activations, M rows */
+    int64_t nb, nch;                  /* blocks of QB columns; whole vector chunks (128 columns int4, 64 int8) */
+    float *d;                         /* [M, nb] block scales */
+    int8_t *xq;                       /* [M, nb * QB] quantized x, zero past K */
+    int8_t *xv;                       /* [M, nch * chunk] the vector loop's order (int4: even then odd columns) */
+    int32_t *corr;                    /* [M, nch, 16] the accumulators' start: -8 (int4) / -128 (int8) x lane sums */
+    float *dl;                        /* [M, nch, 16] each lane's block scale */
+    float *xsum;                      /* [M, G] exact x summed per group (int4's zeros) */
+} A8;
+
+static void a8_free(A8 *a) { free(a->d); free(a->xq); free(a->xv); free(a->corr); free(a->dl); free(a->xsum); }
+
+/* Quantize x [M, K] per block; int4 (G groups of g) or int8 (G = 0). Returns 0, or -1 when out of memory. */
+static int a8_prepare(const float *x, int64_t M, int64_t K, int int4, int64_t G, int64_t g, A8 *a) {
+    const int64_t chunk = int4 ? 128 : 64;
+    a->nb = (K + QB - 1) / QB;
+    a->nch = ISA == 3 ? K / chunk : 0;
+    a->d = malloc(sizeof(float) * M * a->nb);
+    a->xq = calloc((size_t)(M * a->nb * QB), 1);
+    a->xv = malloc((size_t)(M * a->nch * chunk) + 1);
+    a->corr = malloc(sizeof(int32_t) * (M * a->nch * 16 + 1));
+    a->dl = malloc(sizeof(float) * (M * a->nch * 16 + 1));
+    a->xsum = malloc(sizeof(float) * (M * G + 1));
+    if (!a->d || !a->xq || !a->xv || !a->corr || !a->dl || !a->xsum) return -1;
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        int8_t *qm = a->xq + m * a->nb * QB;
+        for (int64_t b = 0; b < a->nb; b++) {
+            const int64_t k0 = b * QB, k1 = k0 + QB < K ? k0 + QB : K;
+            float top = 0.0f;
+            for (int64_t k = k0; k < k1; k++) top = fabsf(xm[k]) > top ? fabsf(xm[k]) : top;
+            const float d = top / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            a->d[m * a->nb + b] = d;
+            for (int64_t k = k0; k < k1; k++) qm[k] = (int8_t)lrintf(xm[k] * inv);
+        }
+        int8_t *vm = a->xv + m * a->nch * chunk;
+        int32_t *cm = a->corr + m * a->nch * 16;
+        float *dm = a->dl + m * a->nch * 16;
+        for (int64_t c = 0; c < a->nch; c++)
+            for (int l = 0; l < 16; l++) {
+                int32_t sum = 0;
+                for (int i = 0; i < 4; i++) {  /* lane l's 4 bytes of each operand */
+                    const int64_t p = 4 * l + i;
+                    if (int4) {
+                        vm[c * 128 + p] = qm[c * 128 + 2 * p], vm[c * 128 + 64 + p] = qm[c * 128 + 2 * p + 1];
+                        sum += qm[c * 128 + 2 * p] + qm[c * 128 + 2 * p + 1];
+                    } else {
+                        vm[c * 64 + p] = qm[c * 64 + p];
+                        sum += qm[c * 64 + p];
+                    }
+                }
+                cm[c * 16 + l] = (int4 ? -8 : -128) * sum;
+                dm[c * 16 + l] = a->d[m * a->nb + (c * chunk + l * (chunk / 16)) / QB];
+            }
+        for (int64_t j = 0; j < G; j++) {  /* as int4_prepare: lanes of partial sums, added pairwise */
+            float part[LANES] = {0};
+            for (int64_t k = j * g; k < K && k < (j + 1) * g; k++) part[k % LANES] += xm[k];
+            a->xsum[m * G + j] = lanes_sum(part);
+        }
+    }
+    return 0;
+}
+
+/* The blocks from b0 on, in plain C: sum_b d_b scale(b) sum_k w(q_k) xq_k for one weight row and one x row. */
+static float a8_rest(const A8 *a, int64_t m, int64_t K, int int4, const void *q, int64_t b0, const float *s, int64_t g) {
+    const int8_t *qm = a->xq + m * a->nb * QB;
+    float part[LANES] = {0};
+    for (int64_t b = b0; b < a->nb; b++) {
+        int32_t sum = 0;
+        for (int64_t k = b * QB; k < K && k < (b + 1) * QB; k++) {
+            const int w = int4 ? (int)((((const uint8_t *)q)[k / 2] >> ((k & 1) * 4)) & 15) - 8 : ((const int8_t *)q)[k];
+            sum += w * qm[k];
+        }
+        part[b % LANES] += (float)sum * (a->d[m * a->nb + b] * (int4 ? s[b * QB / g] : 1.0f));
+    }
+    return lanes_sum(part);
+}
+
+#if ISA == 3
+static inline float a8_int4_chunks(const A8 *a, int64_t m, const uint8_t *row, const float *s, int64_t g) {
+    const __m512i low = _mm512_set1_epi8(15);
+    const int8_t *xv = a->xv + m * a->nch * 128;
+    const int32_t *corr = a->corr + m * a->nch * 16;
+    const float *dl = a->dl + m * a->nch * 16;
+    __m512 tot = _mm512_setzero_ps();
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i idx = g < 128 ? _mm512_srli_epi32(_mm512_slli_epi32(lane, 3), __builtin_ctzll((unsigned long long)g))
+                                : _mm512_setzero_si512();  /* lane l's group within its chunk: 8 l / g */
+    const int64_t per = g < 128 ? 128 / g : 1;  /* groups a chunk spans */
+    for (int64_t c = 0; c < a->nch; c++) {
+        const __m512i w = _mm512_loadu_si512((const void *)(row + c * 64));
+        const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
+        __m512i acc = _mm512_loadu_si512((const void *)(corr + c * 16));
+        acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512((const void *)(xv + c * 128)));
+        acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512((const void *)(xv + c * 128 + 64)));
+        const int64_t j0 = c * 128 / g;
+        const __m512 sw = g < 128 ? _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << per) - 1), s + j0))
+                                  : _mm512_set1_ps(s[j0]);
+        tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sw, _mm512_loadu_ps(dl + c * 16)), tot);
+    }
+    return _mm512_reduce_add_ps(tot);
+}
+
+static inline float a8_int8_chunks(const A8 *a, int64_t m, const int8_t *row) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    const int8_t *xv = a->xv + m * a->nch * 64;
+    const int32_t *corr = a->corr + m * a->nch * 16;
+    const float *dl = a->dl + m * a->nch * 16;
+    __m512 tot = _mm512_setzero_ps();
+    for (int64_t c = 0; c < a->nch; c++) {
+        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void *)(row + c * 64)), flip);  /* q + 128 */
+        __m512i acc = _mm512_loadu_si512((const void *)(corr + c * 16));
+        acc = _mm512_dpbusd_epi32(acc, w, _mm512_loadu_si512((const void *)(xv + c * 64)));
+        tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_loadu_ps(dl + c * 16), tot);
+    }
+    return _mm512_reduce_add_ps(tot);
+}
+#endif
+
+/* y [M, N] = the a8 products above + bias; int8: q [N, K], scales [N]; int4: q [N, ceil(K/2)], scales and zeros [N, G]
+ * in groups of g (a multiple of 32). Returns 0, -1 when out of memory, -2 if G > GMAX. */
+int gptneox_a8_matmul(const float *x, int64_t M, int64_t K, const void *q, const void *scales, const void *zeros,
+                      const void *bias, int sdtype, int int4, int64_t G, int64_t g, float *y, int64_t N,
+                      int nthreads) {
+    if (int4 && G > GMAX) return -2;
+    A8 a = {0};
+    if (a8_prepare(x, M, K, int4, int4 ? G : 0, g, &a)) {
+        a8_free(&a);
+        return -1;
+    }
+    const int64_t chunk = int4 ? 128 : 64, row_bytes = int4 ? (K + 1) / 2 : K;
+    #pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t n = 0; n < N; n++) {
+        float s16[GMAX], z16[GMAX];
+        const float *s = int4 ? (const float *)scales + n * G : NULL, *z = int4 ? (const float *)zeros + n * G : NULL;
+        if (int4 && sdtype != F32) {
+            for (int64_t j = 0; j < G; j++) s16[j] = load_scalar(scales, n * G + j, sdtype);
+            for (int64_t j = 0; j < G; j++) z16[j] = load_scalar(zeros, n * G + j, sdtype);
+            s = s16, z = z16;
+        }
+        const uint8_t *row = (const uint8_t *)q + n * row_bytes;
+        const float b = bias ? load_scalar(bias, n, sdtype) : 0.0f, sn = int4 ? 1.0f : load_scalar(scales, n, sdtype);
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.0f;
+#if ISA == 3
+            acc = int4 ? a8_int4_chunks(&a, m, row, s, g) : a8_int8_chunks(&a, m, (const int8_t *)row);
+#endif
+            acc += a8_rest(&a, m, K, int4, row, a.nch * chunk / QB, s, g);
+            if (int4) {
+                float zero_term = 0.0f;
+                for (int64_t j = 0; j < G; j++) zero_term += z[j] * a.xsum[m * G + j];
+                acc += zero_term;
+            } else {
+                acc *= sn;
+            }
+            y[m * N + n] = acc + b;
+        }
+    }
+    a8_free(&a);
+    return 0;
 }

@@ -73,6 +73,7 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(name, tensors.get(name))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self._runtime = {}  # "cpu": the cpu_quant.c binding; or torch's packed CPU form (fallback)
+        self.activations = None  # "int8": decode steps on the CPU quantize x too (opt-in; quantize_activations)
 
     @property
     def scheme(self):  # schemes.SCHEMES' entry of self.mode
@@ -144,11 +145,11 @@ class QuantizedLinear(nn.Module):
         bufs = self._buffers  # what self.weight etc. read, without nn.Module.__getattr__ (a decode step makes 49)
         w, s, z, b = bufs["weight"], bufs["scales"], bufs["zeros"], bufs["bias"]
         key = (w.data_ptr(), w.shape, s.data_ptr(), s.shape, z.data_ptr() if z is not None else None,
-               b.data_ptr() if b is not None else None, b.shape if b is not None else None)
+               b.data_ptr() if b is not None else None, b.shape if b is not None else None, self.activations)
         matmul = self._runtime.get("cpu")
         if matmul is not None and matmul.key == key:
             return matmul
-        matmul = cpu.cpu_matmul(self.mode, self.in_features, w, s, z, b, self.group_size)
+        matmul = cpu.cpu_matmul(self.mode, self.in_features, w, s, z, b, self.group_size, self.activations)
         if matmul is None:
             return None
         matmul.key = key
@@ -173,5 +174,6 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        acts = f", activations={self.activations}" if self.activations else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"mode={self.mode}{group}"
+               f"mode={self.mode}{group}{acts}"

@@ -54,6 +54,25 @@ def quantize(model, mode: str, *, group_size: int = 128):
     return model
 
 
+ACTIVATIONS = (None, "int8")
+
+
+def quantize_activations(model, activations: str | None = "int8"):
+    """Opt in (or back out, with None) to quantized activations for a quantized model's decode steps on the CPU:
+    each row of x in blocks of 32 columns to int8 (scale max |x| / 127), integer dot products against the int8 / int4
+    weights, as llama.cpp's Q8_0 / Q4_0 compute. Faster where the CPU has AVX-512 VNNI, and less exact: its error is
+    that of rounding x to 8 bits (docs/quantization.md, "Quantized activations", measures it). Steps of more than
+    cpu.PROMPT_ROWS rows (prompts), and other devices, stay weight-only. A runtime choice: files do not record it."""
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        raise ValueError("quantize_activations needs a quantized model: quantize(model, 'int8' or 'int4') first")
+    for m in layers:
+        m.activations = activations
+    return model
+
+
 def config_entries(settings: dict) -> dict:
     """What config.json gets for a quantized model: "quantization" (ours, read back by checkpoint.py) and a
     "quantization_config" naming an unknown quant_method, so that transformers, which would otherwise cast int8
