@@ -11,9 +11,10 @@ do not load, and its int8 weight-only still runs). Every model holds the same ra
 tokens/s <= bandwidth / bytes_per_token; on the CPU the bandwidth is a plain streaming read measured in the same run at
 the same thread count (bench_generate.py's streaming_read; torch's GEMV rate is printed beside it), and each row is
 set against its own ceiling. --step-rows times a decode step of several rows against one of one row. Weight bytes
-are also given for bf16 weights (what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Two rates per row, medians of --repeats:
-end to end (the whole generate, its prefill of --prompt-len tokens included) and decode (the tokens after the first,
-timed as generate(n) - generate(1): the per-token phase that bandwidth bounds and the targets are about).
+are also given for bf16 weights (what the 0.55x / 0.32x targets of docs/quantization.md are stated against). Two
+rates per row, medians of --repeats: end to end (the whole generate, its prefill of --prompt-len tokens included) and
+decode (the tokens after the first, timed as generate(n) - generate(1): the per-token phase that bandwidth bounds
+and the targets are about).
 """
 
 import argparse
