@@ -88,6 +88,26 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
+/* sum_j a[j] b[j] over n floats, in vector lanes (int4's zeros against x's group sums: K / 32 of them per row at
+ * g = 32, as many multiply-adds as a fifth of the row's own work if done one at a time). */
+static inline float dotf(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+    float out = 0.0f;
+#if ISA >= 2
+    __m512 acc = _mm512_setzero_ps();
+    for (; j + 16 <= n; j += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    if (j < n) {
+        const __mmask16 t = (__mmask16)((1u << (n - j)) - 1);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, a + j), _mm512_maskz_loadu_ps(t, b + j), acc);
+        j = n;
+    }
+    out = _mm512_reduce_add_ps(acc);
+#endif
+    float part[LANES] = {0};
+    for (; j < n; j++) part[j % LANES] += a[j] * b[j];
+    return out + lanes_sum(part);
+}
+
 /* Accumulators per row of x: an FMA's result waits ~4 cycles, so one or two rows need four independent sums to
  * keep the FMA units busy; more rows need fewer each (MB x 4 would not fit the 16 registers of AVX2). */
 #define NACC(mb) ((mb) <= 2 ? 4 : (mb) <= 4 ? 2 : 1)  /* and five to eight rows one each */
@@ -301,9 +321,7 @@ static void int4_rows(const float *x, const float *xp, const float *xsum, int64_
         if (whole * g < K) int4_rest(x + m0 * K, K, mb, row, whole * g, g, s, z, out);  /* a short last group */
         for (int64_t m = 0; m < mb; m++) {  /* the vector loop's groups: sum_j z[j] xsum[j] */
             const float *sm = xsum + (m0 + m) * G;
-            float zero_term = 0.0f;
-            for (int64_t j = 0; j < whole; j++) zero_term += z[j] * sm[j];
-            y[(m0 + m) * N + n] = out[m] + zero_term + b;
+            y[(m0 + m) * N + n] = out[m] + dotf(z, sm, whole) + b;
         }
     }
 }
@@ -541,9 +559,7 @@ int gptneox_a8_matmul(const float *x, int64_t M, int64_t K, const void *q, const
 #endif
             acc += a8_rest(&a, m, K, int4, row, a.nch * chunk / QB, s, g);
             if (int4) {
-                float zero_term = 0.0f;
-                for (int64_t j = 0; j < G; j++) zero_term += z[j] * a.xsum[m * G + j];
-                acc += zero_term;
+                acc += dotf(z, a.xsum + m * G, G);
             } else {
                 acc *= sn;
             }
