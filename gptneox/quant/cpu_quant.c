@@ -439,34 +439,68 @@ static int a8_prepare(const float *x, int64_t M, int64_t K, int int4, int64_t G,
         int8_t *qm = a->xq + m * a->nb * QB;
         for (int64_t b = 0; b < a->nb; b++) {
             const int64_t k0 = b * QB, k1 = k0 + QB < K ? k0 + QB : K;
+#if ISA >= 2  /* 32 floats in two vectors: max |x|, then x / d rounded to nearest even (lrintf's rounding) */
+            const int64_t n = k1 - k0;
+            const __mmask16 t0 = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1);
+            const __mmask16 t1 = n >= 32 ? (__mmask16)0xffff : n > 16 ? (__mmask16)((1u << (n - 16)) - 1) : 0;
+            const __m512 v0 = _mm512_maskz_loadu_ps(t0, xm + k0), v1 = _mm512_maskz_loadu_ps(t1, xm + k0 + 16);
+            const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+            const float d = top / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+            a->d[m * a->nb + b] = d;
+            const __m512 iv = _mm512_set1_ps(inv);
+            _mm_storeu_si128((__m128i *)(qm + k0), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v0, iv))));
+            _mm_storeu_si128((__m128i *)(qm + k0 + 16),
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v1, iv))));
+#else
             float top = 0.0f;
             for (int64_t k = k0; k < k1; k++) top = fabsf(xm[k]) > top ? fabsf(xm[k]) : top;
             const float d = top / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
             a->d[m * a->nb + b] = d;
             for (int64_t k = k0; k < k1; k++) qm[k] = (int8_t)lrintf(xm[k] * inv);
+#endif
         }
+#if ISA == 3  /* the vector loop's operands: lanes of 4 bytes, their sums by vpdpbusd against ones */
         int8_t *vm = a->xv + m * a->nch * chunk;
         int32_t *cm = a->corr + m * a->nch * 16;
         float *dm = a->dl + m * a->nch * 16;
-        for (int64_t c = 0; c < a->nch; c++)
-            for (int l = 0; l < 16; l++) {
-                int32_t sum = 0;
-                for (int i = 0; i < 4; i++) {  /* lane l's 4 bytes of each operand */
-                    const int64_t p = 4 * l + i;
-                    if (int4) {
-                        vm[c * 128 + p] = qm[c * 128 + 2 * p], vm[c * 128 + 64 + p] = qm[c * 128 + 2 * p + 1];
-                        sum += qm[c * 128 + 2 * p] + qm[c * 128 + 2 * p + 1];
-                    } else {
-                        vm[c * 64 + p] = qm[c * 64 + p];
-                        sum += qm[c * 64 + p];
-                    }
-                }
-                cm[c * 16 + l] = (int4 ? -8 : -128) * sum;
-                dm[c * 16 + l] = a->d[m * a->nb + (c * chunk + l * (chunk / 16)) / QB];
+        const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i block = _mm512_srli_epi32(lane, int4 ? 2 : 3);  /* lane l's block in its chunk: l / 4, l / 8 */
+        const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+        for (int64_t c = 0; c < a->nch; c++) {
+            __m512i sum;
+            if (int4) {  /* even columns' bytes, then odd ones': the two nibbles' partners */
+                const __m512i w0 = _mm512_loadu_si512((const void *)(qm + c * 128));
+                const __m512i w1 = _mm512_loadu_si512((const void *)(qm + c * 128 + 64));
+                const __m512i ev = _mm512_permutexvar_epi64(order, _mm512_packs_epi16(
+                    _mm512_srai_epi16(_mm512_slli_epi16(w0, 8), 8), _mm512_srai_epi16(_mm512_slli_epi16(w1, 8), 8)));
+                const __m512i od = _mm512_permutexvar_epi64(order, _mm512_packs_epi16(_mm512_srai_epi16(w0, 8),
+                                                                                    _mm512_srai_epi16(w1, 8)));
+                _mm512_storeu_si512((void *)(vm + c * 128), ev);
+                _mm512_storeu_si512((void *)(vm + c * 128 + 64), od);
+                sum = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ones, ev), ones, od);
+                _mm512_storeu_si512((void *)(cm + c * 16), _mm512_sub_epi32(zero, _mm512_slli_epi32(sum, 3)));
+            } else {
+                const __m512i w = _mm512_loadu_si512((const void *)(qm + c * 64));
+                _mm512_storeu_si512((void *)(vm + c * 64), w);
+                sum = _mm512_dpbusd_epi32(zero, ones, w);
+                _mm512_storeu_si512((void *)(cm + c * 16), _mm512_sub_epi32(zero, _mm512_slli_epi32(sum, 7)));
             }
-        for (int64_t j = 0; j < G; j++) {  /* as int4_prepare: lanes of partial sums, added pairwise */
+            const int64_t b0 = c * chunk / QB;
+            _mm512_storeu_ps(dm + c * 16, _mm512_permutexvar_ps(block, _mm512_maskz_loadu_ps(
+                (__mmask16)(int4 ? 0xF : 0x3), a->d + m * a->nb + b0)));
+        }
+#endif
+        for (int64_t j = 0; j < G; j++) {  /* int4's zeros meet the exact x: its sum over each group */
+            const int64_t k0 = j * g, k1 = k0 + g < K ? k0 + g : K;
             float part[LANES] = {0};
-            for (int64_t k = j * g; k < K && k < (j + 1) * g; k++) part[k % LANES] += xm[k];
+            int64_t k = k0;
+#if ISA >= 2
+            __m512 acc = _mm512_setzero_ps();
+            for (; k + 16 <= k1; k += 16) acc = _mm512_add_ps(acc, _mm512_loadu_ps(xm + k));
+            part[0] = _mm512_reduce_add_ps(acc);
+#endif
+            for (; k < k1; k++) part[k % LANES] += xm[k];
             a->xsum[m * G + j] = lanes_sum(part);
         }
     }
