@@ -9,7 +9,7 @@ runs (ops/native.py). More rows are compute-bound, and oneDNN's GEMM (onednn.py)
 stays an nn.Linear with its own weight (state dicts, adapters and hooks see nothing new), and every call that is not
 fp32 inference on the CPU (a gradient, another device or dtype, autocast, a failed build, torch.compile tracing)
 goes to F.linear as before. Results
-differ from F.linear's by rounding alone (about 1e-7 relative). docs/benchmarks.md, "fp32 decoding on the CPU", has
+differ from F.linear's by rounding alone (about 1e-7 relative). docs/benchmarks.md, "CPU decoding at the bandwidth limit", has
 the measurements behind SMALL_M.
 """
 

@@ -591,7 +591,7 @@ int gptneox_a8_matmul(const float *x, int64_t M, int64_t K, const void *q, const
 #if ISA == 3
             acc = int4 ? a8_int4_chunks(&a, m, row, s, g) : a8_int8_chunks(&a, m, (const int8_t *)row);
 #endif
-            acc += a8_rest(&a, m, K, int4, row, a.nch * chunk / QB, s, g);
+            if (a.nch * chunk < K) acc += a8_rest(&a, m, K, int4, row, a.nch * chunk / QB, s, g);  /* a tail */
             if (int4) {
                 acc += dotf(z, a.xsum + m * G, G);
             } else {
