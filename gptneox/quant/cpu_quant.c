@@ -205,45 +205,51 @@ static inline __attribute__((always_inline))
 void int4_groups(const float *xp, int64_t K, const int mb, const uint8_t *q, int64_t ngroups, int64_t g,
                  const float *s, float *out) {
 #if ISA >= 2
-    /* 16 bytes widen to 16 lanes: their low nibbles are the block's 16 even columns, their high ones its odd
-     * columns. A nibble q becomes the float q - 8 without a conversion: placed in the mantissa of 2^23 (one
-     * vpternlogd: (b & 15) | bits of 2^23), minus 2^23 + 8. */
-#define LOW(b) _mm512_sub_ps(_mm512_castsi512_ps(_mm512_ternarylogic_epi32((b), nibble, magic, 0xEA)), shift)
-#define HIGH(b) _mm512_sub_ps(_mm512_castsi512_ps(_mm512_or_si512(_mm512_srli_epi32((b), 4), magic)), shift)
-    const __m512i magic = _mm512_set1_epi32(0x4B000000), nibble = _mm512_set1_epi32(15);
-    const __m512 shift = _mm512_set1_ps(8388616.0f);  /* 2^23 + 8: (2^23 + q) - (2^23 + 8) = q - 8, exactly */
-    __m512 tot[MB];
-    for (int m = 0; m < mb; m++) tot[m] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < ngroups; j++) {
-        __m512 acc[MB][4];
-        for (int m = 0; m < mb; m++)
-            for (int i = 0; i < NACC(mb); i++) acc[m][i] = _mm512_setzero_ps();
-        int64_t k = j * g;
-        const int64_t end = k + g;
-        for (; k + 64 <= end; k += 64) {
-            __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));       /* k .. k+31 */
-            __m512i b1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2 + 16)));  /* .. k+63 */
-            __m512 w[4] = {LOW(b0), HIGH(b0), LOW(b1), HIGH(b1)};
-            for (int m = 0; m < mb; m++)
-                for (int i = 0; i < 4; i++)
-                    acc[m][i % NACC(mb)] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(xp + m * K + k + 16 * i),
-                                                           acc[m][i % NACC(mb)]);
-        }
-        if (k < end) {  /* a group of an odd number of 32-column blocks: one more */
-            __m512i b0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + k / 2)));
-            __m512 w[2] = {LOW(b0), HIGH(b0)};
-            for (int m = 0; m < mb; m++)
-                for (int i = 0; i < 2; i++)
-                    acc[m][i % NACC(mb)] = _mm512_fmadd_ps(w[i], _mm512_loadu_ps(xp + m * K + k + 16 * i),
-                                                           acc[m][i % NACC(mb)]);
-        }
-        const __m512 sj = _mm512_set1_ps(s[j]);
-        for (int m = 0; m < mb; m++) {
-            for (int i = 1; i < NACC(mb); i++) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][i]);
-            tot[m] = _mm512_fmadd_ps(acc[m][0], sj, tot[m]);
+    /* 16 bytes widen to 16 lanes: their low nibbles are a 32-column block's 16 even columns, their high ones its odd
+     * columns. Each group's 16 possible weights (q - 8) s[j] form a table, and vpermps looks every nibble up in it
+     * (it reads an index's low 4 bits, so the low nibble needs no mask): the weight arrives scaled, rounded as
+     * dequantize_weight rounds it, and the sums run on across groups with no reduction per group (which cost as
+     * much as the products at g = 32). Per 32 weights: a widening load, a shift, two lookups, two FMAs per row of x;
+     * blocks go in pairs (two groups of 32, or two blocks of one larger group), so that one or two rows of x keep
+     * four sums in flight. */
+    const __m512 iota = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    __m512 acc[MB][4];
+    for (int m = 0; m < mb; m++)
+        for (int i = 0; i < NACC(mb); i++) acc[m][i] = _mm512_setzero_ps();
+#define INT4_BLOCK(k, table, i0, i1) do {                                                                         \
+        const __m512i b_ = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + (k) / 2)));                   \
+        const __m512 w0_ = _mm512_permutexvar_ps(b_, table);                                                        \
+        const __m512 w1_ = _mm512_permutexvar_ps(_mm512_srli_epi32(b_, 4), table);                                 \
+        for (int m = 0; m < mb; m++) {                                                                              \
+            acc[m][(i0) % NACC(mb)] = _mm512_fmadd_ps(w0_, _mm512_loadu_ps(xp + m * K + (k)),                        \
+                                                      acc[m][(i0) % NACC(mb)]);                                    \
+            acc[m][(i1) % NACC(mb)] = _mm512_fmadd_ps(w1_, _mm512_loadu_ps(xp + m * K + (k) + 16),                   \
+                                                      acc[m][(i1) % NACC(mb)]);                                    \
+        }                                                                                                           \
+    } while (0)
+    int64_t j = 0;
+    if (g == 32) {  /* a block per group: two groups at a time */
+        for (; j + 2 <= ngroups; j += 2) {
+            const __m512 t0 = _mm512_mul_ps(iota, _mm512_set1_ps(s[j]));
+            const __m512 t1 = _mm512_mul_ps(iota, _mm512_set1_ps(s[j + 1]));
+            INT4_BLOCK(j * 32, t0, 0, 1);
+            INT4_BLOCK(j * 32 + 32, t1, 2, 3);
         }
     }
-    for (int m = 0; m < mb; m++) out[m] = _mm512_reduce_add_ps(tot[m]);
+    for (; j < ngroups; j++) {  /* g a multiple of 64 (or the last group of 32): two blocks at a time */
+        const __m512 t = _mm512_mul_ps(iota, _mm512_set1_ps(s[j]));
+        int64_t k = j * g;
+        for (; k + 64 <= (j + 1) * g; k += 64) {
+            INT4_BLOCK(k, t, 0, 1);
+            INT4_BLOCK(k + 32, t, 2, 3);
+        }
+        if (k < (j + 1) * g) INT4_BLOCK(k, t, 0, 1);
+    }
+#undef INT4_BLOCK
+    for (int m = 0; m < mb; m++) {
+        for (int i = 1; i < NACC(mb); i++) acc[m][0] = _mm512_add_ps(acc[m][0], acc[m][i]);
+        out[m] = _mm512_reduce_add_ps(acc[m][0]);
+    }
 #elif ISA == 1
     const __m256i low = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
     __m256 tot[MB];
@@ -403,7 +409,7 @@ void gptneox_int4_dequant(const uint8_t *q, int64_t K, const void *scales, const
  * Activations quantized too, as llama.cpp's Q8_0 / Q4_0 products do: x in blocks of 32 columns, xq = round(x / d),
  * d = max |x| / 127 per block, so each block's sum of q xq is an exact integer, scaled in fp32 afterwards:
  *   int8  y[n] = s[n] sum_b d_b sum_{k in b} q[n, k] xq[k]
- *   int4  y[n] = sum_b d_b s[n, j(b)] sum_{k in b} (q[n, k] - 8) xq[k]  +  sum_j z[n, j] xsum[j]   (xsum of the exact x)
+ *   int4  y[n] = sum_b d_b s[n, j(b)] sum_{k in b} (q[n, k] - 8) xq[k]  +  sum_j z[n, j] xsum[j]  (xsum: exact x)
  * With AVX-512 VNNI one vpdpbusd multiplies 64 unsigned bytes by 64 signed ones into 16 sums of 4: per 128 int4
  * weights an and, a shift, an and, two vpdpbusd, a convert and an FMA per row of x. The unsigned operand is the int4
  * nibble q (its - 8 enters as the accumulator's start, -8 xq summed per lane) or the int8 weight + 128 (its - 128 xq
@@ -508,13 +514,15 @@ static int a8_prepare(const float *x, int64_t M, int64_t K, int int4, int64_t G,
 }
 
 /* The blocks from b0 on, in plain C: sum_b d_b scale(b) sum_k w(q_k) xq_k for one weight row and one x row. */
-static float a8_rest(const A8 *a, int64_t m, int64_t K, int int4, const void *q, int64_t b0, const float *s, int64_t g) {
+static float a8_rest(const A8 *a, int64_t m, int64_t K, int int4, const void *q, int64_t b0, const float *s,
+                     int64_t g) {
     const int8_t *qm = a->xq + m * a->nb * QB;
     float part[LANES] = {0};
     for (int64_t b = b0; b < a->nb; b++) {
         int32_t sum = 0;
         for (int64_t k = b * QB; k < K && k < (b + 1) * QB; k++) {
-            const int w = int4 ? (int)((((const uint8_t *)q)[k / 2] >> ((k & 1) * 4)) & 15) - 8 : ((const int8_t *)q)[k];
+            const int w = int4 ? (int)((((const uint8_t *)q)[k / 2] >> ((k & 1) * 4)) & 15) - 8
+                               : ((const int8_t *)q)[k];
             sum += w * qm[k];
         }
         part[b % LANES] += (float)sum * (a->d[m * a->nb + b] * (int4 ? s[b * QB / g] : 1.0f));
@@ -533,14 +541,16 @@ static inline float a8_int4_chunks(const A8 *a, int64_t m, const uint8_t *row, c
     const __m512i idx = g < 128 ? _mm512_srli_epi32(_mm512_slli_epi32(lane, 3), __builtin_ctzll((unsigned long long)g))
                                 : _mm512_setzero_si512();  /* lane l's group within its chunk: 8 l / g */
     const int64_t per = g < 128 ? 128 / g : 1;  /* groups a chunk spans */
+    const int lg = __builtin_ctzll((unsigned long long)g);
     for (int64_t c = 0; c < a->nch; c++) {
         const __m512i w = _mm512_loadu_si512((const void *)(row + c * 64));
         const __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
         __m512i acc = _mm512_loadu_si512((const void *)(corr + c * 16));
         acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512((const void *)(xv + c * 128)));
         acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512((const void *)(xv + c * 128 + 64)));
-        const int64_t j0 = c * 128 / g;
-        const __m512 sw = g < 128 ? _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps((__mmask16)((1u << per) - 1), s + j0))
+        const int64_t j0 = (c * 128) >> lg;  /* c * 128 / g, g a power of 2 (no division per chunk) */
+        const __mmask16 have = (__mmask16)((1u << per) - 1);
+        const __m512 sw = g < 128 ? _mm512_permutexvar_ps(idx, _mm512_maskz_loadu_ps(have, s + j0))
                                   : _mm512_set1_ps(s[j0]);
         tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(sw, _mm512_loadu_ps(dl + c * 16)), tot);
     }
