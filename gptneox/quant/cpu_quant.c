@@ -2,8 +2,9 @@
  *
  * Decoding reads every weight once per token, so on a CPU it runs at memory bandwidth: this reads the quantized
  * bytes once per call and converts them in registers (never a float copy of W). Built and loaded by
- * cpu.py (the compiler on the user's machine, ctypes); AVX2 + FMA when the compiler targets them,
- * plain C otherwise. OpenMP splits the output rows; it is the libgomp torch already loaded, so one thread pool.
+ * cpu.py (the compiler on the user's machine, ctypes), in the variant ops/native.py picks: AVX-512 (with VNNI for
+ * the a8 kernels at the end), AVX2 + FMA, or plain C. OpenMP splits the output rows; it is the libgomp torch
+ * already loaded, so one thread pool.
  *
  *   int8  w[n, k] = q[n, k] * s[n]                                   q int8 [N, K], s [N]
  *   int4  w[n, k] = (q[n, k] - 8) * s[n, j] + z[n, j],  j = k / g     q two per byte [N, ceil(K/2)], even k low nibble
@@ -11,8 +12,9 @@
  * int4 as sums per group j:  y[n] = sum_j s[n, j] * sum_{k in j} (q - 8) x[k]  +  sum_j z[n, j] * xsum[j]. Keeping
  * q - 8 (not q, with z - 8 s folded into the second sum) costs one subtraction per 8 weights (about 6% here) and
  * keeps the error within 2x of torch's own fp32 matmul: summing q x first cancels terms of 8 s xsum against it.
- * Widening 8 bytes to 32-bit lanes gives the 8 even columns of a 16-column block (low nibbles: & 15) and its 8 odd
- * ones (high nibbles: >> 4); instead of interleaving the weights, x is permuted once per call into that order (xp).
+ * Widening 8 bytes (AVX-512: 16) to 32-bit lanes gives the even columns of a 16-column (32-column) block (low
+ * nibbles: & 15) and its odd ones (high nibbles: >> 4); instead of interleaving the weights, x is permuted once per
+ * call into that order (xp).
  * Scales and zeros are read in their stored dtype (fp32, bf16, fp16); x and y are fp32, rows contiguous.
  * Every loop over m handles up to MB rows of x at once, so each weight is converted once per MB rows.
  */
