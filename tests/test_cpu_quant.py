@@ -18,7 +18,7 @@ from gptneox.quant.linear import QuantizedLinear
 from gptneox.quant.schemes import GROUP_SIZES, dequantize_weight, quantize_weight
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-VARIANTS = list(native.ISAS)[:list(native.ISAS).index(native.cpu_isa()) + 1]  # every variant this CPU runs
+VARIANTS = native.runnable()  # every variant this CPU runs
 
 
 def dense(t, K, mode, g, dtype):

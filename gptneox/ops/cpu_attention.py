@@ -58,9 +58,11 @@ def qkv_rotary_cache(qkv, nh: int, cos, sin, cache, input_pos, lib=None):
 def attention(q, k, v, mask, lib=None) -> torch.Tensor:
     """y [B, nh, T, hs] for q [B, nh, T, hs] against a cache's k, v [B, nh, L, hs] (contiguous) under the bool mask
     [B or 1, 1, T, S] (S = L: every slot, the mask keeping the ones each query sees)."""
+    if mask.dtype != torch.bool:
+        raise ValueError(f"cpu_attention: the mask must be bool [B or 1, 1, T, S], got {mask.dtype}")
     B, nh, T, hs = q.shape
     L = k.shape[2]
-    q, m = q.contiguous(), mask.to(torch.uint8).contiguous()  # [B or 1, 1, T, S]
+    q, m = q.contiguous(), mask.contiguous()  # [B or 1, 1, T, S] bool: one byte, 0 or 1, as the C reads it
     y = torch.empty(B, nh, T, hs, dtype=torch.float32)
     if (lib or library()).gptneox_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), B, nh, T, m.shape[-1], L, hs,
                                             m.data_ptr(), T * m.shape[-1] if m.shape[0] > 1 else 0, y.data_ptr(),

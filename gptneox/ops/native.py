@@ -60,6 +60,12 @@ def cpu_isa() -> str:
     return asked
 
 
+def runnable() -> list[str]:
+    """Every variant this CPU runs, lowest first, up to cpu_isa() (what the tests check one by one)."""
+    names = list(ISAS)
+    return names[:names.index(cpu_isa()) + 1]
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags as Linux reports them (/proc/cpuinfo); empty elsewhere."""
     try:
